@@ -1,0 +1,95 @@
+//! Exit codes, documented in the README:
+//! 0 success; 1 failure (I/O, full storage, damage found while working); 2 bad input (usage,
+//! description file, point name, not a vault); 3 verify found damage; 4 wrong passphrase;
+//! 5 busy (another backup of the VM, or a garbage collection, is running).
+
+use vmvault_disk::DiskError;
+use vmvault_engine::EngineError;
+use vmvault_store::StoreError;
+
+pub const FAILURE: i32 = 1;
+pub const INPUT: i32 = 2;
+pub const DAMAGE: i32 = 3;
+pub const PASSPHRASE: i32 = 4;
+pub const BUSY: i32 = 5;
+
+/// Verify's way of saying it found damage after printing its report.
+#[derive(Debug)]
+pub struct DamageFound(pub usize);
+
+impl std::fmt::Display for DamageFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "verify found {} problem(s)", self.0)
+    }
+}
+
+impl std::error::Error for DamageFound {}
+
+/// Bad input found by the CLI itself.
+#[derive(Debug)]
+pub struct InputError(pub String);
+
+impl std::fmt::Display for InputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InputError {}
+
+fn store_code(e: &StoreError) -> i32 {
+    match e {
+        StoreError::WrongPassphrase { .. } => PASSPHRASE,
+        StoreError::Busy(_) => BUSY,
+        StoreError::NotAVault { .. } | StoreError::NotEmpty { .. } | StoreError::Invalid(_) => {
+            INPUT
+        }
+        StoreError::Passphrase(_) => INPUT,
+        _ => FAILURE,
+    }
+}
+
+pub fn code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if cause.downcast_ref::<DamageFound>().is_some() {
+            return DAMAGE;
+        }
+        if cause.downcast_ref::<InputError>().is_some() {
+            return INPUT;
+        }
+        if let Some(e) = cause.downcast_ref::<StoreError>() {
+            return store_code(e);
+        }
+        if let Some(e) = cause.downcast_ref::<EngineError>() {
+            return match e {
+                EngineError::Store(s) => store_code(s),
+                EngineError::Input(_) => INPUT,
+                EngineError::Disk(DiskError::UnsupportedFormat(_) | DiskError::Exists { .. }) => {
+                    INPUT
+                }
+                EngineError::Disk(DiskError::Io { .. } | DiskError::NotADisk { .. }) => INPUT,
+                EngineError::Io { .. } => FAILURE,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<DiskError>() {
+            return match e {
+                DiskError::Io { .. } => FAILURE,
+                _ => INPUT,
+            };
+        }
+    }
+    FAILURE
+}
+
+/// The error and its causes on one line.
+pub fn message(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        // thiserror's transparent and `{source}` forms repeat the cause: say each thing once.
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}

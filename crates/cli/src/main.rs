@@ -1,0 +1,80 @@
+//! The `vmvault` command.
+
+mod backup;
+mod exit;
+mod key;
+mod maintenance;
+mod output;
+mod password;
+mod points;
+mod restore;
+mod vault;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Back up and restore virtual machines into a deduplicated, compressed, encrypted vault.
+#[derive(Parser)]
+#[command(name = "vmvault", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command takes.
+#[derive(clap::Args, Clone)]
+pub struct Global {
+    /// The vault: a directory.
+    #[arg(long, global = true, env = "VMVAULT_VAULT", value_name = "PATH")]
+    pub vault: Option<PathBuf>,
+    /// Read the vault's passphrase from this file (else VMVAULT_PASSWORD, else a prompt).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a vault or show what one is.
+    #[command(subcommand)]
+    Vault(vault::VaultCommand),
+    /// Back up a VM described by a TOML file; prints the new recovery point's id.
+    Backup(backup::BackupArgs),
+    /// List recovery points.
+    Points(points::PointsArgs),
+    /// Restore a whole VM, or one disk, from a recovery point.
+    Restore(restore::RestoreArgs),
+    /// Check that every recovery point is whole; --read-data reads every chunk.
+    Verify(maintenance::VerifyArgs),
+    /// Remove recovery points that a retention policy does not keep.
+    Prune(maintenance::PruneArgs),
+    /// Remove chunks that no recovery point references.
+    Gc,
+    /// Manage the vault's passphrase.
+    #[command(subcommand)]
+    Key(key::KeyCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let g = &cli.global;
+    let result = match cli.command {
+        Command::Vault(c) => vault::run(g, c),
+        Command::Backup(a) => backup::run(g, a),
+        Command::Points(a) => points::run(g, a),
+        Command::Restore(a) => restore::run(g, a),
+        Command::Verify(a) => maintenance::verify(g, a),
+        Command::Prune(a) => maintenance::prune(g, a),
+        Command::Gc => maintenance::gc(g),
+        Command::Key(c) => key::run(g, c),
+    };
+    if let Err(e) = result {
+        eprintln!("vmvault: error: {}", exit::message(&e));
+        std::process::exit(exit::code(&e));
+    }
+}

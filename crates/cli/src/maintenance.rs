@@ -1,0 +1,179 @@
+//! `vmvault verify`, `vmvault prune`, `vmvault gc`.
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+use vmvault_engine::{
+    plan_prune, prune as apply_prune, verify as run_verify, Retention, VerifyOptions,
+};
+
+use crate::exit::DamageFound;
+use crate::output::{bytes, print_json, table, Bar};
+use crate::points::local_time;
+use crate::Global;
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Also read, decrypt and re-hash every chunk the recovery points reference.
+    #[arg(long)]
+    read_data: bool,
+}
+
+pub fn verify(g: &Global, args: VerifyArgs) -> Result<()> {
+    let vault = crate::vault::open(g)?;
+    let opts = VerifyOptions {
+        read_data: args.read_data,
+    };
+    let report = run_verify(&vault, &opts, &Bar::new())?;
+    if g.json {
+        print_json(&report);
+    } else {
+        for p in &report.problems {
+            let mut at = Vec::new();
+            if let Some(vm) = &p.vm {
+                at.push(format!("VM {vm}"));
+            }
+            if let Some(id) = &p.point {
+                at.push(format!("recovery point {id}"));
+            }
+            if let Some(d) = &p.disk {
+                at.push(format!("disk {d}"));
+            }
+            println!("DAMAGED {}: {}", at.join(", "), p.detail);
+        }
+        eprintln!(
+            "checked {} recovery point(s), {} disk(s), {} chunk(s){}: {}",
+            report.points,
+            report.disks,
+            report.chunks_referenced,
+            if args.read_data {
+                format!(", read {}", bytes(report.bytes_read))
+            } else {
+                " (existence only; --read-data reads them)".into()
+            },
+            if report.is_clean() {
+                "no problems".to_string()
+            } else {
+                format!("{} problem(s)", report.problems.len())
+            }
+        );
+    }
+    if report.is_clean() {
+        Ok(())
+    } else {
+        Err(DamageFound(report.problems.len()).into())
+    }
+}
+
+#[derive(Args)]
+pub struct PruneArgs {
+    /// Only this VM's points (default: every VM, each on its own).
+    #[arg(long)]
+    vm: Option<String>,
+    /// Keep the N newest points.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_last: u32,
+    /// Keep the newest point of each of the last N hours that have points.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_hourly: u32,
+    /// Keep the newest point of each of the last N days that have points.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_daily: u32,
+    /// Keep the newest point of each of the last N ISO weeks that have points.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_weekly: u32,
+    /// Keep the newest point of each of the last N months that have points.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_monthly: u32,
+    /// Keep the newest point of each of the last N years that have points.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_yearly: u32,
+    /// Say what would be removed, and remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Serialize)]
+struct PruneOutput {
+    dry_run: bool,
+    retention: Retention,
+    kept: usize,
+    removed: usize,
+    points: Vec<vmvault_engine::PruneDecision>,
+}
+
+pub fn prune(g: &Global, a: PruneArgs) -> Result<()> {
+    let vault = crate::vault::open(g)?;
+    let retention = Retention {
+        last: a.keep_last,
+        hourly: a.keep_hourly,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+        yearly: a.keep_yearly,
+    };
+    let (points, _) = vault.points()?;
+    let plan = plan_prune(&points, &retention, a.vm.as_deref(), |t| {
+        t.with_timezone(&chrono::Local).naive_local()
+    })?;
+    let removed = if a.dry_run {
+        plan.iter().filter(|d| !d.keep).count()
+    } else {
+        apply_prune(&vault, &plan)?
+    };
+    let kept = plan.len() - plan.iter().filter(|d| !d.keep).count();
+    if g.json {
+        print_json(&PruneOutput {
+            dry_run: a.dry_run,
+            retention,
+            kept,
+            removed,
+            points: plan,
+        });
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = plan
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.short(),
+                local_time(&d.time),
+                d.vm.clone(),
+                if d.keep { "keep" } else { "remove" }.into(),
+                d.reasons.join(","),
+            ]
+        })
+        .collect();
+    table(&["ID", "TIME", "VM", "ACTION", "KEPT BY"], &rows);
+    eprintln!(
+        "{}{kept} kept, {removed} {}; run `vmvault gc` to free the space of removed points",
+        if a.dry_run { "dry run: " } else { "" },
+        if a.dry_run {
+            "would be removed"
+        } else {
+            "removed"
+        }
+    );
+    Ok(())
+}
+
+pub fn gc(g: &Global) -> Result<()> {
+    let vault = crate::vault::open(g)?;
+    let report = vault.gc()?;
+    if g.json {
+        print_json(&report);
+    } else {
+        eprintln!(
+            "gc: {} recovery point(s) referenced; removed {} of {} chunk(s) ({}), {} index(es), {} \
+             temporary file(s); spared {} young chunk(s) a running backup may use",
+            report.points,
+            report.chunks_removed,
+            report.chunks_total,
+            bytes(report.bytes_removed),
+            report.indexes_removed,
+            report.temporaries_removed,
+            report.chunks_spared
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! `vmvault points [VM]`.
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+use vmvault_format::Manifest;
+
+use crate::output::{bytes, print_json, table};
+use crate::vault::encryption_words;
+use crate::Global;
+
+#[derive(Args)]
+pub struct PointsArgs {
+    /// Only this VM's points.
+    vm: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PointsOutput<'a> {
+    vault: String,
+    encrypted: bool,
+    points: Vec<&'a Manifest>,
+    unreadable: Vec<Unreadable>,
+}
+
+#[derive(Serialize)]
+struct Unreadable {
+    id: String,
+    error: String,
+}
+
+/// A point's time in the local zone, to the second, as people read it.
+pub fn local_time(rfc3339: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S %z")
+                .to_string()
+        })
+        .unwrap_or_else(|_| rfc3339.to_string())
+}
+
+pub fn run(g: &Global, args: PointsArgs) -> Result<()> {
+    let vault = crate::vault::open(g)?;
+    let (points, bad) = vault.points()?;
+    let shown: Vec<&Manifest> = points
+        .iter()
+        .filter(|m| args.vm.as_deref().is_none_or(|v| m.vm == v))
+        .collect();
+    let encrypted = vault.config().encrypted;
+    if g.json {
+        print_json(&PointsOutput {
+            vault: vault.location(),
+            encrypted,
+            points: shown,
+            unreadable: bad
+                .iter()
+                .map(|(id, e)| Unreadable {
+                    id: id.to_hex(),
+                    error: e.to_string(),
+                })
+                .collect(),
+        });
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = shown
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.short(),
+                local_time(&m.time),
+                m.vm.clone(),
+                m.disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                bytes(m.logical_bytes()),
+                bytes(m.stats.bytes_stored),
+                m.consistency.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "TIME",
+            "VM",
+            "DISKS",
+            "LOGICAL",
+            "STORED",
+            "CONSISTENCY",
+        ],
+        &rows,
+    );
+    for m in &shown {
+        if m.consistency != vmvault_format::Consistency::Application {
+            eprintln!(
+                "{} {}: {}-consistent: {}",
+                m.vm,
+                m.id.short(),
+                m.consistency,
+                m.consistency_reason
+            );
+        }
+    }
+    for (id, e) in &bad {
+        eprintln!("recovery point {id} cannot be read: {e}");
+    }
+    eprintln!(
+        "{} recovery point(s); STORED is what each added to the vault; vault is {}",
+        shown.len(),
+        encryption_words(encrypted)
+    );
+    Ok(())
+}

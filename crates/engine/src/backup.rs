@@ -1,0 +1,286 @@
+//! Backup: disk → fixed-size chunks → zero test → keyed digest → dedup → zstd → AES-GCM → vault.
+//!
+//! Per disk, one reader thread reads chunks in disk order into a fixed pool of buffers, and one
+//! worker per core tests, hashes, seals and writes them; the calling thread collects digests
+//! into the index and reports progress. Memory is the buffer pool (a few chunks per worker),
+//! whatever the disk's size. Holes the source reports are never read.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use vmvault_disk::DiskReader;
+use vmvault_format::{
+    is_zero, Consistency, Digest, DiskIndex, DiskRecord, Manifest, ObjectKind, PointId,
+    TransferStats, MANIFEST_VERSION,
+};
+use vmvault_store::{locks::hostname, Vault};
+
+use crate::{EngineError, Progress, Result, VmDescription};
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Threads that hash, compress, encrypt and write; one per core by default.
+    pub workers: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            workers: crate::worker_count(),
+        }
+    }
+}
+
+/// Backs up an offline VM from its disk image files; returns the new point's manifest.
+pub fn backup_image_vm(
+    vault: &Vault,
+    desc: &VmDescription,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<Manifest> {
+    // Every disk is opened before anything is written, so a missing one fails cleanly.
+    let mut readers = Vec::new();
+    for d in &desc.disks {
+        let reader = vmvault_disk::open(&d.path, &d.format)?;
+        readers.push(reader);
+    }
+    let _lock = vault.lock_backup(&desc.name, &mut |msg| progress.message(msg))?;
+    let time = chrono::Utc::now();
+
+    let mut disks = Vec::new();
+    let mut total = TransferStats::default();
+    for (d, reader) in desc.disks.iter().zip(&readers) {
+        progress.start(&format!("{} disk {}", desc.name, d.name), reader.size());
+        let (index, stats) = back_up_disk(vault, &**reader, opts, progress)?;
+        progress.finish();
+        let digest = vault.save_index(&index)?;
+        total.add(&stats);
+        disks.push(DiskRecord {
+            name: d.name.clone(),
+            format: reader.format().to_string(),
+            size: reader.size(),
+            index: digest,
+            stats,
+        });
+    }
+    // Everything the manifest references is durable before the manifest is written.
+    vault.backend().sync()?;
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        id: PointId::generate(),
+        vm: desc.name.clone(),
+        time: time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        source: "image".into(),
+        consistency: Consistency::Crash,
+        consistency_reason: "offline VM: backed up from its disk image files".into(),
+        host: hostname(),
+        program: format!("vmvault {}", env!("CARGO_PKG_VERSION")),
+        chunk_size: vault.config().chunk_size,
+        vm_config: desc.to_config(),
+        disks,
+        stats: total,
+    };
+    vault.save_manifest(&manifest)?;
+    vault.backend().sync()?;
+    Ok(manifest)
+}
+
+enum Outcome {
+    Zero,
+    Reused(Digest),
+    New(Digest, u64),
+}
+
+struct Done {
+    i: usize,
+    len: usize,
+    read: bool,
+    outcome: Result<Outcome>,
+}
+
+/// Backs up one disk; returns its index and what was moved.
+fn back_up_disk(
+    vault: &Vault,
+    reader: &dyn DiskReader,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<(DiskIndex, TransferStats)> {
+    let chunk_size = vault.config().chunk_size;
+    let size = reader.size();
+    let count = DiskIndex::chunk_count(size, chunk_size) as usize;
+    let mut index = DiskIndex {
+        disk_size: size,
+        chunk_size,
+        chunks: vec![Digest::ZERO_CHUNK; count],
+    };
+    let workers = opts.workers.max(1);
+    let pool = 2 * workers + 2;
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(pool);
+    for _ in 0..pool {
+        free_tx
+            .send(Vec::with_capacity(chunk_size as usize))
+            .expect("pool channel has room");
+    }
+    let (work_tx, work_rx) = bounded::<(usize, Vec<u8>)>(pool);
+    let (done_tx, done_rx) = unbounded::<Done>();
+    let stop = AtomicBool::new(false);
+    // Chunks this backup has already stored or touched: a repeated chunk costs one lookup.
+    let seen = Mutex::new(HashSet::<Digest>::new());
+
+    let mut stats = TransferStats::default();
+    let mut first_error = None;
+    std::thread::scope(|s| {
+        {
+            let layout = DiskIndex {
+                chunks: Vec::new(),
+                ..index
+            };
+            let (done_tx, stop) = (done_tx.clone(), &stop);
+            s.spawn(move || read_chunks(reader, &layout, count, free_rx, work_tx, done_tx, stop));
+        }
+        for _ in 0..workers {
+            let (work_rx, free_tx, done_tx) = (work_rx.clone(), free_tx.clone(), done_tx.clone());
+            let (seen, stop) = (&seen, &stop);
+            s.spawn(move || store_chunks(vault, work_rx, free_tx, done_tx, seen, stop));
+        }
+        drop(done_tx);
+        for done in done_rx.iter() {
+            let len = done.len as u64;
+            if done.read {
+                stats.bytes_read += len;
+            }
+            match done.outcome {
+                Ok(Outcome::Zero) => stats.chunks_zero += 1,
+                Ok(Outcome::Reused(d)) => {
+                    stats.chunks_reused += 1;
+                    index.chunks[done.i] = d;
+                }
+                Ok(Outcome::New(d, stored)) => {
+                    stats.chunks_new += 1;
+                    stats.bytes_new += len;
+                    stats.bytes_stored += stored;
+                    index.chunks[done.i] = d;
+                }
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    first_error.get_or_insert(e);
+                }
+            }
+            progress.advance(len);
+        }
+    });
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok((index, stats)),
+    }
+}
+
+fn read_chunks(
+    reader: &dyn DiskReader,
+    layout: &DiskIndex,
+    count: usize,
+    free: Receiver<Vec<u8>>,
+    work: Sender<(usize, Vec<u8>)>,
+    done: Sender<Done>,
+    stop: &AtomicBool,
+) {
+    for i in 0..count {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let (offset, len) = layout.chunk_range(i);
+        let skip = match reader.may_have_data(offset, len as u64) {
+            Ok(has_data) => !has_data,
+            Err(e) => {
+                let outcome = Err(EngineError::io(format!("reading disk at {offset}"), e));
+                let _ = done.send(Done {
+                    i,
+                    len,
+                    read: false,
+                    outcome,
+                });
+                return;
+            }
+        };
+        if skip {
+            let _ = done.send(Done {
+                i,
+                len,
+                read: false,
+                outcome: Ok(Outcome::Zero),
+            });
+            continue;
+        }
+        let Ok(mut buf) = free.recv() else { return };
+        buf.resize(len, 0);
+        if let Err(e) = reader.read_at(&mut buf, offset) {
+            let outcome = Err(EngineError::io(format!("reading disk at {offset}"), e));
+            let _ = done.send(Done {
+                i,
+                len,
+                read: false,
+                outcome,
+            });
+            return;
+        }
+        if work.send((i, buf)).is_err() {
+            return;
+        }
+    }
+}
+
+fn store_chunks(
+    vault: &Vault,
+    work: Receiver<(usize, Vec<u8>)>,
+    free: Sender<Vec<u8>>,
+    done: Sender<Done>,
+    seen: &Mutex<HashSet<Digest>>,
+    stop: &AtomicBool,
+) {
+    let codec = vault.codec();
+    let mut sealer = codec.sealer();
+    let mut sealed = Vec::new();
+    for (i, buf) in work.iter() {
+        let len = buf.len();
+        let outcome = if stop.load(Ordering::Relaxed) {
+            Ok(Outcome::Zero)
+        } else if is_zero(&buf) {
+            Ok(Outcome::Zero)
+        } else {
+            let digest = codec.digest(&buf);
+            let first = seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(digest);
+            if !first {
+                Ok(Outcome::Reused(digest))
+            } else {
+                match vault.touch_chunk(&digest) {
+                    Ok(true) => Ok(Outcome::Reused(digest)),
+                    Ok(false) => {
+                        sealer.seal(ObjectKind::Chunk, &buf, &mut sealed);
+                        vault
+                            .write_chunk(&digest, &sealed)
+                            .map(|()| Outcome::New(digest, sealed.len() as u64))
+                            .map_err(EngineError::from)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        };
+        let _ = free.send(buf);
+        if done
+            .send(Done {
+                i,
+                len,
+                read: true,
+                outcome,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}

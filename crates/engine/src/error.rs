@@ -1,0 +1,29 @@
+use std::io;
+
+use thiserror::Error;
+use vmvault_disk::DiskError;
+use vmvault_store::StoreError;
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// Bad input from the user: a description file, a point name, an option.
+    #[error("{0}")]
+    Input(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+impl EngineError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> EngineError {
+        EngineError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

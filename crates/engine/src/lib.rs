@@ -1,0 +1,27 @@
+//! Backup, restore, verify and prune of VMs as library calls: source → chunker → store.
+//!
+//! Nothing here parses command lines or speaks HTTP; the CLI, the server and the agent call
+//! these functions and show their [`Progress`].
+
+mod backup;
+mod description;
+mod error;
+mod progress;
+mod prune;
+mod restore;
+mod select;
+mod verify;
+
+pub use backup::{backup_image_vm, BackupOptions};
+pub use description::{DiskDescription, NicDescription, VmDescription};
+pub use error::{EngineError, Result};
+pub use progress::{NoProgress, Progress};
+pub use prune::{plan_prune, prune, PruneDecision, Retention};
+pub use restore::{restore_disk, restore_vm, RestoreOptions};
+pub use select::select_point;
+pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
+
+/// How many threads hash, compress and encrypt: one per core.
+pub(crate) fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}

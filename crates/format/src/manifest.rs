@@ -1,0 +1,252 @@
+//! The recovery-point manifest: the one object whose presence makes a recovery point exist.
+//!
+//! Its payload is a JSON document (schema in docs/design.md, "Manifest"), sealed in an envelope
+//! of kind `Manifest`. It is JSON rather than fixed-width because it is small (a few hundred
+//! bytes), read rarely, and gains fields as sources and consistency levels are added; the bulk
+//! data (chunks) and the large tables (disk indexes) are fixed-width binary.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, FormatError};
+use crate::Digest;
+
+pub const MANIFEST_VERSION: u32 = 1;
+/// A manifest larger than this is refused unread.
+pub const MAX_MANIFEST_LEN: u64 = 16 * 1024 * 1024;
+
+/// A recovery point's id: 16 random bytes, shown as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PointId(pub [u8; 16]);
+
+impl PointId {
+    pub fn generate() -> PointId {
+        let mut b = [0u8; 16];
+        crate::random_bytes(&mut b);
+        PointId(b)
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// The first 8 hex digits, as listings show it.
+    pub fn short(&self) -> String {
+        self.to_hex()[..8].to_string()
+    }
+}
+
+impl fmt::Display for PointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for PointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PointId({})", self.to_hex())
+    }
+}
+
+impl FromStr for PointId {
+    type Err = FormatError;
+    fn from_str(s: &str) -> Result<Self, FormatError> {
+        let mut b = [0u8; 16];
+        hex::decode_to_slice(s, &mut b)
+            .map_err(|_| invalid("recovery point id", format!("{s:?} is not 32 hex digits")))?;
+        Ok(PointId(b))
+    }
+}
+
+impl Serialize for PointId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for PointId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// How consistent a recovery point's disks are with each other and with the guest's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    Application,
+    Filesystem,
+    Crash,
+}
+
+impl fmt::Display for Consistency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Consistency::Application => "application",
+            Consistency::Filesystem => "filesystem",
+            Consistency::Crash => "crash",
+        })
+    }
+}
+
+/// The VM's configuration as it was backed up (the VM description, with disks by name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub firmware: String,
+    pub disks: Vec<VmDisk>,
+    #[serde(default)]
+    pub nics: Vec<VmNic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDisk {
+    pub name: String,
+    /// The path the disk was read from, as the description gave it.
+    pub path: String,
+    pub format: String,
+    pub bus: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNic {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// What one backup moved: bytes read from the source, bytes of chunks the vault lacked, and
+/// bytes those chunks take in the vault after compression and encryption.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferStats {
+    pub bytes_read: u64,
+    pub bytes_new: u64,
+    pub bytes_stored: u64,
+    pub chunks_new: u64,
+    pub chunks_reused: u64,
+    pub chunks_zero: u64,
+}
+
+impl TransferStats {
+    pub fn add(&mut self, o: &TransferStats) {
+        self.bytes_read += o.bytes_read;
+        self.bytes_new += o.bytes_new;
+        self.bytes_stored += o.bytes_stored;
+        self.chunks_new += o.chunks_new;
+        self.chunks_reused += o.chunks_reused;
+        self.chunks_zero += o.chunks_zero;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub name: String,
+    /// The format of the source disk; a restore writes this format unless told otherwise.
+    pub format: String,
+    pub size: u64,
+    /// The digest naming this disk's index object.
+    pub index: Digest,
+    pub stats: TransferStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub version: u32,
+    pub id: PointId,
+    pub vm: String,
+    /// RFC 3339, UTC, nanoseconds: when the point-in-time was taken.
+    pub time: String,
+    pub source: String,
+    pub consistency: Consistency,
+    /// Why the consistency is what it is (always said when it is below `application`).
+    pub consistency_reason: String,
+    pub host: String,
+    pub program: String,
+    pub chunk_size: u32,
+    pub vm_config: VmConfig,
+    pub disks: Vec<DiskRecord>,
+    pub stats: TransferStats,
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("manifest serialises")
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Manifest, FormatError> {
+        let m: Manifest = serde_json::from_slice(b)
+            .map_err(|e| invalid("recovery point manifest", e.to_string()))?;
+        if m.version != MANIFEST_VERSION {
+            return Err(FormatError::UnsupportedVersion {
+                what: "recovery point manifest",
+                found: m.version,
+                supported: MANIFEST_VERSION,
+            });
+        }
+        Ok(m)
+    }
+
+    pub fn logical_bytes(&self) -> u64 {
+        self.disks.iter().map(|d| d.size).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip() {
+        let m = Manifest {
+            version: 1,
+            id: PointId::generate(),
+            vm: "web01".into(),
+            time: "2026-11-25T10:00:00.123456789Z".into(),
+            source: "image".into(),
+            consistency: Consistency::Crash,
+            consistency_reason: "offline VM".into(),
+            host: "h".into(),
+            program: "vmvault 0.1.0".into(),
+            chunk_size: 1 << 20,
+            vm_config: VmConfig {
+                name: "web01".into(),
+                cpus: 2,
+                memory_mib: 2048,
+                firmware: "bios".into(),
+                disks: vec![VmDisk {
+                    name: "os".into(),
+                    path: "os.raw".into(),
+                    format: "raw".into(),
+                    bus: "virtio".into(),
+                }],
+                nics: vec![],
+            },
+            disks: vec![DiskRecord {
+                name: "os".into(),
+                format: "raw".into(),
+                size: 10,
+                index: Digest([3; 32]),
+                stats: TransferStats::default(),
+            }],
+            stats: TransferStats::default(),
+        };
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Manifest::decode(&bytes);
+        }
+    }
+}

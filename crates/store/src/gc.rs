@@ -1,0 +1,157 @@
+//! Taking the backup and gc locks, and garbage collection (mark and sweep).
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use vmvault_format::Digest;
+
+use crate::backend::Kind;
+use crate::locks::{self, LockGuard, LockKind};
+use crate::{Result, StoreError, Vault};
+
+/// How far before the oldest running writer's start an object must be to be swept: covers the
+/// coarse clock that stamps file times (they can lag the clock a backup reads by a tick).
+pub const SAFETY_MARGIN: Duration = Duration::from_secs(1);
+const WAIT_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct GcReport {
+    pub points: usize,
+    pub chunks_total: u64,
+    pub chunks_removed: u64,
+    pub bytes_removed: u64,
+    pub chunks_spared: u64,
+    pub indexes_removed: u64,
+    pub temporaries_removed: u64,
+}
+
+impl Vault {
+    /// Registers a backup of `vm`. Refuses when an older backup of the same VM is running,
+    /// and waits (telling `on_wait` once) while a garbage collection runs.
+    pub fn lock_backup(&self, vm: &str, on_wait: &mut dyn FnMut(&str)) -> Result<LockGuard> {
+        let guard = locks::acquire(self.backend(), LockKind::Backup, Some(vm))?;
+        let mut told = false;
+        loop {
+            let live = locks::live_locks(&**self.backend())?;
+            // Names sort by start: only an older backup of the same VM wins over this one, so
+            // of two that start together exactly one goes on.
+            if let Some((_, other)) = live.iter().find(|(name, i)| {
+                i.kind == LockKind::Backup
+                    && i.vm.as_deref() == Some(vm)
+                    && name.as_str() < guard.name()
+            }) {
+                return Err(StoreError::Busy(format!(
+                    "VM {vm} is already being backed up ({}); try again when it has finished",
+                    other.describe()
+                )));
+            }
+            match live.iter().find(|(_, i)| i.kind == LockKind::Gc) {
+                Some((_, gc)) => {
+                    if !told {
+                        on_wait(&format!(
+                            "waiting for garbage collection ({}) to finish",
+                            gc.describe()
+                        ));
+                        told = true;
+                    }
+                    std::thread::sleep(WAIT_POLL);
+                }
+                None => return Ok(guard),
+            }
+        }
+    }
+
+    /// Removes chunks and indexes that no recovery point references.
+    ///
+    /// The rule that keeps it from racing a backup is in the crate doc.
+    pub fn gc(&self) -> Result<GcReport> {
+        let guard = locks::acquire(self.backend(), LockKind::Gc, None)?;
+        let live = locks::live_locks(&**self.backend())?;
+        if let Some((_, other)) = live
+            .iter()
+            .find(|(n, i)| i.kind == LockKind::Gc && n != guard.name())
+        {
+            return Err(StoreError::Busy(format!(
+                "garbage collection is already running ({})",
+                other.describe()
+            )));
+        }
+        let oldest_writer = live
+            .iter()
+            .filter(|(_, i)| i.kind == LockKind::Backup)
+            .map(|(_, i)| i.started())
+            .min();
+        let start = guard.info().started();
+        let cutoff = oldest_writer.map_or(start, |w| w.min(start)) - SAFETY_MARGIN;
+
+        // Mark. Anything unreadable stops the collection before it deletes anything: a point
+        // that cannot be read may reference chunks that nothing else does.
+        let mut report = GcReport::default();
+        let mut chunks: HashSet<Digest> = HashSet::new();
+        let mut indexes: HashSet<Digest> = HashSet::new();
+        let (points, bad) = self.points()?;
+        if let Some((id, e)) = bad.first() {
+            return Err(StoreError::Invalid(format!(
+                "garbage collection stopped before deleting anything: recovery point {id} \
+                 cannot be read ({e}); run `vmvault verify`"
+            )));
+        }
+        report.points = points.len();
+        for m in &points {
+            for disk in &m.disks {
+                let index = match self.load_index(&disk.index, disk.size) {
+                    Ok(i) => i,
+                    Err(StoreError::NotFound(_)) => continue,
+                    Err(e) => {
+                        return Err(StoreError::Invalid(format!(
+                            "garbage collection stopped before deleting anything: disk {} of \
+                             recovery point {} cannot be read ({e}); run `vmvault verify`",
+                            disk.name, m.id
+                        )))
+                    }
+                };
+                indexes.insert(disk.index);
+                chunks.extend(index.chunks.iter().filter(|d| !d.is_zero_chunk()));
+            }
+        }
+
+        // Sweep.
+        let backend = self.backend();
+        for obj in backend.list(Kind::Chunk)? {
+            report.chunks_total += 1;
+            let Ok(digest) = obj.name.parse::<Digest>() else {
+                continue;
+            };
+            if chunks.contains(&digest) {
+                continue;
+            }
+            if obj.modified >= cutoff {
+                report.chunks_spared += 1;
+                continue;
+            }
+            backend.remove(Kind::Chunk, &obj.name)?;
+            report.chunks_removed += 1;
+            report.bytes_removed += obj.size;
+        }
+        for obj in backend.list(Kind::Index)? {
+            let keep = obj
+                .name
+                .parse::<Digest>()
+                .map_or(true, |d| indexes.contains(&d));
+            if !keep && obj.modified < cutoff {
+                backend.remove(Kind::Index, &obj.name)?;
+                report.indexes_removed += 1;
+            }
+        }
+        report.temporaries_removed = backend.remove_temporaries(cutoff)?;
+        backend.sync()?;
+        drop(guard);
+        Ok(report)
+    }
+}
+
+/// For tests: the current time minus the margin, as the sweep compares it.
+pub fn now_minus_margin() -> SystemTime {
+    SystemTime::now() - SAFETY_MARGIN
+}

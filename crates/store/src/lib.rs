@@ -1,0 +1,56 @@
+//! The vault: where recovery points live, and the rules that keep them whole.
+//!
+//! # Objects
+//! A vault is a set of objects reached through one [`WriteBackend`] per region: the vault
+//! config, the key file, chunks (named by their keyed digest), disk indexes (named by the digest
+//! of their payload), recovery-point manifests (named by the point's id) and lock objects. Their
+//! bytes are described in `docs/design.md`; this crate decides which objects exist and when.
+//!
+//! Objects are written once, atomically, and never modified; only garbage collection deletes
+//! chunks and indexes, only prune deletes manifests. A backup writes its chunks, then its disk
+//! indexes, syncs, and writes its manifest last: a recovery point exists once its manifest
+//! does, so an interrupted backup leaves only unreferenced objects, which the next backup
+//! reuses and garbage collection eventually removes.
+//!
+//! # Locking
+//! Backups and garbage collection register [lock objects](locks) (see there for liveness).
+//! Two backups of one VM: the younger refuses. Backups of different VMs run side by side.
+//! A backup that finds a garbage collection running waits for it to end. Prune and verify take
+//! no lock: prune only removes manifests, which can only make a collection keep more.
+//!
+//! # Garbage collection and the race with backups
+//! Mark and sweep, with a safety window:
+//! 1. The collector writes its lock, then lists the live locks. Its *cutoff* is the earliest of
+//!    its own start and the start of every running backup, less [`gc::SAFETY_MARGIN`].
+//! 2. Mark: every manifest, every index it names, every chunk those name. An unreadable
+//!    manifest or index stops the collection before anything is deleted.
+//! 3. Sweep: a chunk or index is deleted only if it is unmarked *and* its modification time is
+//!    before the cutoff.
+//!
+//! A backup writes every new chunk and *touches* every chunk it reuses (sets its modification
+//! time to now) before its index can reference it. Why no chunk a backup is about to reference
+//! is ever deleted:
+//! - A backup that was running when the collector listed the locks started after the cutoff;
+//!   every chunk it references was written or touched after it started, so after the cutoff:
+//!   spared.
+//! - A backup that registered after the collector wrote its lock sees that lock and waits
+//!   until the collection ends before it touches anything. One of the two always sees the
+//!   other, because each writes its own lock before it lists.
+//! - Points that existed when the collector listed manifests are marked.
+//!
+//! What this costs: chunks orphaned by a backup that is still running are kept until a later
+//! collection, and one `touch` per reused chunk (a `utimensat` on a local vault).
+
+mod backend;
+mod error;
+pub mod gc;
+mod local;
+pub mod locks;
+mod vault;
+
+pub use backend::{Kind, ObjectInfo, ReadBackend, WriteBackend};
+pub use error::{Result, StoreError};
+pub use gc::GcReport;
+pub use local::LocalBackend;
+pub use locks::{LockGuard, LockInfo, LockKind};
+pub use vault::{CreateOptions, Vault};
