@@ -98,7 +98,7 @@ impl VmDescription {
     /// Reads and checks a description; disk paths come back resolved against its folder.
     pub fn load(path: &Path) -> Result<VmDescription> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
+            .map_err(|e| EngineError::Input(format!("reading {}: {e}", path.display())))?;
         let mut desc = Self::parse(&text)
             .map_err(|e| EngineError::Input(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));

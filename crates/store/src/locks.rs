@@ -144,15 +144,13 @@ pub(crate) fn acquire(
         std::thread::spawn(move || {
             let (flag, cv) = &*stop;
             let mut stopped = flag.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
+            // The flag is checked before every wait: a drop may come before the first one.
+            while !*stopped {
                 let (guard, timeout) = cv
                     .wait_timeout(stopped, REFRESH_EVERY)
                     .unwrap_or_else(|e| e.into_inner());
                 stopped = guard;
-                if *stopped {
-                    return;
-                }
-                if timeout.timed_out() {
+                if !*stopped && timeout.timed_out() {
                     info.refreshed_ns = now_ns();
                     let _ = backend.write(Kind::Lock, &name, &encode(&info));
                 }
