@@ -169,7 +169,7 @@ mod tests {
         k
     }
 
-    /// Two points a day, at 01:00 and 13:00, for 60 days from 2026-01-01 (a Thursday).
+    /// Two points a day, at 01:00 and 13:00, from 2026-01-01 (a Thursday) to 2026-03-01.
     fn series() -> Vec<Manifest> {
         let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T01:00:00Z").unwrap();
         (0..120)
@@ -195,7 +195,7 @@ mod tests {
         );
         assert_eq!(
             k,
-            ["2026-03-01T13:00", "2026-03-02T01:00", "2026-03-02T13:00"]
+            ["2026-02-28T13:00", "2026-03-01T01:00", "2026-03-01T13:00"]
         );
         let k = kept(
             &series(),
@@ -204,12 +204,12 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(k, ["2026-03-01T13:00", "2026-03-02T13:00"]);
+        assert_eq!(k, ["2026-02-28T13:00", "2026-03-01T13:00"]);
     }
 
     #[test]
     fn weekly_uses_iso_weeks_and_monthly_months() {
-        // 2026-03-02 is a Monday: the newest point of the week before is Sunday 03-01 13:00.
+        // ISO weeks end on Sundays: 2026-03-01, 02-22 and 02-15 are.
         let k = kept(
             &series(),
             Retention {
@@ -219,7 +219,7 @@ mod tests {
         );
         assert_eq!(
             k,
-            ["2026-02-22T13:00", "2026-03-01T13:00", "2026-03-02T13:00"]
+            ["2026-02-15T13:00", "2026-02-22T13:00", "2026-03-01T13:00"]
         );
         let k = kept(
             &series(),
@@ -230,7 +230,7 @@ mod tests {
         );
         assert_eq!(
             k,
-            ["2026-01-31T13:00", "2026-02-28T13:00", "2026-03-02T13:00"]
+            ["2026-01-31T13:00", "2026-02-28T13:00", "2026-03-01T13:00"]
         );
         let k = kept(
             &series(),
@@ -240,7 +240,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(k, ["2026-03-02T13:00"]);
+        assert_eq!(k, ["2026-03-01T13:00"]);
     }
 
     #[test]
@@ -255,7 +255,7 @@ mod tests {
         };
         let plan = plan_prune(&points, &r, None, |t| t.naive_utc()).unwrap();
         let keep: Vec<_> = plan.iter().filter(|d| d.keep).collect();
-        // web01: 03-02 13:00 (last, daily, monthly), 03-01 13:00, 02-28 13:00 (daily, monthly).
+        // web01: 03-01 13:00 (last, daily, monthly), 02-28 13:00 (daily, monthly), 02-27 13:00.
         assert_eq!(keep.iter().filter(|d| d.vm == "web01").count(), 3);
         assert!(
             keep.iter().any(|d| d.vm == "db01"),

@@ -74,6 +74,10 @@ pub trait WriteBackend: ReadBackend {
     /// Sets the object's modification time to now; `false` when the object is absent.
     /// Garbage collection spares objects touched after it started (see the crate doc).
     fn touch(&self, kind: Kind, name: &str) -> Result<bool>;
+    /// Removes the object unless it was written or touched at or after `cutoff`; `true` when
+    /// it removed it. Atomic with respect to `touch`: once a `touch` has returned `true`, this
+    /// call does not remove the object on the strength of an earlier look at its time.
+    fn remove_unless_touched(&self, kind: Kind, name: &str, cutoff: SystemTime) -> Result<bool>;
     /// Makes every completed write durable.
     fn sync(&self) -> Result<()>;
     /// Removes what interrupted writes left behind before `older_than`; returns how many.

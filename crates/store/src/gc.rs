@@ -62,10 +62,9 @@ impl Vault {
         }
     }
 
-    /// Removes chunks and indexes that no recovery point references.
-    ///
-    /// The rule that keeps it from racing a backup is in the crate doc.
-    pub fn gc(&self) -> Result<GcReport> {
+    /// Registers a garbage collection; refuses when another one runs. Returns the lock and the
+    /// cutoff: objects modified at or after it are spared (see the crate doc).
+    pub fn lock_gc(&self) -> Result<(LockGuard, SystemTime)> {
         let guard = locks::acquire(self.backend(), LockKind::Gc, None)?;
         let live = locks::live_locks(&**self.backend())?;
         if let Some((_, other)) = live
@@ -84,6 +83,14 @@ impl Vault {
             .min();
         let start = guard.info().started();
         let cutoff = oldest_writer.map_or(start, |w| w.min(start)) - SAFETY_MARGIN;
+        Ok((guard, cutoff))
+    }
+
+    /// Removes chunks and indexes that no recovery point references.
+    ///
+    /// The rule that keeps it from racing a backup is in the crate doc.
+    pub fn gc(&self) -> Result<GcReport> {
+        let (guard, cutoff) = self.lock_gc()?;
 
         // Mark. Anything unreadable stops the collection before it deletes anything: a point
         // that cannot be read may reference chunks that nothing else does.
@@ -126,21 +133,25 @@ impl Vault {
             if chunks.contains(&digest) {
                 continue;
             }
-            if obj.modified >= cutoff {
+            // The listing's time is only a first look; the backend judges again atomically.
+            if obj.modified < cutoff
+                && backend.remove_unless_touched(Kind::Chunk, &obj.name, cutoff)?
+            {
+                report.chunks_removed += 1;
+                report.bytes_removed += obj.size;
+            } else {
                 report.chunks_spared += 1;
-                continue;
             }
-            backend.remove(Kind::Chunk, &obj.name)?;
-            report.chunks_removed += 1;
-            report.bytes_removed += obj.size;
         }
         for obj in backend.list(Kind::Index)? {
             let keep = obj
                 .name
                 .parse::<Digest>()
                 .map_or(true, |d| indexes.contains(&d));
-            if !keep && obj.modified < cutoff {
-                backend.remove(Kind::Index, &obj.name)?;
+            if !keep
+                && obj.modified < cutoff
+                && backend.remove_unless_touched(Kind::Index, &obj.name, cutoff)?
+            {
                 report.indexes_removed += 1;
             }
         }
@@ -149,9 +160,4 @@ impl Vault {
         drop(guard);
         Ok(report)
     }
-}
-
-/// For tests: the current time minus the margin, as the sweep compares it.
-pub fn now_minus_margin() -> SystemTime {
-    SystemTime::now() - SAFETY_MARGIN
 }

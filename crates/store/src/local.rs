@@ -25,6 +25,8 @@ use crate::backend::{check_name, Kind, ObjectInfo, ReadBackend, WriteBackend};
 use crate::{Result, StoreError};
 
 const TMP_PREFIX: &str = ".tmp-";
+/// Where garbage collection puts an object aside while it decides (see `remove_unless_touched`).
+const ASIDE_PREFIX: &str = ".tmp-gc-";
 
 pub struct LocalBackend {
     root: PathBuf,
@@ -220,6 +222,28 @@ impl WriteBackend for LocalBackend {
         }
     }
 
+    /// Renames the object aside, then judges its time: a `touch` that came before the rename
+    /// shows in the time (same inode), and one that comes after it finds no object and the
+    /// backup writes the chunk anew. A touched object is renamed back.
+    fn remove_unless_touched(&self, kind: Kind, name: &str, cutoff: SystemTime) -> Result<bool> {
+        let path = self.path(kind, name)?;
+        let aside = path.with_file_name(format!("{ASIDE_PREFIX}{name}"));
+        match fs::rename(&path, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(self.io_error("removing", &path, e)),
+        }
+        let modified = fs::metadata(&aside)
+            .and_then(|m| m.modified())
+            .map_err(|e| self.io_error("reading", &aside, e))?;
+        if modified >= cutoff {
+            fs::rename(&aside, &path).map_err(|e| self.io_error("restoring", &path, e))?;
+            return Ok(false);
+        }
+        fs::remove_file(&aside).map_err(|e| self.io_error("removing", &aside, e))?;
+        Ok(true)
+    }
+
     fn sync(&self) -> Result<()> {
         let dir =
             fs::File::open(&self.root).map_err(|e| self.io_error("opening", &self.root, e))?;
@@ -244,6 +268,16 @@ impl WriteBackend for LocalBackend {
             self.list_dir(&dir, &mut tmps, true)?;
             for t in tmps.into_iter().filter(|t| t.modified < older_than) {
                 let path = dir.join(&t.name);
+                // An object a collection set aside and did not finish judging (it was killed)
+                // goes back: a later collection decides again.
+                if let Some(name) = t.name.strip_prefix(ASIDE_PREFIX) {
+                    let original = dir.join(name);
+                    if !original.exists() {
+                        fs::rename(&path, &original)
+                            .map_err(|e| self.io_error("restoring", &original, e))?;
+                        continue;
+                    }
+                }
                 match fs::remove_file(&path) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -80,8 +80,12 @@ fn now_ns() -> u64 {
 /// tells a live process from a later one that reused its pid.
 fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    // A zombie (killed, not yet reaped) holds its pid but is no longer running anything.
+    if matches!(fields.next()?, "Z" | "X") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// A held lock: refreshed in the background, removed when dropped.

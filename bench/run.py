@@ -1,0 +1,646 @@
+#!/usr/bin/env python3
+"""vmvault against restic and borg on one synthetic disk image, and against this machine's limits.
+
+  python3 bench/run.py [--size 4G] [--workdir DIR] [--json FILE] [--skip-peers] [--keep]
+
+In one run, on the same image made by ../shared/bench/mkimage.py, each tool does a full backup,
+a backup after 1% of the image changed, and a restore of the changed image. The markdown report on
+stdout gives throughput (MB/s of logical image size, MB = 10^6 bytes), stored bytes (repository
+size after the full backup, and what the incremental added) and vmvault/peer ratios. It then runs
+`vmvault-primitives` (crates/bench) for the per-core speed of each step a backup is made of, and
+says how close the tools come to the pipeline bound those speeds imply. Progress goes to stderr.
+
+Options for development: --skip-vmvault measures only the peers and primitives (before the
+vmvault CLI exists); --vmvault-bin PATH uses that binary instead of building one.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MKIMAGE = REPO.parent / "shared" / "bench" / "mkimage.py"
+MIB = 1 << 20
+PASSWORD = "bench"
+VM_NAME = "bench"
+DISK_NAME = "os"
+
+VM_TOML = f"""name = "{VM_NAME}"
+cpus = 1
+memory_mib = 512
+firmware = "bios"
+
+[[disks]]
+name = "{DISK_NAME}"
+path = "disk.raw"
+format = "raw"
+bus = "virtio"
+"""
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(message):
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def tail(text, lines=40):
+    rows = text.decode(errors="replace").rstrip().splitlines()
+    return "\n".join(rows[-lines:])
+
+
+def run(cmd, *, env=None, cwd=None, capture=True):
+    """Runs cmd and returns (wall seconds, user+sys CPU seconds, stdout bytes).
+
+    The child gets its own session and no stdin: a tool that falls back to asking for a
+    password on /dev/tty then fails at once instead of hanging the benchmark.
+    """
+    cmd = [str(c) for c in cmd]
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    out = subprocess.PIPE if capture else None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+                            stdout=out, stderr=out, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        # Its own session means ^C reaches only us; take the tool down with us.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    seconds = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        message = f"command failed (exit {proc.returncode}): {' '.join(cmd)}"
+        if cwd:
+            message += f"\n  in {cwd}"
+        if capture:
+            if stderr.strip():
+                message += f"\n--- stderr ---\n{tail(stderr)}"
+            if stdout.strip():
+                message += f"\n--- stdout ---\n{tail(stdout)}"
+        raise BenchError(message)
+    return seconds, cpu, stdout or b""
+
+
+def output(cmd, env=None):
+    return run(cmd, env=env)[2].decode(errors="replace")
+
+
+def parse_size(text):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().rstrip("B").rstrip("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def du(path):
+    return int(output(["du", "-sb", path]).split()[0])
+
+
+def warm(*paths):
+    """Reads files (or every file under directories) once so the timed step starts warm."""
+    buf = bytearray(MIB)
+    for path in paths:
+        files = [Path(path)] if Path(path).is_file() else \
+            sorted(p for p in Path(path).rglob("*") if p.is_file())
+        for name in files:
+            with open(name, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+
+def settle():
+    # Writes left dirty by the previous step would otherwise be flushed during the next one.
+    os.sync()
+
+
+def sparse_copy(src, dst):
+    run(["cp", "--sparse=always", src, dst])
+
+
+def identical(a, b):
+    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+
+
+def is_sparse(path):
+    st = os.stat(path)
+    return st.st_blocks * 512 < st.st_size
+
+
+class Tool:
+    """One backup program: a repository, full and incremental backups of one image, a restore."""
+
+    name = ""
+    env = {}
+
+    def __init__(self, work, images):
+        self.work = work
+        self.images = images  # {"full": original image, "incremental": mutated image}
+        self.repo = work / f"{self.name}-repo"
+        self.notes = []
+
+    def version(self):
+        raise NotImplementedError
+
+    def init(self):
+        raise NotImplementedError
+
+    def prepare(self, step):
+        """Returns the path the backup of `step` reads, after putting the right image there."""
+        raise NotImplementedError
+
+    def backup(self, step):
+        raise NotImplementedError
+
+    def restore(self, out):
+        """Restores the latest backup into directory `out`; returns the restored image's path."""
+        raise NotImplementedError
+
+    def run(self, cmd, cwd=None):
+        return run(cmd, env=self.env, cwd=cwd)
+
+    def scratch(self):
+        """What to delete once this tool is measured, to keep a 4 GiB run's peak disk use down."""
+        return [self.repo]
+
+
+class Vmvault(Tool):
+    name = "vmvault"
+    env = {"VMVAULT_PASSWORD": PASSWORD}
+
+    def __init__(self, work, images, binary):
+        super().__init__(work, images)
+        self.binary = binary
+
+    def version(self):
+        try:
+            return output([self.binary, "--version"], env=self.env).strip()
+        except BenchError:
+            return "vmvault (no --version)"
+
+    def init(self):
+        self.run([self.binary, "vault", "create", self.repo])
+        self.notes.append("encrypted vault, default settings")
+
+    def prepare(self, step):
+        # Two folders, each a VM description next to its disk, both naming the VM "bench":
+        # the second backup is then an incremental of the first.
+        return self.images[step]
+
+    def backup(self, step):
+        return self.run([self.binary, "backup", "--vault", self.repo,
+                         self.images[step].parent / "vm.toml"])
+
+    def restore(self, out):
+        target = out / "disk.raw"
+        timing = self.run([self.binary, "restore", "--vault", self.repo, f"{VM_NAME}@latest",
+                           "--disk", DISK_NAME, "--to", target])
+        return timing, target
+
+
+class Peer(Tool):
+    """A file backup tool fed the image at one fixed path, whose content is swapped between
+    backups so that the second run is an incremental of the first, as it would be for a VM."""
+
+    def __init__(self, work, images):
+        super().__init__(work, images)
+        self.source_dir = work / f"{self.name}-source"
+        self.source_dir.mkdir()
+        self.source = self.source_dir / "disk.raw"
+
+    def prepare(self, step):
+        sparse_copy(self.images[step], self.source)
+        return self.source
+
+    def scratch(self):
+        return [self.repo, self.source_dir]
+
+
+class Restic(Peer):
+    name = "restic"
+
+    def __init__(self, work, images):
+        super().__init__(work, images)
+        self.env = {"RESTIC_PASSWORD": PASSWORD,
+                    "RESTIC_CACHE_DIR": str(work / "cache" / "restic")}
+        self.help_restore = output(["restic", "restore", "--help"])
+
+    def version(self):
+        return output(["restic", "version"]).strip()
+
+    def init(self):
+        cmd = ["restic", "init", "--repo", self.repo]
+        if "--repository-version" in output(["restic", "init", "--help"]):
+            # Format 2 is the one with compression; its default mode "auto" is zstd.
+            cmd += ["--repository-version", "2"]
+            self.notes.append("repository format 2, default compression (auto = zstd)")
+        else:
+            self.notes.append("repository format 1 (this restic cannot compress)")
+        self.run(cmd)
+
+    def backup(self, step):
+        return self.run(["restic", "backup", "--repo", self.repo, self.source])
+
+    def restore(self, out):
+        cmd = ["restic", "restore", "latest", "--repo", self.repo, "--target", out]
+        if "--sparse" in self.help_restore:
+            cmd.append("--sparse")
+            self.notes.append("restore --sparse")
+        else:
+            self.notes.append("this restic cannot restore sparse files")
+        timing = self.run(cmd)
+        found = [p for p in out.rglob("disk.raw") if p.is_file()]
+        if len(found) != 1:
+            raise BenchError(f"restic restore: expected one disk.raw under {out}, found {found}")
+        return timing, found[0]
+
+
+class Borg(Peer):
+    name = "borg"
+
+    def __init__(self, work, images):
+        super().__init__(work, images)
+        self.env = {"BORG_PASSPHRASE": PASSWORD,
+                    "BORG_DISPLAY_PASSPHRASE": "no",
+                    "BORG_CACHE_DIR": str(work / "cache" / "borg"),
+                    "BORG_CONFIG_DIR": str(work / "config" / "borg")}
+        self.help_extract = output(["borg", "extract", "--help"])
+
+    def version(self):
+        return output(["borg", "--version"]).strip()
+
+    def init(self):
+        self.run(["borg", "init", "-e", "repokey", self.repo])
+        self.notes.append("-e repokey (AES-CTR, HMAC-SHA256 chunk ids), default compression "
+                          "(lz4), default chunker (buzhash)")
+
+    def backup(self, step):
+        archive = {"full": "a", "incremental": "b"}[step]
+        # A relative path, so that extract recreates it as out/disk.raw.
+        return self.run(["borg", "create", f"{self.repo}::{archive}", "disk.raw"],
+                        cwd=self.source_dir)
+
+    def restore(self, out):
+        cmd = ["borg", "extract"]
+        if "--sparse" in self.help_extract:
+            cmd.append("--sparse")
+            self.notes.append("extract --sparse")
+        timing = self.run(cmd + [f"{self.repo}::b"], cwd=out)
+        return timing, out / "disk.raw"
+
+
+def measure(tool, size, keep):
+    """Full backup, incremental, restore; every step starts with flushed writes and a warm input."""
+    log(f"{tool.name}: {tool.version()}")
+    tool.init()
+    empty = du(tool.repo)
+    result = {"version": tool.version(), "empty_repo_bytes": empty}
+    stored_before = empty
+    for step in ("full", "incremental"):
+        source = tool.prepare(step)
+        settle()
+        warm(source)
+        log(f"{tool.name}: {step} backup")
+        seconds, cpu, _ = tool.backup(step)
+        stored = du(tool.repo)
+        result[step] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+                        "mbps": round(size / seconds / 1e6, 1), "stored_bytes": stored,
+                        "added_bytes": stored - stored_before}
+        stored_before = stored
+        log(f"{tool.name}: {step} backup {seconds:.1f} s, repository {stored / 1e6:.0f} MB")
+    out = tool.work / f"{tool.name}-restore"
+    out.mkdir()
+    settle()
+    warm(tool.repo)
+    log(f"{tool.name}: restore")
+    (seconds, cpu, _), restored = tool.restore(out)
+    if not restored.is_file():
+        raise BenchError(f"{tool.name} restore: {restored} was not created")
+    same = identical(restored, tool.images["incremental"])
+    st = os.stat(restored)
+    result["restore"] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+                         "mbps": round(size / seconds / 1e6, 1), "identical": same,
+                         "sparse": is_sparse(restored), "allocated_bytes": st.st_blocks * 512}
+    log(f"{tool.name}: restore {seconds:.1f} s, identical: {same}, sparse: {is_sparse(restored)}")
+    if not same:
+        log(f"WARNING: {tool.name} restored an image that differs from the one backed up")
+    if not keep:
+        for path in [out, *tool.scratch()]:
+            shutil.rmtree(path)
+    result["notes"] = tool.notes
+    return result
+
+
+def ensure_peers():
+    if shutil.which("restic") and shutil.which("borg"):
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    install = sudo + ["apt-get", "install", "-y", "restic", "borgbackup"]
+    log("installing restic and borgbackup with apt-get")
+    try:
+        run(install, env=env)
+    except BenchError:
+        run(sudo + ["apt-get", "update"], env=env)
+        run(install, env=env)
+
+
+def target_dir():
+    meta = json.loads(output(["cargo", "metadata", "--format-version", "1", "--no-deps",
+                              "--manifest-path", REPO / "Cargo.toml"]))
+    return Path(meta["target_directory"]) / "release"
+
+
+def build(with_vmvault):
+    packages = ["-p", "vmvault", "-p", "vmvault-bench"] if with_vmvault else ["-p", "vmvault-bench"]
+    log(f"cargo build --release {' '.join(packages)}")
+    try:
+        run(["cargo", "build", "--release", *packages], cwd=REPO, capture=False)
+    except BenchError as e:
+        hint = "\n(if the vmvault CLI is not buildable yet, --skip-vmvault measures the rest)" \
+            if with_vmvault else ""
+        raise BenchError(f"{e}{hint}") from None
+    return target_dir()
+
+
+def machine():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": model or platform.processor(), "cores": os.cpu_count(),
+            "kernel": platform.release(), "load_average_at_start": os.getloadavg()[0]}
+
+
+def per_core_costs(prims, comp):
+    """Seconds per logical byte, on one core, of the work a backup cannot avoid.
+
+    Every byte is read from the page cache; zero pieces are recognised and stored as nothing;
+    every data piece is hashed (keyed BLAKE3) to name it; new data pieces are sealed (zstd -1 with
+    the raw fallback, AES-256-GCM) by Sealer::seal. Writing the sealed chunks, indexing and
+    everything else is left out, so a tool can only come close to the bound, never reach it.
+    """
+    data = comp["text"] + comp["other"]
+    scan = 1 / prims["page_cache_read_mbps"] + comp["zero"] / prims["zero_mbps"] \
+        + data / prims["blake3_mbps"]
+    seal = comp["text"] / prims["seal_text_mbps"] + comp["other"] / prims["seal_random_mbps"]
+    return scan / 1e6, seal / 1e6
+
+
+def bounds(prims, comp_full, comp_incr, cores):
+    """MB/s a perfect pipeline would reach on `cores` cores, from the per-core costs above."""
+    scan_full, seal_full = per_core_costs(prims, comp_full)
+    scan_incr, _ = per_core_costs(prims, comp_incr)
+    return {
+        "cores": cores,
+        "full_per_core_mbps": round(1 / (scan_full + seal_full) / 1e6, 1),
+        "full_mbps": round(cores / (scan_full + seal_full) / 1e6, 1),
+        # An incremental still reads, zero-checks and hashes the whole image; sealing the few
+        # changed chunks is left out, which makes this bound a little generous.
+        "incremental_per_core_mbps": round(1 / scan_incr / 1e6, 1),
+        "incremental_mbps": round(cores / scan_incr / 1e6, 1),
+    }
+
+
+def composition(report):
+    return {"zero": report["file_zero_fraction"], "text": report["file_text_fraction"],
+            "other": report["file_other_fraction"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_mbps(step):
+    return f"{step['mbps']:,.0f} ({step['seconds']:.1f} s)"
+
+
+def fmt_mb(n):
+    return f"{n / 1e6:,.0f}"
+
+
+def fmt_ratio(a, b):
+    if not b:
+        return "–"
+    return f"{a / b:.2f}"
+
+
+def report_markdown(res):
+    tools = res["tools"]
+    names = list(tools)
+    peers = [n for n in names if n != "vmvault"] if "vmvault" in tools else []
+    header = ["", *names, *[f"vmvault/{p}" for p in peers]]
+    rows = []
+
+    def row(label, cell, ratio=None):
+        r = [label, *[cell(tools[n]) for n in names]]
+        for p in peers:
+            r.append(fmt_ratio(ratio(tools["vmvault"]), ratio(tools[p])) if ratio else "")
+        rows.append(r)
+
+    for step, label in (("full", "full backup, MB/s (s)"),
+                        ("incremental", "1% incremental, MB/s (s)"),
+                        ("restore", "restore, MB/s (s)")):
+        row(label, lambda t, s=step: fmt_mbps(t[s]), lambda t, s=step: t[s]["mbps"])
+    row("stored after full backup, MB", lambda t: fmt_mb(t["full"]["stored_bytes"]),
+        lambda t: t["full"]["stored_bytes"])
+    row("added by incremental, MB", lambda t: fmt_mb(t["incremental"]["added_bytes"]),
+        lambda t: t["incremental"]["added_bytes"])
+    for step, label in (("full", "full backup, cores busy"),
+                        ("incremental", "incremental, cores busy"),
+                        ("restore", "restore, cores busy")):
+        row(label, lambda t, s=step: f"{t[s]['cpu_seconds'] / t[s]['seconds']:.2f}")
+    row("restore identical / sparse",
+        lambda t: f"{'yes' if t['restore']['identical'] else '**NO**'} / "
+                  f"{'yes' if t['restore']['sparse'] else 'no'}")
+
+    img = res["image"]
+    m = res["machine"]
+    lines = [f"## {' vs '.join(names) or 'Machine limits'}: {img['bytes'] / 1e9:.2f} GB image "
+             f"({img['size_arg']}), {m['cores']} cores", ""]
+    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; "
+                 f"load average {m['load_average_at_start']:.2f} at start.  ")
+    lines.append(f"Image: `mkimage.py make --size {img['size_arg']} --seed 1`, "
+                 f"{img['full']['zero'] * 100:.0f}% zero, {img['full']['text'] * 100:.0f}% "
+                 f"text-like, {img['full']['other'] * 100:.0f}% random (by 1 MiB piece); "
+                 f"incremental after `mutate --percent 1 --seed 2`.")
+    lines.append("")
+    if rows:
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|---|" + "---:|" * (len(header) - 1))
+        lines.extend("| " + " | ".join(r) + " |" for r in rows)
+        lines.append("")
+        legend = "MB/s = logical image size (10^6 bytes) / wall seconds. "
+        if peers:
+            legend += ("Ratios are vmvault divided by the peer: above 1 means vmvault is faster "
+                       "(throughput rows) or stores more (stored rows). ")
+        legend += ("Stored = `du -sb` of the repository. "
+                   "Cores busy = user+sys CPU seconds / wall seconds.")
+        lines.append(legend)
+        lines.append("")
+        lines.append("Page cache is not dropped (that cannot be done reliably here); instead "
+                     "pending writes are synced and the input (the image, or the repository for "
+                     "a restore) is read once before every timed step, so every tool starts "
+                     "warm. Timings end when the tool exits; writes it has not synced itself "
+                     "are not waited for.")
+        lines.append("")
+        lines.extend(f"- {t['version']}: {'; '.join(t['notes'])}" for t in tools.values())
+        lines.append("")
+
+    p = res["primitives"]
+    lines.append("### This machine's limits (one thread each, 1 MiB pieces)")
+    lines.append("")
+    lines.append("| primitive | MB/s per core |")
+    lines.append("|---|---:|")
+    prim_rows = [
+        ("page-cache read of the image (1 MiB `read`s)", "page_cache_read_mbps"),
+        ("BLAKE3, keyed", "blake3_mbps"),
+        (f"zstd level 1, text-like data (→ {p['zstd_text_ratio']:.2f} of input)",
+         "zstd_text_mbps"),
+        ("zstd level 1, random data", "zstd_random_mbps"),
+        ("AES-256-GCM seal (ring)", "aes_gcm_mbps"),
+        ("zero detection (`is_zero`) on zeros", "zero_mbps"),
+        ("vmvault `Sealer::seal` (zstd + AES-GCM), text-like", "seal_text_mbps"),
+        ("vmvault `Sealer::seal`, random (compression probe, kept raw)", "seal_random_mbps"),
+    ]
+    lines.extend(f"| {label} | {p[key]:,.0f} |" for label, key in prim_rows)
+    lines.append("")
+
+    b = res["bounds"]
+    c = img["full"]
+    lines.append(
+        "**Bound.** Per core, a full backup of this image must at least read every byte from "
+        "the page cache, recognise the zero pieces, hash (keyed BLAKE3) the data pieces and seal "
+        "them, so one core needs 1/read + z/zero + (t+r)/BLAKE3 + t/seal_text + r/seal_random "
+        f"seconds per byte with z, t, r = {c['zero']:.2f}, {c['text']:.2f}, {c['other']:.2f} "
+        f"the zero, text-like and random shares: {b['full_per_core_mbps']:,.0f} MB/s per core, "
+        f"× {b['cores']} cores = **{b['full_mbps']:,.0f} MB/s**, assuming perfect parallelism "
+        "and nothing else to do (no writes, no index). The incremental bound drops the sealing "
+        "term (only the changed chunks are sealed) and uses the mutated image's shares: "
+        f"{b['incremental_per_core_mbps']:,.0f} MB/s per core, × {b['cores']} = "
+        f"**{b['incremental_mbps']:,.0f} MB/s**.")
+    lines.append("")
+    for name, t in tools.items():
+        lines.append(f"- {name}: full backup {t['full']['mbps']:,.0f} MB/s = "
+                     f"{t['full']['mbps'] / b['full_mbps'] * 100:.0f}% of the bound; "
+                     f"incremental {t['incremental']['mbps']:,.0f} MB/s = "
+                     f"{t['incremental']['mbps'] / b['incremental_mbps'] * 100:.0f}% of the bound.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="4G", help="image size (default 4G)")
+    ap.add_argument("--workdir", type=Path,
+                    help="where to make a scratch directory (default: the system temp dir)")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="also write all results as JSON")
+    ap.add_argument("--skip-peers", action="store_true",
+                    help="measure only vmvault and the primitives")
+    ap.add_argument("--skip-vmvault", action="store_true",
+                    help="measure only the peers and the primitives")
+    ap.add_argument("--vmvault-bin", type=Path,
+                    help="use this vmvault binary instead of building one")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the scratch directory (images, repositories, restores)")
+    args = ap.parse_args()
+    if args.skip_peers and args.skip_vmvault:
+        ap.error("--skip-peers and --skip-vmvault leave nothing to compare")
+    if not MKIMAGE.is_file():
+        ap.error(f"{MKIMAGE} not found")
+    size_bytes = parse_size(args.size)
+    if size_bytes < MIB:
+        ap.error("--size must be at least 1M")
+
+    result = {"machine": machine()}
+    if result["machine"]["load_average_at_start"] > 0.5:
+        log(f"note: load average {result['machine']['load_average_at_start']:.2f}: other work "
+            "on this machine will slow every figure down")
+
+    if not args.skip_peers:
+        ensure_peers()
+    release = build(with_vmvault=not args.skip_vmvault and args.vmvault_bin is None)
+    primitives_bin = release / "vmvault-primitives"
+    vmvault_bin = None
+    if not args.skip_vmvault:
+        vmvault_bin = args.vmvault_bin.resolve() if args.vmvault_bin else release / "vmvault"
+        if not vmvault_bin.is_file():
+            raise BenchError(f"{vmvault_bin} does not exist")
+
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vmvault-bench-", dir=args.workdir)).resolve()
+    log(f"scratch directory {work}")
+    try:
+        images = {"full": work / "full" / "disk.raw", "incremental": work / "incremental" / "disk.raw"}
+        for image in images.values():
+            image.parent.mkdir()
+            (image.parent / "vm.toml").write_text(VM_TOML)
+        log(f"making a {args.size} image")
+        run([sys.executable, MKIMAGE, "make", images["full"], "--size", args.size, "--seed", "1"])
+        sparse_copy(images["full"], images["incremental"])
+        run([sys.executable, MKIMAGE, "mutate", images["incremental"], "--percent", "1",
+             "--seed", "2"])
+        size = os.path.getsize(images["full"])
+
+        log("measuring primitives")
+        settle()
+        prims = json.loads(output([primitives_bin, "--file", images["full"]]))
+        mutated = json.loads(output([primitives_bin, "--file", images["incremental"],
+                                     "--file-only"]))
+        result["image"] = {"bytes": size, "size_arg": args.size,
+                           "full": composition(prims), "incremental": composition(mutated)}
+        result["primitives"] = prims
+        result["bounds"] = bounds(prims, composition(prims), composition(mutated),
+                                  os.cpu_count() or 1)
+
+        tools = []
+        if vmvault_bin:
+            tools.append(Vmvault(work, images, vmvault_bin))
+        if not args.skip_peers:
+            tools += [Restic(work, images), Borg(work, images)]
+        result["tools"] = {}
+        for tool in tools:
+            result["tools"][tool.name] = measure(tool, size, args.keep)
+
+        print(report_markdown(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            log(f"wrote {args.json}")
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchError as e:
+        print(f"bench/run.py: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
