@@ -183,9 +183,10 @@ class Vmvault(Tool):
     name = "vmvault"
     env = {"VMVAULT_PASSWORD": PASSWORD}
 
-    def __init__(self, work, images, binary):
+    def __init__(self, work, images, binary, chunk_size=None):
         super().__init__(work, images)
         self.binary = binary
+        self.chunk_size = chunk_size
 
     def version(self):
         try:
@@ -194,8 +195,10 @@ class Vmvault(Tool):
             return "vmvault (no --version)"
 
     def init(self):
-        self.run([self.binary, "vault", "create", self.repo])
-        self.notes.append("encrypted vault, default settings")
+        extra = ["--chunk-size", self.chunk_size] if self.chunk_size else []
+        self.run([self.binary, "vault", "create", self.repo, *extra])
+        self.notes.append("encrypted vault, " + (f"chunk size {self.chunk_size}"
+                                                 if self.chunk_size else "default settings"))
 
     def prepare(self, step):
         # Two folders, each a VM description next to its disk, both naming the VM "bench":
@@ -563,6 +566,8 @@ def main():
                     help="measure only the peers and the primitives")
     ap.add_argument("--vmvault-bin", type=Path,
                     help="use this vmvault binary instead of building one")
+    ap.add_argument("--chunk-size", metavar="SIZE",
+                    help="create vmvault's vault with this chunk size (e.g. 256K, 4M)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the scratch directory (images, repositories, restores)")
     args = ap.parse_args()
@@ -618,7 +623,7 @@ def main():
 
         tools = []
         if vmvault_bin:
-            tools.append(Vmvault(work, images, vmvault_bin))
+            tools.append(Vmvault(work, images, vmvault_bin, args.chunk_size))
         if not args.skip_peers:
             tools += [Restic(work, images), Borg(work, images)]
         result["tools"] = {}

@@ -51,7 +51,7 @@ pub trait DiskWriter: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes `[offset, offset + len)` read as zeros (a hole where the target allows it).
     fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// Makes the written disk durable.
+    /// Ends the write (see each writer for what it makes durable).
     fn finish(&self) -> io::Result<()>;
 }
 

@@ -244,9 +244,8 @@ fn store_chunks(
     let mut sealed = Vec::new();
     for (i, buf) in work.iter() {
         let len = buf.len();
-        let outcome = if stop.load(Ordering::Relaxed) {
-            Ok(Outcome::Zero)
-        } else if is_zero(&buf) {
+        // After a failure elsewhere, chunks are drained unprocessed: the backup is abandoned.
+        let outcome = if stop.load(Ordering::Relaxed) || is_zero(&buf) {
             Ok(Outcome::Zero)
         } else {
             let digest = codec.digest(&buf);

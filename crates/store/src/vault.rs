@@ -34,6 +34,9 @@ impl Default for CreateOptions {
     }
 }
 
+/// A recovery point whose manifest could not be read, and why.
+pub type Unreadable = (PointId, StoreError);
+
 pub struct Vault {
     backend: Arc<dyn WriteBackend>,
     config: VaultConfig,
@@ -266,7 +269,7 @@ impl Vault {
     }
 
     /// Every recovery point, oldest first, and the ones that could not be read.
-    pub fn points(&self) -> Result<(Vec<Manifest>, Vec<(PointId, StoreError)>)> {
+    pub fn points(&self) -> Result<(Vec<Manifest>, Vec<Unreadable>)> {
         let mut good = Vec::new();
         let mut bad = Vec::new();
         for id in self.point_ids()? {
