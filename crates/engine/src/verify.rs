@@ -116,24 +116,27 @@ pub fn verify(
     let damaged = Mutex::new(HashMap::<Digest, String>::new());
     std::thread::scope(|s| {
         for _ in 0..crate::worker_count() {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((digest, len)) = work.get(i) else {
-                    return;
-                };
-                match vault.read_chunk(digest, *len) {
-                    Ok(_) => {}
-                    // A chunk removed since the listing was reported missing above or is gone
-                    // with its (pruned) point.
-                    Err(StoreError::NotFound(_)) => {}
-                    Err(e) => {
-                        damaged
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(*digest, e.to_string());
+            s.spawn(|| {
+                let mut reader = vault.chunk_reader();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((digest, len)) = work.get(i) else {
+                        return;
+                    };
+                    match reader.read(digest, *len) {
+                        Ok(_) => {}
+                        // A chunk removed since the listing was reported missing above or is gone
+                        // with its (pruned) point.
+                        Err(StoreError::NotFound(_)) => {}
+                        Err(e) => {
+                            damaged
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(*digest, e.to_string());
+                        }
                     }
+                    progress.advance(*len as u64);
                 }
-                progress.advance(*len as u64);
             });
         }
     });

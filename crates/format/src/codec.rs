@@ -98,12 +98,44 @@ impl Codec {
     }
 
     /// Opens an object of `kind`, refusing one whose payload would exceed `max_plain` bytes.
+    /// A convenience over [`Opener::open`] for one-off objects.
     pub fn open(
         &self,
         kind: ObjectKind,
         bytes: &[u8],
         max_plain: u64,
     ) -> Result<Vec<u8>, FormatError> {
+        let mut copy = bytes.to_vec();
+        Ok(self.opener().open(kind, &mut copy, max_plain)?.to_vec())
+    }
+
+    /// A per-thread opener that keeps its zstd context and output buffer between objects.
+    pub fn opener(&self) -> Opener<'_> {
+        Opener {
+            codec: self,
+            decompressor: zstd::bulk::Decompressor::new().expect("zstd context"),
+            out: Vec::new(),
+        }
+    }
+}
+
+/// Opens objects for one thread: decrypts in place and decompresses into a reused buffer, so
+/// a restore allocates nothing per chunk.
+pub struct Opener<'a> {
+    codec: &'a Codec,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    out: Vec<u8>,
+}
+
+impl Opener<'_> {
+    /// Opens the object held in `bytes` (decrypting it there) and returns its payload, which
+    /// borrows `bytes` or this opener. A payload over `max_plain` bytes is refused unread.
+    pub fn open<'b>(
+        &'b mut self,
+        kind: ObjectKind,
+        bytes: &'b mut [u8],
+        max_plain: u64,
+    ) -> Result<&'b [u8], FormatError> {
         let what = kind.name();
         let header = Header::decode(kind, bytes)?;
         if header.plain_len > max_plain {
@@ -113,37 +145,41 @@ impl Codec {
                 limit: max_plain,
             });
         }
-        let (head, rest) = bytes.split_at(HEADER_LEN);
-        let body_len = rest.len() - TRAILER_LEN;
-        let mut body = rest.to_vec();
-        let body = match header.encryption {
+        let total = bytes.len();
+        let body_len = total - HEADER_LEN - TRAILER_LEN;
+        match header.encryption {
             Encryption::Aes256Gcm => {
-                let aead = self.aead.as_ref().ok_or(FormatError::NeedKey { what })?;
+                let aead = self
+                    .codec
+                    .aead
+                    .as_ref()
+                    .ok_or(FormatError::NeedKey { what })?;
+                let (head, rest) = bytes.split_at_mut(HEADER_LEN);
                 let nonce = Nonce::assume_unique_for_key(header.nonce);
-                aead.open_in_place(nonce, Aad::from(head), &mut body)
+                aead.open_in_place(nonce, Aad::from(&*head), rest)
                     .map_err(|_| FormatError::Authentication { what })?;
-                body.truncate(body_len);
-                body
             }
             Encryption::None => {
-                if self.aead.is_some() {
+                if self.codec.aead.is_some() {
                     return Err(invalid(what, "stored unencrypted in an encrypted vault"));
                 }
-                let sum = blake3::hash(&bytes[..bytes.len() - TRAILER_LEN]);
-                if sum.as_bytes()[..TRAILER_LEN] != bytes[bytes.len() - TRAILER_LEN..] {
+                let sum = blake3::hash(&bytes[..total - TRAILER_LEN]);
+                if sum.as_bytes()[..TRAILER_LEN] != bytes[total - TRAILER_LEN..] {
                     return Err(FormatError::Checksum { what });
                 }
-                body.truncate(body_len);
-                body
             }
-        };
-        let plain = match header.compression {
+        }
+        let body = &bytes[HEADER_LEN..HEADER_LEN + body_len];
+        let plain: &[u8] = match header.compression {
             Compression::None => body,
             Compression::Zstd => {
-                // The bound is the header's claim, already checked against max_plain.
-                let plain = zstd::bulk::decompress(&body, header.plain_len as usize)
+                // The output can never outgrow the header's claim, already checked.
+                self.out.clear();
+                self.out.reserve(header.plain_len as usize);
+                self.decompressor
+                    .decompress_to_buffer(body, &mut self.out)
                     .map_err(|e| invalid(what, format!("zstd: {e}")))?;
-                plain
+                &self.out
             }
         };
         if plain.len() as u64 != header.plain_len {

@@ -59,6 +59,12 @@ pub trait ReadBackend: Send + Sync {
     /// Where this region is, for messages (never holds credentials).
     fn location(&self) -> String;
     fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>>;
+    /// Reads into `buf` (replacing its contents), so that a caller reading many objects can
+    /// reuse one buffer.
+    fn read_into(&self, kind: Kind, name: &str, buf: &mut Vec<u8>) -> Result<()> {
+        *buf = self.read(kind, name)?;
+        Ok(())
+    }
     /// The object's size and modification time, or `None` when it is absent.
     fn stat(&self, kind: Kind, name: &str) -> Result<Option<ObjectInfo>>;
     /// Every object of a kind, in no particular order.

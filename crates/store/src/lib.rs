@@ -53,4 +53,4 @@ pub use error::{Result, StoreError};
 pub use gc::GcReport;
 pub use local::LocalBackend;
 pub use locks::{LockGuard, LockInfo, LockKind};
-pub use vault::{CreateOptions, Unreadable, Vault};
+pub use vault::{ChunkReader, CreateOptions, Unreadable, Vault};

@@ -125,6 +125,20 @@ impl ReadBackend for LocalBackend {
         })
     }
 
+    fn read_into(&self, kind: Kind, name: &str, buf: &mut Vec<u8>) -> Result<()> {
+        use std::io::Read;
+        let path = self.path(kind, name)?;
+        let not_found = |e: io::Error| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::NotFound(format!("{} {name}", kind.name())),
+            _ => self.io_error("reading", &path, e),
+        };
+        let mut f = fs::File::open(&path).map_err(not_found)?;
+        buf.clear();
+        f.read_to_end(buf)
+            .map_err(|e| self.io_error("reading", &path, e))?;
+        Ok(())
+    }
+
     fn stat(&self, kind: Kind, name: &str) -> Result<Option<ObjectInfo>> {
         let path = self.path(kind, name)?;
         match fs::metadata(&path) {

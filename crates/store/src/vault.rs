@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use vmvault_format::{
-    Codec, Digest, DiskIndex, FormatError, KdfParams, KeyFile, Keys, Manifest, ObjectKind, PointId,
-    VaultConfig, MAX_MANIFEST_LEN,
+    Codec, Digest, DiskIndex, FormatError, KdfParams, KeyFile, Keys, Manifest, ObjectKind, Opener,
+    PointId, VaultConfig, MAX_MANIFEST_LEN,
 };
 
 use crate::backend::{Kind, WriteBackend};
@@ -175,21 +175,13 @@ impl Vault {
         self.backend.touch(Kind::Chunk, &digest.to_hex())
     }
 
-    /// Reads, opens and checks one chunk; `len` is its length as the disk index implies.
-    pub fn read_chunk(&self, digest: &Digest, len: usize) -> Result<Vec<u8>> {
-        let bytes = self.backend.read(Kind::Chunk, &digest.to_hex())?;
-        let context = || format!("chunk {digest}");
-        let plain = self
-            .codec
-            .open(ObjectKind::Chunk, &bytes, len as u64)
-            .map_err(|e| StoreError::format(context(), e))?;
-        if plain.len() != len || self.codec.digest(&plain) != *digest {
-            return Err(StoreError::format(
-                context(),
-                FormatError::Checksum { what: "chunk" },
-            ));
+    /// A reader of chunks for one thread, reusing its buffers from chunk to chunk.
+    pub fn chunk_reader(&self) -> ChunkReader<'_> {
+        ChunkReader {
+            vault: self,
+            opener: self.codec.opener(),
+            buf: Vec::new(),
         }
-        Ok(plain)
     }
 
     pub fn save_index(&self, index: &DiskIndex) -> Result<Digest> {
@@ -282,5 +274,34 @@ impl Vault {
         }
         good.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
         Ok((good, bad))
+    }
+}
+
+/// Reads chunks for one thread: fetched into a reused buffer, opened in place, checked.
+pub struct ChunkReader<'a> {
+    vault: &'a Vault,
+    opener: Opener<'a>,
+    buf: Vec<u8>,
+}
+
+impl ChunkReader<'_> {
+    /// Reads, opens and checks one chunk; `len` is its length as the disk index implies.
+    pub fn read(&mut self, digest: &Digest, len: usize) -> Result<&[u8]> {
+        let vault = self.vault;
+        vault
+            .backend
+            .read_into(Kind::Chunk, &digest.to_hex(), &mut self.buf)?;
+        let context = || format!("chunk {digest}");
+        let plain = self
+            .opener
+            .open(ObjectKind::Chunk, &mut self.buf, len as u64)
+            .map_err(|e| StoreError::format(context(), e))?;
+        if plain.len() != len || vault.codec.digest(plain) != *digest {
+            return Err(StoreError::format(
+                context(),
+                FormatError::Checksum { what: "chunk" },
+            ));
+        }
+        Ok(plain)
     }
 }
