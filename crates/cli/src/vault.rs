@@ -22,7 +22,7 @@ pub enum VaultCommand {
         #[arg(long)]
         no_encryption: bool,
         /// Chunk size: a power of two from 64K to 16M (suffix K or M).
-        #[arg(long, default_value = "256K", value_parser = parse_chunk_size)]
+        #[arg(long, default_value = "1M", value_parser = parse_chunk_size)]
         chunk_size: u32,
     },
     /// Show a vault's settings.

@@ -87,6 +87,9 @@ pub fn backup_image_vm(
     Ok(manifest)
 }
 
+/// How many stored bytes between background syncs.
+const FLUSH_EVERY: u64 = 64 << 20;
+
 enum Outcome {
     Zero,
     Reused(Digest),
@@ -146,6 +149,15 @@ fn back_up_disk(
             s.spawn(move || store_chunks(vault, work_rx, free_tx, done_tx, seen, stop));
         }
         drop(done_tx);
+        // Writeback of stored chunks starts while the backup goes on: the sync before the
+        // manifest then waits only for the last few, not for the whole disk's worth.
+        let (flush_tx, flush_rx) = bounded::<()>(1);
+        s.spawn(move || {
+            for () in flush_rx.iter() {
+                let _ = vault.backend().sync();
+            }
+        });
+        let mut stored_at_last_flush = 0;
         for done in done_rx.iter() {
             let len = done.len as u64;
             if done.read {
@@ -169,7 +181,13 @@ fn back_up_disk(
                 }
             }
             progress.advance(len);
+            if stats.bytes_stored - stored_at_last_flush >= FLUSH_EVERY {
+                stored_at_last_flush = stats.bytes_stored;
+                // A flush already pending covers this one too.
+                let _ = flush_tx.try_send(());
+            }
         }
+        drop(flush_tx);
     });
     match first_error {
         Some(e) => Err(e),

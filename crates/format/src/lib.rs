@@ -37,7 +37,7 @@ pub use zero::is_zero;
 pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
 pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
 /// The chunk size of a new vault unless told otherwise; chosen by measurement (docs/design.md).
-pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
 
 /// Fills `buf` from the operating system's CSPRNG.
 pub fn random_bytes(buf: &mut [u8]) {

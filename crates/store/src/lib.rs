@@ -42,6 +42,8 @@
 //! collection, and one `touch` per reused chunk (a `utimensat` on a local vault).
 
 mod backend;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod error;
 pub mod gc;
 mod local;

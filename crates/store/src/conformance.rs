@@ -1,0 +1,141 @@
+//! The contract of [`WriteBackend`], as a test suite every backend must pass.
+//!
+//! Run against the local backend by this crate's tests; a new backend (S3, Azure Blob) calls
+//! [`run`] on a fresh, empty region of its own.
+
+use std::time::{Duration, SystemTime};
+
+use crate::{Kind, StoreError, WriteBackend};
+
+/// Checks every promise of the backend contract on an empty region. Panics on the first broken one.
+pub fn run(b: &dyn WriteBackend) {
+    b.create().expect("create an empty region");
+    for kind in Kind::ALL {
+        assert!(b.list(kind).unwrap().is_empty(), "{kind:?} starts empty");
+    }
+    let name = "00ff3a";
+    let config = "config";
+    for (kind, name) in [
+        (Kind::Config, config),
+        (Kind::Key, "default"),
+        (Kind::Chunk, name),
+        (Kind::Index, name),
+        (Kind::Point, name),
+        (Kind::Lock, name),
+    ] {
+        // Absent objects.
+        assert!(
+            matches!(b.read(kind, name), Err(StoreError::NotFound(_))),
+            "{kind:?}"
+        );
+        assert_eq!(b.stat(kind, name).unwrap(), None);
+        assert!(!b.touch(kind, name).unwrap());
+        b.remove(kind, name)
+            .expect("removing an absent object succeeds");
+        assert!(!b
+            .remove_unless_touched(kind, name, SystemTime::now())
+            .unwrap());
+
+        // Write, read back, replace.
+        b.write(kind, name, b"first").unwrap();
+        assert_eq!(b.read(kind, name).unwrap(), b"first");
+        let mut buf = vec![9u8; 100];
+        b.read_into(kind, name, &mut buf).unwrap();
+        assert_eq!(buf, b"first");
+        b.write(kind, name, b"second, longer").unwrap();
+        assert_eq!(b.read(kind, name).unwrap(), b"second, longer");
+        let info = b.stat(kind, name).unwrap().expect("written object");
+        assert_eq!(info.size, 14);
+        let listed = b.list(kind).unwrap();
+        assert_eq!(listed.len(), 1, "{kind:?}: only the object, no temporaries");
+        assert_eq!(listed[0].name, name);
+        b.write(kind, name, b"").unwrap();
+        assert_eq!(b.read(kind, name).unwrap(), b"");
+
+        // Touch moves the time forward; the conditional remove honours it.
+        let before = b.stat(kind, name).unwrap().unwrap().modified;
+        std::thread::sleep(Duration::from_millis(20));
+        let cutoff = SystemTime::now();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(b.touch(kind, name).unwrap());
+        let after = b.stat(kind, name).unwrap().unwrap().modified;
+        assert!(
+            after > before && after >= cutoff,
+            "{kind:?}: touch sets the time to now"
+        );
+        assert!(
+            !b.remove_unless_touched(kind, name, cutoff).unwrap(),
+            "touched: spared"
+        );
+        assert!(b.stat(kind, name).unwrap().is_some(), "and still there");
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert!(
+            b.remove_unless_touched(kind, name, later).unwrap(),
+            "older than cutoff"
+        );
+        assert_eq!(b.stat(kind, name).unwrap(), None);
+
+        // Remove is idempotent.
+        b.write(kind, name, b"x").unwrap();
+        b.remove(kind, name).unwrap();
+        b.remove(kind, name).unwrap();
+        assert!(matches!(b.read(kind, name), Err(StoreError::NotFound(_))));
+    }
+
+    // Many objects of one kind are all listed.
+    let names: Vec<String> = (0..300u32)
+        .map(|i| format!("{:08x}", i.wrapping_mul(2654435761)))
+        .collect();
+    for n in &names {
+        b.write(Kind::Chunk, n, n.as_bytes()).unwrap();
+    }
+    let mut listed: Vec<String> = b
+        .list(Kind::Chunk)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    listed.sort();
+    let mut want = names.clone();
+    want.sort();
+    assert_eq!(listed, want);
+    b.sync().unwrap();
+    assert_eq!(
+        b.remove_temporaries(SystemTime::now() + Duration::from_secs(60))
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        b.list(Kind::Chunk).unwrap().len(),
+        300,
+        "temporaries cleanup spares objects"
+    );
+
+    // Names are vmvault's own: anything that could reach outside a kind's place is refused.
+    for bad in ["", "../x", ".hidden", "a/b", "a\\\\b", "a b"] {
+        assert!(b.write(Kind::Point, bad, b"x").is_err(), "{bad:?}");
+        assert!(b.read(Kind::Point, bad).is_err(), "{bad:?}");
+    }
+
+    // A second create over a region that holds objects is refused.
+    assert!(matches!(b.create(), Err(StoreError::NotEmpty { .. })));
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{LocalBackend, StoreError, WriteBackend};
+
+    #[test]
+    fn local_backend_keeps_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        super::run(&LocalBackend::new(dir.path().join("vault")));
+    }
+
+    #[test]
+    fn local_backend_refuses_a_non_empty_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("something"), b"x").unwrap();
+        let created = LocalBackend::new(dir.path()).create();
+        assert!(matches!(created, Err(StoreError::NotEmpty { .. })));
+    }
+}
