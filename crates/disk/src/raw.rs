@@ -2,12 +2,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::{DiskError, DiskReader, DiskWriter};
 
 pub struct RawReader {
+    path: PathBuf,
     file: File,
     size: u64,
     /// Whether SEEK_DATA answers for this file; block devices and some filesystems do not.
@@ -30,10 +32,16 @@ impl RawReader {
             });
         };
         Ok(RawReader {
+            path: path.to_path_buf(),
             file,
             size,
             seek_data: ft.is_file(),
         })
+    }
+
+    /// The file's (or device's) size in bytes: for raw, the disk's size.
+    pub fn size_of_file(&self) -> u64 {
+        self.size
     }
 }
 
@@ -61,6 +69,17 @@ impl DiskReader for RawReader {
 
     fn format(&self) -> &'static str {
         "raw"
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        if !self.seek_data {
+            return Ok(self.size);
+        }
+        Ok((self.file.metadata()?.blocks() * 512).min(self.size))
     }
 }
 
