@@ -64,10 +64,8 @@ pub fn code(e: &anyhow::Error) -> i32 {
             return match e {
                 EngineError::Store(s) => store_code(s),
                 EngineError::Input(_) => INPUT,
-                EngineError::Disk(DiskError::UnsupportedFormat(_) | DiskError::Exists { .. }) => {
-                    INPUT
-                }
-                EngineError::Disk(DiskError::Io { .. } | DiskError::NotADisk { .. }) => INPUT,
+                // A disk that cannot be opened or read as its format is bad input to a backup.
+                EngineError::Disk(_) => INPUT,
                 EngineError::Io { .. } => FAILURE,
             };
         }

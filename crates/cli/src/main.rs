@@ -1,6 +1,7 @@
 //! The `vmvault` command.
 
 mod backup;
+mod disk;
 mod exit;
 mod key;
 mod maintenance;
@@ -58,6 +59,9 @@ enum Command {
     /// Manage the vault's passphrase.
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Inspect disk images.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
 }
 
 fn main() {
@@ -72,6 +76,7 @@ fn main() {
         Command::Prune(a) => maintenance::prune(g, a),
         Command::Gc => maintenance::gc(g),
         Command::Key(c) => key::run(g, c),
+        Command::Disk(c) => disk::run(g, c),
     };
     if let Err(e) = result {
         eprintln!("vmvault: error: {}", exit::message(&e));

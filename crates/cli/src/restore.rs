@@ -24,6 +24,10 @@ pub struct RestoreArgs {
     /// Overwrite files that exist at the target.
     #[arg(long)]
     force: bool,
+    /// Image format to write: raw, qcow2, vhd (dynamic), vhd-fixed (size rounded up to whole
+    /// MiB, as Azure requires), vhdx or vmdk (streamOptimized). Default: each disk's source format.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(vmvault_disk::WRITE_FORMATS))]
+    format: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -42,6 +46,7 @@ pub fn run(g: &Global, args: RestoreArgs) -> Result<()> {
     let m = select_point(&points, &args.point)?;
     let opts = RestoreOptions {
         overwrite: args.force,
+        format: args.format.clone(),
         ..RestoreOptions::default()
     };
     let started = std::time::Instant::now();
@@ -64,18 +69,8 @@ pub fn run(g: &Global, args: RestoreArgs) -> Result<()> {
             (vec![args.to.display().to_string()], disk.size)
         }
         None => {
-            let desc = restore_vm(&vault, m, &args.to, &opts, &bar)?;
-            let mut files: Vec<String> = m
-                .disks
-                .iter()
-                .map(|d| {
-                    args.to
-                        .join(format!("{}.raw", d.name))
-                        .display()
-                        .to_string()
-                })
-                .collect();
-            files.push(desc.display().to_string());
+            let files = restore_vm(&vault, m, &args.to, &opts, &bar)?;
+            let files = files.iter().map(|f| f.display().to_string()).collect();
             (files, m.logical_bytes())
         }
     };

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_channel::{bounded, unbounded};
-use vmvault_disk::{DiskWriter, RawWriter};
 use vmvault_format::{DiskRecord, Manifest};
 use vmvault_store::Vault;
 
@@ -17,6 +16,9 @@ pub struct RestoreOptions {
     pub overwrite: bool,
     /// Threads fetching and opening chunks.
     pub workers: usize,
+    /// The image format to write (one of `vmvault_disk::WRITE_FORMATS`); `None`: each disk's
+    /// source format where vmvault can write it, else raw.
+    pub format: Option<String>,
 }
 
 impl Default for RestoreOptions {
@@ -24,6 +26,7 @@ impl Default for RestoreOptions {
         RestoreOptions {
             overwrite: false,
             workers: crate::worker_count(),
+            format: None,
         }
     }
 }
@@ -34,7 +37,21 @@ enum Piece {
     Data(u64, Vec<u8>),
 }
 
-/// Restores one disk of a point to a raw image (or block device) at `to`.
+impl RestoreOptions {
+    /// The format a disk is restored in.
+    pub fn format_for(&self, disk: &DiskRecord) -> String {
+        match &self.format {
+            Some(f) => f.clone(),
+            None if vmvault_disk::WRITE_FORMATS.contains(&disk.format.as_str()) => {
+                disk.format.clone()
+            }
+            None => "raw".into(),
+        }
+    }
+}
+
+/// Restores one disk of a point to an image at `to` (or onto a block device, as raw), in the
+/// format `opts` says.
 pub fn restore_disk(
     vault: &Vault,
     manifest: &Manifest,
@@ -44,7 +61,14 @@ pub fn restore_disk(
     progress: &dyn Progress,
 ) -> Result<()> {
     let index = vault.load_index(&disk.index, disk.size)?;
-    let writer = RawWriter::create(to, disk.size, opts.overwrite)?;
+    let format = opts.format_for(disk);
+    if !vmvault_disk::WRITE_FORMATS.contains(&format.as_str()) {
+        return Err(EngineError::Input(format!(
+            "cannot write disk images in format {format:?}: choose one of {}",
+            vmvault_disk::WRITE_FORMATS.join(", ")
+        )));
+    }
+    let writer = vmvault_disk::create(to, &format, disk.size, opts.overwrite)?;
     progress.start(&format!("{} disk {}", manifest.vm, disk.name), disk.size);
     // Workers fetch, open and check chunks into buffers from a fixed pool; this thread alone
     // writes them, because parallel writes to one file only queue on its inode lock (a fifth
@@ -124,22 +148,28 @@ pub fn restore_disk(
         .map_err(|e| EngineError::io(format!("syncing {}", to.display()), e))
 }
 
-/// Restores every disk of a point into the folder `to` as `NAME.raw`, with the VM's description
-/// as `VM.toml` beside them; returns the description's path.
+/// Restores every disk of a point into the folder `to` as `NAME.EXT` (by format), with the
+/// VM's description as `VM.toml` beside them; returns the files written, description last.
 pub fn restore_vm(
     vault: &Vault,
     manifest: &Manifest,
     to: &Path,
     opts: &RestoreOptions,
     progress: &dyn Progress,
-) -> Result<PathBuf> {
+) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(to)
         .map_err(|e| EngineError::io(format!("creating {}", to.display()), e))?;
     let desc_path = to.join(format!("{}.toml", manifest.vm));
-    let file_of = |name: &str| to.join(format!("{name}.raw"));
+    let file_name = |d: &DiskRecord| {
+        format!(
+            "{}.{}",
+            d.name,
+            vmvault_disk::extension(&opts.format_for(d))
+        )
+    };
     // Refuse before writing anything rather than after the first disk.
     if !opts.overwrite {
-        let targets = manifest.disks.iter().map(|d| file_of(&d.name));
+        let targets = manifest.disks.iter().map(|d| to.join(file_name(d)));
         if let Some(p) = targets.chain([desc_path.clone()]).find(|p| p.exists()) {
             return Err(EngineError::Input(format!(
                 "{} exists; pass --force to overwrite it",
@@ -147,13 +177,25 @@ pub fn restore_vm(
             )));
         }
     }
+    let mut files = Vec::new();
     for disk in &manifest.disks {
-        restore_disk(vault, manifest, disk, &file_of(&disk.name), opts, progress)?;
+        let file = to.join(file_name(disk));
+        restore_disk(vault, manifest, disk, &file, opts, progress)?;
+        files.push(file);
     }
     let desc = VmDescription::from_config(&manifest.vm_config, |d| {
-        (PathBuf::from(format!("{}.raw", d.name)), "raw".to_string())
+        let record = manifest.disks.iter().find(|r| r.name == d.name);
+        match record {
+            Some(r) => {
+                // "vhd-fixed" is written as a VHD: descriptions name the format, not the kind.
+                let format = opts.format_for(r).replace("-fixed", "");
+                (PathBuf::from(file_name(r)), format)
+            }
+            None => (PathBuf::from(format!("{}.raw", d.name)), "raw".to_string()),
+        }
     });
     std::fs::write(&desc_path, desc.to_toml())
         .map_err(|e| EngineError::io(format!("writing {}", desc_path.display()), e))?;
-    Ok(desc_path)
+    files.push(desc_path);
+    Ok(files)
 }
