@@ -209,39 +209,27 @@ fn read_chunks(
             return;
         }
         let (offset, len) = layout.chunk_range(i);
-        let skip = match reader.may_have_data(offset, len as u64) {
-            Ok(has_data) => !has_data,
-            Err(e) => {
-                let outcome = Err(EngineError::io(format!("reading disk at {offset}"), e));
-                let _ = done.send(Done {
-                    i,
-                    len,
-                    read: false,
-                    outcome,
-                });
-                return;
-            }
-        };
-        if skip {
+        let send = |read, outcome| {
             let _ = done.send(Done {
                 i,
                 len,
-                read: false,
-                outcome: Ok(Outcome::Zero),
+                read,
+                outcome,
             });
-            continue;
+        };
+        let failed = |e| Err(EngineError::io(format!("reading disk at {offset}"), e));
+        match reader.may_have_data(offset, len as u64) {
+            Ok(true) => {}
+            Ok(false) => {
+                send(false, Ok(Outcome::Zero));
+                continue;
+            }
+            Err(e) => return send(false, failed(e)),
         }
         let Ok(mut buf) = free.recv() else { return };
         buf.resize(len, 0);
         if let Err(e) = reader.read_at(&mut buf, offset) {
-            let outcome = Err(EngineError::io(format!("reading disk at {offset}"), e));
-            let _ = done.send(Done {
-                i,
-                len,
-                read: false,
-                outcome,
-            });
-            return;
+            return send(false, failed(e));
         }
         if work.send((i, buf)).is_err() {
             return;

@@ -68,23 +68,7 @@ impl VaultConfig {
     }
 
     pub fn decode(b: &[u8]) -> Result<VaultConfig, FormatError> {
-        if b.len() < 10 || b[0..8] != CONFIG_MAGIC {
-            return Err(FormatError::BadMagic { what: WHAT });
-        }
-        let version = u16::from_le_bytes([b[8], b[9]]);
-        if version != VERSION {
-            return Err(FormatError::UnsupportedVersion {
-                what: WHAT,
-                found: version.into(),
-                supported: VERSION.into(),
-            });
-        }
-        if b.len() != CONFIG_LEN {
-            return Err(FormatError::BadLength {
-                what: WHAT,
-                len: b.len(),
-            });
-        }
+        crate::error::check_fixed(b, &CONFIG_MAGIC, VERSION, CONFIG_LEN, WHAT)?;
         if blake3::hash(&b[..56]).as_bytes()[..8] != b[56..64] {
             return Err(FormatError::Checksum { what: WHAT });
         }

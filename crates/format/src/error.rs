@@ -37,3 +37,30 @@ pub(crate) fn invalid(what: &'static str, detail: impl Into<String>) -> FormatEr
         detail: detail.into(),
     }
 }
+
+/// Checks the preamble every fixed-size file shares: magic, a u16 version at 8, exact length.
+/// The length is checked after the version so that a newer, longer file says "unsupported
+/// version" rather than "truncated".
+pub(crate) fn check_fixed(
+    b: &[u8],
+    magic: &[u8; 8],
+    version: u16,
+    len: usize,
+    what: &'static str,
+) -> Result<(), FormatError> {
+    if b.len() < 10 || b[0..8] != magic[..] {
+        return Err(FormatError::BadMagic { what });
+    }
+    let found = u16::from_le_bytes([b[8], b[9]]);
+    if found != version {
+        return Err(FormatError::UnsupportedVersion {
+            what,
+            found: found.into(),
+            supported: version.into(),
+        });
+    }
+    if b.len() != len {
+        return Err(FormatError::BadLength { what, len: b.len() });
+    }
+    Ok(())
+}

@@ -155,23 +155,7 @@ impl KeyFile {
     }
 
     pub fn decode(b: &[u8]) -> Result<KeyFile, FormatError> {
-        if b.len() < 10 || b[0..8] != KEYFILE_MAGIC {
-            return Err(FormatError::BadMagic { what: WHAT });
-        }
-        let version = u16::from_le_bytes([b[8], b[9]]);
-        if version != VERSION {
-            return Err(FormatError::UnsupportedVersion {
-                what: WHAT,
-                found: version.into(),
-                supported: VERSION.into(),
-            });
-        }
-        if b.len() != KEYFILE_LEN {
-            return Err(FormatError::BadLength {
-                what: WHAT,
-                len: b.len(),
-            });
-        }
+        crate::error::check_fixed(b, &KEYFILE_MAGIC, VERSION, KEYFILE_LEN, WHAT)?;
         if blake3::hash(&b[..148]).as_bytes()[..] != b[148..] {
             return Err(FormatError::Checksum { what: WHAT });
         }
