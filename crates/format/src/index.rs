@@ -40,8 +40,12 @@ impl DiskIndex {
     }
 
     /// The payload length an index of this many chunks occupies: the bound for opening one.
+    /// Saturates: a count read from untrusted bytes can be absurd, and a saturated length
+    /// never equals a real one (found by the `disk_index` fuzz target).
     pub fn encoded_len(chunk_count: u64) -> u64 {
-        INDEX_HEADER_LEN as u64 + 32 * chunk_count
+        chunk_count
+            .saturating_mul(32)
+            .saturating_add(INDEX_HEADER_LEN as u64)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -115,6 +119,17 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = DiskIndex::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn absurd_counts_are_refused_not_overflowed() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&u64::MAX.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&u64::MAX.to_le_bytes());
+        b.extend_from_slice(&[0u8; 64]);
+        assert!(DiskIndex::decode(&b).is_err());
     }
 
     #[test]
