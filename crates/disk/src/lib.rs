@@ -12,6 +12,7 @@
 mod detect;
 mod raw;
 mod vhd;
+mod vhdx;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -22,6 +23,7 @@ pub use detect::detect;
 pub use raw::{RawReader, RawWriter};
 use thiserror::Error;
 pub use vhd::{VhdReader, VhdWriter};
+pub use vhdx::{VhdxReader, VhdxWriter};
 
 #[derive(Debug, Error)]
 pub enum DiskError {
@@ -156,6 +158,7 @@ pub fn open_in_chain(
     match format {
         "raw" => Ok(Box::new(RawReader::open(path)?)),
         "vhd" => Ok(Box::new(VhdReader::open(path, chain)?)),
+        "vhdx" => Ok(Box::new(VhdxReader::open(path, chain)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
@@ -171,6 +174,7 @@ pub fn create(
         "raw" => Ok(Box::new(RawWriter::create(path, size, overwrite)?)),
         "vhd" => Ok(Box::new(VhdWriter::create_dynamic(path, size, overwrite)?)),
         "vhd-fixed" => Ok(Box::new(VhdWriter::create_fixed(path, size, overwrite)?)),
+        "vhdx" => Ok(Box::new(VhdxWriter::create(path, size, overwrite)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
