@@ -11,6 +11,7 @@
 
 mod detect;
 mod raw;
+mod vmdk;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 pub use detect::detect;
 pub use raw::{RawReader, RawWriter};
 use thiserror::Error;
+pub use vmdk::{VmdkReader, VmdkWriter};
 
 #[derive(Debug, Error)]
 pub enum DiskError {
@@ -153,6 +155,7 @@ pub fn open_in_chain(
     };
     match format {
         "raw" => Ok(Box::new(RawReader::open(path)?)),
+        "vmdk" => Ok(Box::new(VmdkReader::open(path, chain)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
@@ -166,6 +169,7 @@ pub fn create(
 ) -> Result<Box<dyn DiskWriter>, DiskError> {
     match format {
         "raw" => Ok(Box::new(RawWriter::create(path, size, overwrite)?)),
+        "vmdk" => Ok(Box::new(VmdkWriter::create(path, size, overwrite)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
