@@ -13,6 +13,7 @@ mod detect;
 mod raw;
 mod vhd;
 mod vhdx;
+mod vmdk;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -24,6 +25,7 @@ pub use raw::{RawReader, RawWriter};
 use thiserror::Error;
 pub use vhd::{VhdReader, VhdWriter};
 pub use vhdx::{VhdxReader, VhdxWriter};
+pub use vmdk::{VmdkReader, VmdkWriter};
 
 #[derive(Debug, Error)]
 pub enum DiskError {
@@ -159,6 +161,7 @@ pub fn open_in_chain(
         "raw" => Ok(Box::new(RawReader::open(path)?)),
         "vhd" => Ok(Box::new(VhdReader::open(path, chain)?)),
         "vhdx" => Ok(Box::new(VhdxReader::open(path, chain)?)),
+        "vmdk" => Ok(Box::new(VmdkReader::open(path, chain)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
@@ -175,6 +178,7 @@ pub fn create(
         "vhd" => Ok(Box::new(VhdWriter::create_dynamic(path, size, overwrite)?)),
         "vhd-fixed" => Ok(Box::new(VhdWriter::create_fixed(path, size, overwrite)?)),
         "vhdx" => Ok(Box::new(VhdxWriter::create(path, size, overwrite)?)),
+        "vmdk" => Ok(Box::new(VmdkWriter::create(path, size, overwrite)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
