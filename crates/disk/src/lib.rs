@@ -10,6 +10,7 @@
 //! never a panic, a hang or an allocation the image's size does not justify.
 
 mod detect;
+mod qcow2;
 mod raw;
 
 use std::fs::{File, OpenOptions};
@@ -18,6 +19,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 pub use detect::detect;
+pub use qcow2::{Qcow2Reader, Qcow2Writer};
 pub use raw::{RawReader, RawWriter};
 use thiserror::Error;
 
@@ -153,6 +155,7 @@ pub fn open_in_chain(
     };
     match format {
         "raw" => Ok(Box::new(RawReader::open(path)?)),
+        "qcow2" => Ok(Box::new(Qcow2Reader::open(path, chain)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
@@ -166,6 +169,7 @@ pub fn create(
 ) -> Result<Box<dyn DiskWriter>, DiskError> {
     match format {
         "raw" => Ok(Box::new(RawWriter::create(path, size, overwrite)?)),
+        "qcow2" => Ok(Box::new(Qcow2Writer::create(path, size, overwrite)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
