@@ -10,6 +10,7 @@
 //! never a panic, a hang or an allocation the image's size does not justify.
 
 mod detect;
+mod qcow2;
 mod raw;
 mod vhd;
 mod vhdx;
@@ -21,6 +22,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 pub use detect::detect;
+pub use qcow2::{Qcow2Reader, Qcow2Writer};
 pub use raw::{RawReader, RawWriter};
 use thiserror::Error;
 pub use vhd::{VhdReader, VhdWriter};
@@ -162,6 +164,7 @@ pub fn open_in_chain(
         "vhd" => Ok(Box::new(VhdReader::open(path, chain)?)),
         "vhdx" => Ok(Box::new(VhdxReader::open(path, chain)?)),
         "vmdk" => Ok(Box::new(VmdkReader::open(path, chain)?)),
+        "qcow2" => Ok(Box::new(Qcow2Reader::open(path, chain)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
@@ -179,6 +182,7 @@ pub fn create(
         "vhd-fixed" => Ok(Box::new(VhdWriter::create_fixed(path, size, overwrite)?)),
         "vhdx" => Ok(Box::new(VhdxWriter::create(path, size, overwrite)?)),
         "vmdk" => Ok(Box::new(VmdkWriter::create(path, size, overwrite)?)),
+        "qcow2" => Ok(Box::new(Qcow2Writer::create(path, size, overwrite)?)),
         other => Err(DiskError::UnsupportedFormat(other.to_string())),
     }
 }
