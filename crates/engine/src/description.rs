@@ -10,7 +10,7 @@
 //! [[disks]]               # at least one
 //! name = "os"             # required; unique within the VM, same characters as the VM name
 //! path = "web01-os.raw"   # required; relative to this file's folder, or absolute
-//! format = "raw"          # "raw" (default); qcow2, vhd, vhdx, vmdk are named but not yet read
+//! format = "raw"          # "raw" (default), "qcow2", "vhd", "vhdx", "vmdk", "auto" (detected)
 //! bus = "virtio"          # "virtio" (default), "scsi", "sata", "ide" or "nvme"
 //!
 //! [[nics]]                # any number
