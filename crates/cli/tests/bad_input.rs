@@ -44,9 +44,20 @@ fn disks_that_cannot_be_read() {
         "name = \"x\"\ncpus = 1\nmemory_mib = 1\n[[disks]]\nname = \"os\"\npath = \"os.qcow2\"\nformat = \"qcow2\"\n",
     )
     .unwrap();
+    // A qcow2 image cut short after its magic number.
     std::fs::write(env.path("os.qcow2"), b"QFI\xfb").unwrap();
     let e = env.fails(&["backup", desc.to_str().unwrap()], 2);
-    assert!(e.contains("not supported yet"), "{e}");
+    assert!(e.contains("not a valid qcow2 image"), "{e}");
+    // A real image of a format the description misnames is refused, not read as garbage.
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vhdx"])
+        .arg(env.path("os.qcow2"))
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let e = env.fails(&["backup", desc.to_str().unwrap()], 2);
+    assert!(e.contains("qcow2"), "{e}");
     assert_eq!(
         env.ok(&["points", "--json"]).json()["points"]
             .as_array()
