@@ -353,13 +353,18 @@ def measure_formats(binary, image, formats, work, keep):
     """A full vmvault backup of the same content as raw and as each image format.
 
     Each into a fresh vault, from a warm source: the figure is how much reading the format
-    costs against reading the raw file (the issue asks for at least 80%).
+    costs against reading the raw file (the image-formats issue asks for at least 80%).
+    Nothing is deleted until every run is done: creating files right after thousands were
+    deleted costs several times more on this machine's filesystem, which would slow each run
+    by the one before it. Raw runs first and last; the faster of the two is the baseline.
     """
     results = {}
     size = os.path.getsize(image)
-    for fmt in ["raw", *formats]:
-        folder = work / f"format-{fmt}"
+    folders = []
+    for n, fmt in enumerate(["raw", *formats, "raw"]):
+        folder = work / f"format-{n}-{fmt}"
         folder.mkdir()
+        folders.append(folder)
         qemu_fmt = {"vhd": "vpc"}.get(fmt, fmt)
         disk = folder / f"disk.{fmt}"
         if fmt == "raw":
@@ -375,11 +380,14 @@ def measure_formats(binary, image, formats, work, keep):
         settle()
         warm(disk)
         seconds, cpu, _ = run([binary, "backup", "--vault", vault, folder / "vm.toml"], env=env)
-        results[fmt] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
-                        "mbps": round(size / seconds / 1e6, 1),
-                        "image_bytes": os.stat(disk).st_blocks * 512}
+        r = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+             "mbps": round(size / seconds / 1e6, 1), "image_bytes": os.stat(disk).st_blocks * 512}
         log(f"formats: {fmt} full backup {seconds:.1f} s")
-        if not keep:
+        if fmt in results and results[fmt]["mbps"] >= r["mbps"]:
+            continue
+        results[fmt] = r
+    if not keep:
+        for folder in folders:
             shutil.rmtree(folder)
     return results
 
@@ -388,7 +396,8 @@ def formats_markdown(res):
     raw = res["raw"]["mbps"]
     lines = ["### Backup by source image format", "",
              "Full backup by vmvault of the full image's content, as a raw file and converted by "
-             "`qemu-img convert` to each format, each into a fresh vault from a warm source.", "",
+             "`qemu-img convert` to each format, each into a fresh vault from a warm source; raw ran "
+             "first and last, the faster counts.", "",
              "| source format | MB/s (s) | vs raw |", "|---|---:|---:|"]
     for fmt, r in res.items():
         lines.append(f"| {fmt} | {r['mbps']:,.0f} ({r['seconds']:.1f} s) | {r['mbps'] / raw:.2f} |")
