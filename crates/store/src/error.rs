@@ -46,9 +46,4 @@ impl StoreError {
             source,
         }
     }
-
-    /// Whether the error says an object's bytes are wrong (as opposed to missing or unreachable).
-    pub fn is_damage(&self) -> bool {
-        matches!(self, StoreError::Format { .. })
-    }
 }
