@@ -165,3 +165,50 @@ fn disk_info_reports_format_sizes_and_backing_chain() {
     let e = env.fails(&["disk", "info", top.to_str().unwrap()], 2);
     assert!(e.contains("loops"), "{e}");
 }
+
+#[test]
+fn a_mostly_empty_100_gib_dynamic_disk_is_backed_up_without_reading_its_holes() {
+    let env = Env::with_vault();
+    for (fmt, qfmt) in [
+        ("qcow2", "qcow2"),
+        ("vhdx", "vhdx"),
+        ("vhd", "vpc"),
+        ("vmdk", "vmdk"),
+    ] {
+        let img = env.path(&format!("big.{fmt}"));
+        qemu_img(&["create", "-q", "-f", qfmt, img.to_str().unwrap(), "100G"]);
+        // 3 MiB of data in three places.
+        for offset in ["0", "40G", "99G"] {
+            let o = Command::new("qemu-io")
+                .args(["-f", qfmt, "-c", &format!("write -P 0x5a {offset} 1M")])
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let vm = format!("big{fmt}");
+        let text = format!(
+            "name = \"{vm}\"\ncpus = 1\nmemory_mib = 64\n[[disks]]\nname = \"os\"\npath = \"big.{fmt}\"\nformat = \"{fmt}\"\n"
+        );
+        let desc = env.path(&format!("{vm}.toml"));
+        std::fs::write(&desc, text).unwrap();
+        let info = env
+            .ok(&["disk", "info", img.to_str().unwrap(), "--json"])
+            .json();
+        let allocated = info["allocated_bytes"].as_u64().unwrap();
+        assert!(allocated < 100 << 20, "{fmt}: {allocated} bytes allocated");
+        let j = env.ok(&["backup", desc.to_str().unwrap(), "--json"]).json();
+        let read = j["stats"]["bytes_read"].as_u64().unwrap();
+        // What the image allocates (whole blocks for VHD and VHDX), rounded out to whole 1 MiB
+        // chunks at each of the three places: nothing unallocated is read.
+        assert!(
+            read <= allocated + (6 << 20),
+            "{fmt}: read {read}, allocated {allocated}"
+        );
+        assert!(j["logical_bytes"].as_u64().unwrap() >= 100 << 30);
+        // 3 MiB of data in the test vault's 64 KiB chunks, all alike: stored once per vault.
+        let data = j["stats"]["chunks_new"].as_u64().unwrap()
+            + j["stats"]["chunks_reused"].as_u64().unwrap();
+        assert_eq!(data, (3 << 20) / (64 << 10), "{fmt}: {}", j["stats"]);
+    }
+}
