@@ -1,29 +1,8 @@
-//! qcow2 images from untrusted bytes: opening, reading and mapping never panic, hang or
-//! allocate beyond what the input's size justifies.
+//! qcow2 images from untrusted bytes: see shared/image.rs.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    let dir = std::env::temp_dir().join(format!("vmvault-fuzz-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
-    let path = dir.join("image");
-    if std::fs::write(&path, data).is_err() {
-        return;
-    }
-    if let Ok(r) = vmvault_disk::open(&path, "qcow2") {
-        let size = r.size();
-        let mut buf = vec![0u8; 65536];
-        for off in [0, size / 2, size.saturating_sub(65536)] {
-            if off + 65536 <= size {
-                let _ = r.read_at(&mut buf, off);
-                let _ = r.may_have_data(off, 65536);
-            }
-        }
-        // A read cutting clusters, as an unaligned caller would.
-        if size >= 1000 {
-            let _ = r.read_at(&mut buf[..777], 123);
-        }
-        let _ = r.may_have_data(0, size);
-        let _ = r.allocated_bytes();
-    }
-});
+#[path = "shared/image.rs"]
+mod image;
+
+fuzz_target!(|data: &[u8]| image::open_and_read(data, "qcow2"));
