@@ -30,9 +30,42 @@ pub enum StoreError {
     Passphrase(String),
     #[error("{0}")]
     Invalid(String),
+    /// An object whose bytes fail their check (digest, tag, decoding), in one region.
+    #[error("{object} is damaged in {location}: {reason}")]
+    Damaged {
+        location: String,
+        object: String,
+        reason: String,
+    },
+    /// A remote store's failure that is not an I/O error of this machine. Its text never holds
+    /// credentials: backends redact before they build it.
+    #[error("{location}: {detail}")]
+    Remote {
+        location: String,
+        detail: String,
+        transient: bool,
+    },
 }
 
 impl StoreError {
+    /// Whether the same call may succeed if repeated (see the backend contract).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Remote { transient, .. } => *transient,
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::TimedOut
+                    | io::ErrorKind::Interrupted
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> StoreError {
         StoreError::Io {
             context: context.into(),

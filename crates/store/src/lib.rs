@@ -50,7 +50,7 @@ mod local;
 pub mod locks;
 mod vault;
 
-pub use backend::{Kind, ObjectInfo, ReadBackend, WriteBackend};
+pub use backend::{check_name, Check, Kind, ObjectInfo, ReadBackend, WriteBackend};
 pub use error::{Result, StoreError};
 pub use gc::GcReport;
 pub use local::LocalBackend;
