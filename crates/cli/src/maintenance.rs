@@ -159,7 +159,7 @@ pub fn prune(g: &Global, a: PruneArgs) -> Result<()> {
 
 pub fn gc(g: &Global) -> Result<()> {
     let vault = crate::vault::open(g)?;
-    let report = vault.gc()?;
+    let report = vault.gc(&mut |msg| eprintln!("{msg}"))?;
     if g.json {
         print_json(&report);
     } else {

@@ -118,7 +118,8 @@ fn back_up_disk(
         chunk_size,
         chunks: vec![Digest::ZERO_CHUNK; count],
     };
-    let workers = opts.workers.max(1);
+    // An object store's latency, not the CPU, bounds one upload: more requests in flight.
+    let workers = opts.workers.max(vault.backend().concurrency()).max(1);
     let pool = 2 * workers + 2;
     let (free_tx, free_rx) = bounded::<Vec<u8>>(pool);
     for _ in 0..pool {

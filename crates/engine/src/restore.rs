@@ -73,7 +73,7 @@ pub fn restore_disk(
     // Workers fetch, open and check chunks into buffers from a fixed pool; this thread alone
     // writes them, because parallel writes to one file only queue on its inode lock (a fifth
     // of a restore's CPU went to spinning on it).
-    let workers = opts.workers.max(1);
+    let workers = opts.workers.max(vault.backend().concurrency()).max(1);
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let pool = 2 * workers + 2;

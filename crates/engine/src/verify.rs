@@ -115,7 +115,7 @@ pub fn verify(
     let next = AtomicUsize::new(0);
     let damaged = Mutex::new(HashMap::<Digest, String>::new());
     std::thread::scope(|s| {
-        for _ in 0..crate::worker_count() {
+        for _ in 0..crate::worker_count().max(vault.backend().concurrency()) {
             s.spawn(|| {
                 let mut reader = vault.chunk_reader();
                 loop {

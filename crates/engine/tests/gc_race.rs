@@ -207,7 +207,7 @@ fn gc_between_listing_and_deleting_spares_what_a_backup_touched_meanwhile() {
             )
         });
         backup_touching.wait();
-        let report = gc_vault.gc().unwrap();
+        let report = gc_vault.gc(&mut |_| {}).unwrap();
         (backup.join().unwrap().unwrap(), report)
     });
     assert!(touches.load(Ordering::SeqCst) > 40);
@@ -261,7 +261,7 @@ fn a_backup_waits_while_gc_runs() {
     let gc_vault = open(&vdir);
     let (tx, rx) = std::sync::mpsc::channel();
     let holder = std::thread::spawn(move || {
-        let (_guard, _cutoff) = gc_vault.lock_gc().unwrap();
+        let (_guard, _cutoff) = gc_vault.lock_gc(&mut |_| {}).unwrap();
         tx.send(()).unwrap();
         std::thread::sleep(Duration::from_millis(1500));
     });

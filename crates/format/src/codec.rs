@@ -187,6 +187,27 @@ impl Opener<'_> {
         }
         Ok(plain)
     }
+
+    /// Opens the object in `bytes` and leaves its payload there, at the returned range: in
+    /// place when it was stored uncompressed, else by trading buffers with this opener (no
+    /// copy either way). For reads that must judge an object before handing it on.
+    pub fn open_vec(
+        &mut self,
+        kind: ObjectKind,
+        bytes: &mut Vec<u8>,
+        max_plain: u64,
+    ) -> Result<std::ops::Range<usize>, FormatError> {
+        let (ptr, len) = {
+            let plain = self.open(kind, bytes, max_plain)?;
+            (plain.as_ptr(), plain.len())
+        };
+        if std::ptr::eq(ptr, self.out.as_ptr()) && len == self.out.len() {
+            std::mem::swap(bytes, &mut self.out);
+            Ok(0..len)
+        } else {
+            Ok(HEADER_LEN..HEADER_LEN + len)
+        }
+    }
 }
 
 /// Seals objects for one thread, reusing its zstd context and output buffer.
@@ -294,6 +315,28 @@ mod tests {
             let sealed = codec.seal(ObjectKind::Chunk, &random);
             assert_eq!(sealed.len(), random.len() + HEADER_LEN + TRAILER_LEN);
             assert_eq!(sealed[9], Compression::None as u8, "random kept raw");
+        }
+    }
+
+    #[test]
+    fn open_vec_leaves_the_payload_in_the_buffer() {
+        let text: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
+        let mut random = vec![0u8; 50_000];
+        crate::random_bytes(&mut random);
+        for codec in codecs() {
+            let mut opener = codec.opener();
+            for payload in [&text[..], &random[..], &[][..]] {
+                let mut buf = codec.seal(ObjectKind::Chunk, payload);
+                let range = opener
+                    .open_vec(ObjectKind::Chunk, &mut buf, 1 << 20)
+                    .unwrap();
+                assert_eq!(&buf[range], payload);
+            }
+            let mut bad = codec.seal(ObjectKind::Chunk, &text);
+            bad[50] ^= 1;
+            assert!(opener
+                .open_vec(ObjectKind::Chunk, &mut bad, 1 << 20)
+                .is_err());
         }
     }
 

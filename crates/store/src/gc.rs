@@ -24,6 +24,8 @@ pub struct GcReport {
     pub chunks_spared: u64,
     pub indexes_removed: u64,
     pub temporaries_removed: u64,
+    /// The regions swept, primary first.
+    pub regions: Vec<String>,
 }
 
 impl Vault {
@@ -62,23 +64,66 @@ impl Vault {
         }
     }
 
+    /// Registers a copy to the secondary region; waits (telling `on_wait` once) while a
+    /// garbage collection runs, as a backup does.
+    pub fn lock_replicate(&self, on_wait: &mut dyn FnMut(&str)) -> Result<LockGuard> {
+        let guard = locks::acquire(self.backend(), LockKind::Replicate, None)?;
+        let mut told = false;
+        loop {
+            let live = locks::live_locks(&**self.backend())?;
+            match live.iter().find(|(_, i)| i.kind == LockKind::Gc) {
+                Some((_, gc)) => {
+                    if !told {
+                        on_wait(&format!(
+                            "waiting for garbage collection ({}) to finish",
+                            gc.describe()
+                        ));
+                        told = true;
+                    }
+                    std::thread::sleep(WAIT_POLL);
+                }
+                None => return Ok(guard),
+            }
+        }
+    }
+
     /// Registers a garbage collection; refuses when another one runs. Returns the lock and the
     /// cutoff: objects modified at or after it are spared (see the crate doc).
-    pub fn lock_gc(&self) -> Result<(LockGuard, SystemTime)> {
+    ///
+    /// Where a region cannot make `touch` and the conditional remove atomic (object stores),
+    /// the collection first waits, telling `on_wait` once, until no writer runs: new writers
+    /// wait for it in turn, so nothing touches what it judges.
+    pub fn lock_gc(&self, on_wait: &mut dyn FnMut(&str)) -> Result<(LockGuard, SystemTime)> {
         let guard = locks::acquire(self.backend(), LockKind::Gc, None)?;
-        let live = locks::live_locks(&**self.backend())?;
-        if let Some((_, other)) = live
-            .iter()
-            .find(|(n, i)| i.kind == LockKind::Gc && n != guard.name())
-        {
-            return Err(StoreError::Busy(format!(
-                "garbage collection is already running ({})",
-                other.describe()
-            )));
-        }
+        let exclusive = !self.regions().iter().all(|r| r.backend.atomic_touch());
+        let mut told = false;
+        let live = loop {
+            let live = locks::live_locks(&**self.backend())?;
+            if let Some((_, other)) = live
+                .iter()
+                .find(|(n, i)| i.kind == LockKind::Gc && n != guard.name())
+            {
+                return Err(StoreError::Busy(format!(
+                    "garbage collection is already running ({})",
+                    other.describe()
+                )));
+            }
+            let writers = live.iter().filter(|(_, i)| i.kind != LockKind::Gc).count();
+            if !exclusive || writers == 0 {
+                break live;
+            }
+            if !told {
+                on_wait(&format!(
+                    "waiting for {writers} running backup(s) or replication(s) to finish: \
+                     this vault's object storage cannot spare what they touch otherwise"
+                ));
+                told = true;
+            }
+            std::thread::sleep(WAIT_POLL);
+        };
         let oldest_writer = live
             .iter()
-            .filter(|(_, i)| i.kind == LockKind::Backup)
+            .filter(|(_, i)| i.kind != LockKind::Gc)
             .map(|(_, i)| i.started())
             .min();
         let start = guard.info().started();
@@ -86,23 +131,45 @@ impl Vault {
         Ok((guard, cutoff))
     }
 
-    /// Removes chunks and indexes that no recovery point references.
+    /// Removes chunks and indexes that no recovery point references, in every region.
     ///
-    /// The rule that keeps it from racing a backup is in the crate doc.
-    pub fn gc(&self) -> Result<GcReport> {
-        let (guard, cutoff) = self.lock_gc()?;
+    /// The rule that keeps it from racing a backup is in the crate doc. What is marked is the
+    /// union of every region's recovery points, so the secondary never loses what the primary
+    /// still references, nor the primary what only the secondary still has.
+    pub fn gc(&self, on_wait: &mut dyn FnMut(&str)) -> Result<GcReport> {
+        let (guard, cutoff) = self.lock_gc(on_wait)?;
 
         // Mark. Anything unreadable stops the collection before it deletes anything: a point
         // that cannot be read may reference chunks that nothing else does.
         let mut report = GcReport::default();
         let mut chunks: HashSet<Digest> = HashSet::new();
         let mut indexes: HashSet<Digest> = HashSet::new();
-        let (points, bad) = self.points()?;
+        let (mut points, bad) = self.points()?;
+        let stop = |what: String| {
+            StoreError::Invalid(format!(
+                "garbage collection stopped before deleting anything: {what}; run `vmvault verify`"
+            ))
+        };
         if let Some((id, e)) = bad.first() {
-            return Err(StoreError::Invalid(format!(
-                "garbage collection stopped before deleting anything: recovery point {id} \
-                 cannot be read ({e}); run `vmvault verify`"
-            )));
+            return Err(stop(format!("recovery point {id} cannot be read ({e})")));
+        }
+        let mut seen: HashSet<_> = points.iter().map(|m| m.id).collect();
+        for i in 1..self.regions().len() {
+            let view = self.region_view(i);
+            for id in view.point_ids()? {
+                if seen.insert(id) {
+                    match view.load_manifest(&id) {
+                        Ok(m) => points.push(m),
+                        Err(StoreError::NotFound(_)) => {}
+                        Err(e) => {
+                            return Err(stop(format!(
+                                "recovery point {id} cannot be read in the {} region ({e})",
+                                self.regions()[i].name
+                            )))
+                        }
+                    }
+                }
+            }
         }
         report.points = points.len();
         for m in &points {
@@ -111,9 +178,8 @@ impl Vault {
                     Ok(i) => i,
                     Err(StoreError::NotFound(_)) => continue,
                     Err(e) => {
-                        return Err(StoreError::Invalid(format!(
-                            "garbage collection stopped before deleting anything: disk {} of \
-                             recovery point {} cannot be read ({e}); run `vmvault verify`",
+                        return Err(stop(format!(
+                            "disk {} of recovery point {} cannot be read ({e})",
                             disk.name, m.id
                         )))
                     }
@@ -123,40 +189,43 @@ impl Vault {
             }
         }
 
-        // Sweep.
-        let backend = self.backend();
-        for obj in backend.list(Kind::Chunk)? {
-            report.chunks_total += 1;
-            let Ok(digest) = obj.name.parse::<Digest>() else {
-                continue;
-            };
-            if chunks.contains(&digest) {
-                continue;
+        // Sweep, region by region.
+        for region in self.regions() {
+            report.regions.push(region.name.clone());
+            let backend = &region.backend;
+            for obj in backend.list(Kind::Chunk)? {
+                report.chunks_total += 1;
+                let Ok(digest) = obj.name.parse::<Digest>() else {
+                    continue;
+                };
+                if chunks.contains(&digest) {
+                    continue;
+                }
+                // The listing's time is only a first look; the backend judges again.
+                if obj.modified < cutoff
+                    && backend.remove_unless_touched(Kind::Chunk, &obj.name, cutoff)?
+                {
+                    report.chunks_removed += 1;
+                    report.bytes_removed += obj.size;
+                } else {
+                    report.chunks_spared += 1;
+                }
             }
-            // The listing's time is only a first look; the backend judges again atomically.
-            if obj.modified < cutoff
-                && backend.remove_unless_touched(Kind::Chunk, &obj.name, cutoff)?
-            {
-                report.chunks_removed += 1;
-                report.bytes_removed += obj.size;
-            } else {
-                report.chunks_spared += 1;
+            for obj in backend.list(Kind::Index)? {
+                let keep = obj
+                    .name
+                    .parse::<Digest>()
+                    .map_or(true, |d| indexes.contains(&d));
+                if !keep
+                    && obj.modified < cutoff
+                    && backend.remove_unless_touched(Kind::Index, &obj.name, cutoff)?
+                {
+                    report.indexes_removed += 1;
+                }
             }
+            report.temporaries_removed += backend.remove_temporaries(cutoff)?;
+            backend.sync()?;
         }
-        for obj in backend.list(Kind::Index)? {
-            let keep = obj
-                .name
-                .parse::<Digest>()
-                .map_or(true, |d| indexes.contains(&d));
-            if !keep
-                && obj.modified < cutoff
-                && backend.remove_unless_touched(Kind::Index, &obj.name, cutoff)?
-            {
-                report.indexes_removed += 1;
-            }
-        }
-        report.temporaries_removed = backend.remove_temporaries(cutoff)?;
-        backend.sync()?;
         drop(guard);
         Ok(report)
     }

@@ -45,14 +45,22 @@ mod backend;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod error;
+pub mod faulty;
 pub mod gc;
+pub mod journal;
 mod local;
 pub mod locks;
+pub mod replicated;
+pub mod retry;
 mod vault;
+pub mod verified;
 
 pub use backend::{check_name, Check, Kind, ObjectInfo, ReadBackend, WriteBackend};
 pub use error::{Result, StoreError};
 pub use gc::GcReport;
 pub use local::LocalBackend;
 pub use locks::{LockGuard, LockInfo, LockKind};
-pub use vault::{ChunkReader, CreateOptions, Unreadable, Vault};
+pub use replicated::{Notify, Region, Replicated};
+pub use retry::{RetryPolicy, Retrying};
+pub use vault::{ChunkReader, CreateOptions, Regions, Replication, Unreadable, Vault};
+pub use verified::{VaultVerifier, Verified, Verify};

@@ -23,6 +23,8 @@ const STALE_AFTER: Duration = Duration::from_secs(600);
 pub enum LockKind {
     Backup,
     Gc,
+    /// Copying objects to the secondary region: a writer there, as a backup is.
+    Replicate,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

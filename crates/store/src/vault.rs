@@ -1,5 +1,6 @@
 //! A vault opened for use: its config, its codec, and typed access to its objects.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use vmvault_format::{
@@ -8,9 +9,12 @@ use vmvault_format::{
 };
 
 use crate::backend::{Kind, WriteBackend};
+use crate::journal::Journal;
+use crate::replicated::{self, Notify, Region, Replicated};
+use crate::verified::{VaultVerifier, Verified};
 use crate::{Result, StoreError};
 
-const CONFIG_NAME: &str = "config";
+pub(crate) const CONFIG_NAME: &str = "config";
 const KEY_NAME: &str = "default";
 
 /// How a new vault is made.
@@ -34,20 +38,61 @@ impl Default for CreateOptions {
     }
 }
 
+/// How the secondary region is kept current.
+#[derive(Debug, Clone)]
+pub enum Replication {
+    /// A write returns once both regions hold it.
+    Sync,
+    /// A write returns once the primary holds it; a queue journaled under `state_dir` (at
+    /// most `capacity` entries) feeds the secondary in the background.
+    Async { state_dir: PathBuf, capacity: usize },
+}
+
+/// The regions a vault is opened or created in: the primary, and a secondary it replicates to.
+pub struct Regions {
+    pub primary: Arc<dyn WriteBackend>,
+    pub secondary: Option<Arc<dyn WriteBackend>>,
+    pub replication: Replication,
+    /// Told of every read that fell back to the other region and of replication trouble.
+    pub notify: Notify,
+}
+
+impl Regions {
+    pub fn single(backend: Arc<dyn WriteBackend>) -> Regions {
+        Regions {
+            primary: backend,
+            secondary: None,
+            replication: Replication::Sync,
+            notify: Arc::new(|_: &str| {}),
+        }
+    }
+}
+
+impl From<Arc<dyn WriteBackend>> for Regions {
+    fn from(backend: Arc<dyn WriteBackend>) -> Regions {
+        Regions::single(backend)
+    }
+}
+
 /// A recovery point whose manifest could not be read, and why.
 pub type Unreadable = (PointId, StoreError);
 
 pub struct Vault {
+    /// Every read and write of the vault: verified regions, replicated when there are two.
     backend: Arc<dyn WriteBackend>,
+    /// The regions one by one (verified), primary first: for collection, repair and status.
+    regions: Vec<Region>,
+    replicated: Option<Arc<Replicated>>,
     config: VaultConfig,
     keys: Option<Keys>,
-    codec: Codec,
+    codec: Arc<Codec>,
 }
 
 impl Vault {
-    /// Makes a new vault in an empty region. The config is written last: a vault exists once
+    /// Makes a new vault in empty regions. The config is written last: a vault exists once
     /// its config does, so an interrupted create leaves no half vault that opens.
-    pub fn create(backend: Arc<dyn WriteBackend>, opts: CreateOptions) -> Result<Vault> {
+    pub fn create(regions: impl Into<Regions>, opts: CreateOptions) -> Result<Vault> {
+        let regions = regions.into();
         let mut vault_id = [0u8; 16];
         vmvault_format::random_bytes(&mut vault_id);
         let config = VaultConfig {
@@ -60,36 +105,66 @@ impl Vault {
         config
             .validate()
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
-        backend.create()?;
-        let keys = match &opts.passphrase {
-            Some(pass) => {
-                let keys = Keys::generate();
-                let file = KeyFile::wrap(&keys, pass, opts.kdf)
-                    .map_err(|e| StoreError::format("wrapping the vault key", e))?;
-                backend.write(Kind::Key, KEY_NAME, &file.encode())?;
-                Some(keys)
-            }
+        let keys = opts
+            .passphrase
+            .as_ref()
+            .map(|pass| (Keys::generate(), pass));
+        let key_file = match &keys {
+            Some((k, pass)) => Some(
+                KeyFile::wrap(k, pass, opts.kdf)
+                    .map_err(|e| StoreError::format("wrapping the vault key", e))?,
+            ),
             None => None,
         };
-        backend.write(Kind::Config, CONFIG_NAME, &config.encode())?;
-        backend.sync()?;
-        Ok(Self::assemble(backend, config, keys))
+        // Both regions are checked empty before anything is written to either.
+        let mut all = vec![regions.primary.clone()];
+        all.extend(regions.secondary.clone());
+        for b in &all {
+            b.create()?;
+        }
+        for b in &all {
+            if let Some(file) = &key_file {
+                b.write(Kind::Key, KEY_NAME, &file.encode())?;
+            }
+            b.sync()?;
+        }
+        for b in &all {
+            b.write(Kind::Config, CONFIG_NAME, &config.encode())?;
+            b.sync()?;
+        }
+        Self::assemble(regions, config, keys.map(|(k, _)| k))
     }
 
-    /// Opens a vault; `passphrase` is asked only when the vault is encrypted.
+    /// Opens a vault; `passphrase` is asked only when the vault is encrypted. The config and
+    /// key come from the primary, or from the secondary when the primary cannot give them.
     pub fn open(
-        backend: Arc<dyn WriteBackend>,
+        regions: impl Into<Regions>,
         passphrase: impl FnOnce() -> std::result::Result<Vec<u8>, String>,
     ) -> Result<Vault> {
-        let config = Self::read_config(&*backend)?;
+        let regions = regions.into();
+        let source = match (Self::read_config(&*regions.primary), &regions.secondary) {
+            (Ok(c), _) => Ok((c, regions.primary.clone())),
+            (Err(e), Some(secondary)) => match Self::read_config(&**secondary) {
+                Ok(c) => {
+                    (regions.notify)(&format!(
+                        "opened from the secondary region ({}): the primary failed: {e}",
+                        secondary.location()
+                    ));
+                    Ok((c, secondary.clone()))
+                }
+                Err(_) => Err(e),
+            },
+            (Err(e), None) => Err(e),
+        };
+        let (config, source) = source?;
         let keys = if config.encrypted {
-            let file = Self::read_key_file(&*backend)?;
+            let file = Self::read_key_file(&*source)?;
             let pass = passphrase().map_err(StoreError::Passphrase)?;
             match file.unwrap_keys(&pass) {
                 Ok(keys) => Some(keys),
                 Err(FormatError::WrongPassphrase) => {
                     return Err(StoreError::WrongPassphrase {
-                        location: backend.location(),
+                        location: regions.primary.location(),
                     })
                 }
                 Err(e) => return Err(StoreError::format("the vault's key file", e)),
@@ -97,7 +172,7 @@ impl Vault {
         } else {
             None
         };
-        Ok(Self::assemble(backend, config, keys))
+        Self::assemble(regions, config, keys)
     }
 
     /// Reads a vault's config without its key: what `vault info` shows before a passphrase.
@@ -124,16 +199,75 @@ impl Vault {
         KeyFile::decode(&bytes).map_err(|e| StoreError::format("the vault's key file", e))
     }
 
-    fn assemble(backend: Arc<dyn WriteBackend>, config: VaultConfig, keys: Option<Keys>) -> Vault {
-        let codec = match &keys {
+    fn assemble(regions: Regions, config: VaultConfig, keys: Option<Keys>) -> Result<Vault> {
+        let codec = Arc::new(match &keys {
             Some(k) => Codec::encrypted(k, config.zstd_level),
             None => Codec::plain(config.zstd_level),
+        });
+        let verifier = Arc::new(VaultVerifier::new(codec.clone(), config.chunk_size));
+        let verified = |name: &str, b: Arc<dyn WriteBackend>| Region {
+            name: name.to_string(),
+            backend: Arc::new(Verified::new(b, verifier.clone())),
         };
-        Vault {
+        let primary = verified("primary", regions.primary);
+        let (backend, region_list, replicated): (Arc<dyn WriteBackend>, _, _) =
+            match regions.secondary {
+                None => (primary.backend.clone(), vec![primary], None),
+                Some(s) => {
+                    let secondary = verified("secondary", s);
+                    let mode = match regions.replication {
+                        Replication::Sync => replicated::Mode::Sync,
+                        Replication::Async {
+                            state_dir,
+                            capacity,
+                        } => {
+                            let dir = state_dir
+                                .join("replication")
+                                .join(hex::encode(config.vault_id));
+                            replicated::Mode::Async {
+                                journal: Arc::new(Journal::open(&dir, capacity)?),
+                            }
+                        }
+                    };
+                    let r = Arc::new(Replicated::new(
+                        primary.clone(),
+                        secondary.clone(),
+                        mode,
+                        regions.notify,
+                    ));
+                    (r.clone(), vec![primary, secondary], Some(r))
+                }
+            };
+        Ok(Vault {
             backend,
+            regions: region_list,
+            replicated,
             config,
             keys,
             codec,
+        })
+    }
+
+    /// The regions one by one, primary first, each verified on read.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// The replication between the regions, when there are two.
+    pub fn replication(&self) -> Option<&Arc<Replicated>> {
+        self.replicated.as_ref()
+    }
+
+    /// The same vault seen through one region only (for verifying and collecting per region).
+    pub fn region_view(&self, i: usize) -> Vault {
+        let region = self.regions[i].clone();
+        Vault {
+            backend: region.backend.clone(),
+            regions: vec![region],
+            replicated: None,
+            config: self.config.clone(),
+            keys: None,
+            codec: self.codec.clone(),
         }
     }
 
@@ -193,31 +327,32 @@ impl Vault {
     }
 
     /// Loads the index of a disk of `disk_size` bytes, checking it is the one `digest` names.
+    /// A copy that fails the check is read from the other region, if there is one.
     pub fn load_index(&self, digest: &Digest, disk_size: u64) -> Result<DiskIndex> {
-        let bytes = self.backend.read(Kind::Index, &digest.to_hex())?;
-        let context = || format!("disk index {digest}");
         let count = DiskIndex::chunk_count(disk_size, self.config.chunk_size);
-        let payload = self
-            .codec
-            .open(ObjectKind::Index, &bytes, DiskIndex::encoded_len(count))
-            .map_err(|e| StoreError::format(context(), e))?;
-        if self.codec.digest(&payload) != *digest {
-            return Err(StoreError::format(
-                context(),
-                FormatError::Checksum { what: "disk index" },
-            ));
-        }
-        let index = DiskIndex::decode(&payload).map_err(|e| StoreError::format(context(), e))?;
-        if index.disk_size != disk_size || index.chunk_size != self.config.chunk_size {
-            return Err(StoreError::format(
-                context(),
-                FormatError::Invalid {
-                    what: "disk index",
-                    detail: "disk or chunk size differs from the manifest".into(),
-                },
-            ));
-        }
-        Ok(index)
+        let mut opener = self.codec.opener();
+        let mut buf = Vec::new();
+        let mut range = 0..0;
+        self.backend.read_checked(
+            Kind::Index,
+            &digest.to_hex(),
+            &mut buf,
+            &mut |b: &mut Vec<u8>| {
+                range = opener
+                    .open_vec(ObjectKind::Index, b, DiskIndex::encoded_len(count))
+                    .map_err(|e| e.to_string())?;
+                if self.codec.digest(&b[range.clone()]) != *digest {
+                    return Err(FormatError::Checksum { what: "disk index" }.to_string());
+                }
+                let index = DiskIndex::decode(&b[range.clone()]).map_err(|e| e.to_string())?;
+                if index.disk_size != disk_size || index.chunk_size != self.config.chunk_size {
+                    return Err("disk or chunk size differs from the manifest".into());
+                }
+                Ok(())
+            },
+        )?;
+        DiskIndex::decode(&buf[range])
+            .map_err(|e| StoreError::format(format!("disk index {digest}"), e))
     }
 
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<()> {
@@ -227,23 +362,24 @@ impl Vault {
     }
 
     pub fn load_manifest(&self, id: &PointId) -> Result<Manifest> {
-        let bytes = self.backend.read(Kind::Point, &id.to_hex())?;
-        let context = || format!("recovery point {id}");
-        let payload = self
-            .codec
-            .open(ObjectKind::Manifest, &bytes, MAX_MANIFEST_LEN)
-            .map_err(|e| StoreError::format(context(), e))?;
-        let m = Manifest::decode(&payload).map_err(|e| StoreError::format(context(), e))?;
-        if m.id != *id {
-            return Err(StoreError::format(
-                context(),
-                FormatError::Invalid {
-                    what: "recovery point manifest",
-                    detail: format!("it names itself {}", m.id),
-                },
-            ));
-        }
-        Ok(m)
+        let mut opener = self.codec.opener();
+        let mut buf = Vec::new();
+        let mut manifest = None;
+        self.backend
+            .read_checked(Kind::Point, &id.to_hex(), &mut buf, &mut |b: &mut Vec<
+                u8,
+            >| {
+                let range = opener
+                    .open_vec(ObjectKind::Manifest, b, MAX_MANIFEST_LEN)
+                    .map_err(|e| e.to_string())?;
+                let m = Manifest::decode(&b[range]).map_err(|e| e.to_string())?;
+                if m.id != *id {
+                    return Err(format!("it names itself {}", m.id));
+                }
+                manifest = Some(m);
+                Ok(())
+            })?;
+        manifest.ok_or_else(|| StoreError::Invalid(format!("recovery point {id} was not read")))
     }
 
     pub fn remove_manifest(&self, id: &PointId) -> Result<()> {
@@ -285,23 +421,27 @@ pub struct ChunkReader<'a> {
 }
 
 impl ChunkReader<'_> {
-    /// Reads, opens and checks one chunk; `len` is its length as the disk index implies.
+    /// Reads, opens and checks one chunk; `len` is its length as the disk index implies. A
+    /// copy that fails the check is read from the other region, if there is one.
     pub fn read(&mut self, digest: &Digest, len: usize) -> Result<&[u8]> {
         let vault = self.vault;
-        vault
-            .backend
-            .read_into(Kind::Chunk, &digest.to_hex(), &mut self.buf)?;
-        let context = || format!("chunk {digest}");
-        let plain = self
-            .opener
-            .open(ObjectKind::Chunk, &mut self.buf, len as u64)
-            .map_err(|e| StoreError::format(context(), e))?;
-        if plain.len() != len || vault.codec.digest(plain) != *digest {
-            return Err(StoreError::format(
-                context(),
-                FormatError::Checksum { what: "chunk" },
-            ));
-        }
-        Ok(plain)
+        let opener = &mut self.opener;
+        let mut range = 0..0;
+        vault.backend.read_checked(
+            Kind::Chunk,
+            &digest.to_hex(),
+            &mut self.buf,
+            &mut |b: &mut Vec<u8>| {
+                range = opener
+                    .open_vec(ObjectKind::Chunk, b, len as u64)
+                    .map_err(|e| e.to_string())?;
+                let plain = &b[range.clone()];
+                if plain.len() != len || vault.codec.digest(plain) != *digest {
+                    return Err(FormatError::Checksum { what: "chunk" }.to_string());
+                }
+                Ok(())
+            },
+        )?;
+        Ok(&self.buf[range])
     }
 }
