@@ -1,7 +1,8 @@
 //! `vmvault backup DESCRIPTION`.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Args;
@@ -28,15 +29,73 @@ struct BackupResult {
     logical_bytes: u64,
     seconds: f64,
     stats: TransferStats,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication: Option<Replication>,
+}
+
+/// What the secondary region got, when the vault has one.
+#[derive(Serialize)]
+struct Replication {
+    /// Objects still queued for the secondary when the command ended (0: it has the point).
+    queued: usize,
+    /// The queue dropped entries: only `vault replicate` finds them.
+    overflowed: bool,
+    seconds: f64,
+}
+
+/// Waits while the queue for the secondary shrinks, so that a backup normally ends with its
+/// point in both regions; a secondary that makes no progress for `stall` is left to the
+/// queue (kept for the next run) and said so. The point is in the primary either way.
+fn finish_replication(vault: &vmvault_store::Vault, stall: Duration) -> Result<Option<Replication>> {
+    let Some(r) = vault.replication() else {
+        return Ok(None);
+    };
+    let started = Instant::now();
+    let mut last = (usize::MAX, r.stats().copied.load(Ordering::Relaxed));
+    let mut since = Instant::now();
+    loop {
+        let left = r.drain(Duration::from_secs(1))?;
+        let copied = r.stats().copied.load(Ordering::Relaxed);
+        if left == 0 {
+            break;
+        }
+        if (left, copied) != last {
+            last = (left, copied);
+            since = Instant::now();
+        } else if since.elapsed() >= stall {
+            break;
+        }
+    }
+    let (queued, overflowed) = r.backlog();
+    if queued > 0 || overflowed {
+        let why = r
+            .stats()
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "it is slow".into());
+        eprintln!(
+            "vmvault: warning: the secondary region does not have this point yet ({queued} \
+             object(s) queued{}): {why}; the next backup or `vmvault vault replicate` copies them",
+            if overflowed { ", queue overflowed" } else { "" }
+        );
+    }
+    Ok(Some(Replication {
+        queued,
+        overflowed,
+        seconds: started.elapsed().as_secs_f64(),
+    }))
 }
 
 pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
     // The description is checked before the vault is opened: bad input fails fast.
     let desc = VmDescription::load(&args.description)?;
-    let vault = crate::vault::open(g)?;
+    let vault = crate::regions::open(g, crate::regions::Use::Backup)?;
     let started = Instant::now();
     let m = backup_image_vm(&vault, &desc, &BackupOptions::default(), &Bar::new())?;
     let seconds = started.elapsed().as_secs_f64();
+    let replication = finish_replication(&vault, Duration::from_secs(g.replication_wait))?;
     let result = BackupResult {
         id: m.id.to_hex(),
         vm: m.vm.clone(),
@@ -46,6 +105,7 @@ pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
         logical_bytes: m.logical_bytes(),
         seconds,
         stats: m.stats,
+        replication,
     };
     if g.json {
         print_json(&result);

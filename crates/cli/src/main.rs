@@ -8,6 +8,8 @@ mod maintenance;
 mod output;
 mod password;
 mod points;
+mod regions;
+mod replicate;
 mod restore;
 mod vault;
 
@@ -28,9 +30,28 @@ struct Cli {
 /// Options every command takes.
 #[derive(clap::Args, Clone)]
 pub struct Global {
-    /// The vault: a directory.
-    #[arg(long, global = true, env = "VMVAULT_VAULT", value_name = "PATH")]
-    pub vault: Option<PathBuf>,
+    /// The vault: a directory, s3://bucket/prefix or azblob://container/prefix.
+    #[arg(long, global = true, env = "VMVAULT_VAULT", value_name = "LOCATION")]
+    pub vault: Option<String>,
+    /// The object store's endpoint, for an s3:// or azblob:// vault not on AWS or Azure.
+    #[arg(long, global = true, env = "VMVAULT_ENDPOINT", value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// The S3 region of an s3:// vault (else AWS_REGION, else us-east-1).
+    #[arg(long, global = true, env = "VMVAULT_REGION", value_name = "REGION")]
+    pub region: Option<String>,
+    /// The Azure storage account of an azblob:// vault (else AZURE_STORAGE_ACCOUNT).
+    #[arg(long, global = true, env = "VMVAULT_ACCOUNT", value_name = "ACCOUNT")]
+    pub account: Option<String>,
+    /// Work with one region only: the secondary (when the primary is lost) or the primary.
+    #[arg(long, global = true, value_enum, value_name = "REGION")]
+    pub from_region: Option<regions::FromRegion>,
+    /// Replicate synchronously: a backup's writes return only once both regions have them.
+    #[arg(long, global = true, env = "VMVAULT_SYNC_REPLICATION")]
+    pub sync: bool,
+    /// Seconds a backup keeps waiting for a secondary region that makes no progress before it
+    /// leaves the rest to the replication queue (kept for the next run).
+    #[arg(long, global = true, env = "VMVAULT_REPLICATION_WAIT", default_value_t = 30, value_name = "SECONDS")]
+    pub replication_wait: u64,
     /// Read the vault's passphrase from this file (else VMVAULT_PASSWORD, else a prompt).
     #[arg(long, global = true, value_name = "FILE")]
     pub password_file: Option<PathBuf>,

@@ -17,19 +17,34 @@ pub struct VerifyArgs {
     /// Also read, decrypt and re-hash every chunk the recovery points reference.
     #[arg(long)]
     read_data: bool,
+    /// In a vault with a secondary region: rewrite a copy missing or damaged in one region
+    /// from the other region's good copy.
+    #[arg(long)]
+    repair: bool,
 }
 
 pub fn verify(g: &Global, args: VerifyArgs) -> Result<()> {
     let vault = crate::vault::open(g)?;
     let opts = VerifyOptions {
         read_data: args.read_data,
+        repair: args.repair,
     };
+    if args.repair && vault.regions().len() < 2 {
+        return Err(crate::exit::InputError(format!(
+            "--repair needs a second region to copy from, and {} has none here",
+            vault.location()
+        ))
+        .into());
+    }
     let report = run_verify(&vault, &opts, &Bar::new())?;
     if g.json {
         print_json(&report);
     } else {
-        for p in &report.problems {
+        let describe = |p: &vmvault_engine::Problem| {
             let mut at = Vec::new();
+            if let Some(r) = &p.region {
+                at.push(format!("{r} region"));
+            }
             if let Some(vm) = &p.vm {
                 at.push(format!("VM {vm}"));
             }
@@ -39,7 +54,13 @@ pub fn verify(g: &Global, args: VerifyArgs) -> Result<()> {
             if let Some(d) = &p.disk {
                 at.push(format!("disk {d}"));
             }
-            println!("DAMAGED {}: {}", at.join(", "), p.detail);
+            format!("{}: {}", at.join(", "), p.detail)
+        };
+        for p in &report.mended {
+            println!("REPAIRED {}", describe(p));
+        }
+        for p in &report.problems {
+            println!("DAMAGED {}", describe(p));
         }
         eprintln!(
             "checked {} recovery point(s), {} disk(s), {} chunk(s){}: {}",
@@ -51,10 +72,14 @@ pub fn verify(g: &Global, args: VerifyArgs) -> Result<()> {
             } else {
                 " (existence only; --read-data reads them)".into()
             },
-            if report.is_clean() {
-                "no problems".to_string()
-            } else {
-                format!("{} problem(s)", report.problems.len())
+            match (report.is_clean(), report.repaired) {
+                (true, 0) => "no problems".to_string(),
+                (true, n) => format!("repaired {n} object(s) from the other region; no problems left"),
+                (false, n) => format!(
+                    "{} problem(s){}",
+                    report.problems.len(),
+                    if n > 0 { format!(" left after repairing {n} object(s)") } else { String::new() }
+                ),
             }
         );
     }

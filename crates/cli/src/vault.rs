@@ -1,32 +1,58 @@
-//! `vmvault vault create|info`, and opening the vault every other command works on.
-
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+//! `vmvault vault create|info|replicate|status`, and opening the vault every other command
+//! works on.
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde::Serialize;
-use vmvault_store::{CreateOptions, LocalBackend, Vault, WriteBackend};
+use vmvault_store::{CreateOptions, Vault};
 
-use crate::exit::InputError;
 use crate::output::{bytes, print_json};
+use crate::regions::{self, Location, Use};
 use crate::{password, Global};
 
 #[derive(Subcommand)]
 pub enum VaultCommand {
-    /// Create a new vault in an empty or new directory.
+    /// Create a new vault: in an empty or new directory, or under an empty prefix of an S3
+    /// bucket (s3://bucket/prefix) or Azure Blob container (azblob://container/prefix).
+    ///
+    /// S3 credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; Azure's from
+    /// AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN. A secondary region's own credentials, when
+    /// they differ, go in the same variables prefixed with VMVAULT_SECONDARY_.
     Create {
-        /// Where: a directory (it must be empty or not exist).
-        path: PathBuf,
+        /// Where: a directory, s3://bucket/prefix or azblob://container/prefix.
+        location: String,
         /// Store chunks unencrypted, with unkeyed digests. Said in `points` and `vault info`.
         #[arg(long)]
         no_encryption: bool,
         /// Chunk size: a power of two from 64K to 16M (suffix K or M).
         #[arg(long, default_value = "1M", value_parser = parse_chunk_size)]
         chunk_size: u32,
+        /// A second region every backup is replicated to (a directory or a URL).
+        #[arg(long, value_name = "LOCATION")]
+        secondary: Option<String>,
+        /// The secondary's service endpoint (S3 or Azure Blob).
+        #[arg(long, value_name = "URL", requires = "secondary")]
+        secondary_endpoint: Option<String>,
+        /// The secondary's S3 region.
+        #[arg(long, value_name = "REGION", requires = "secondary")]
+        secondary_region: Option<String>,
+        /// The secondary's Azure storage account.
+        #[arg(long, value_name = "ACCOUNT", requires = "secondary")]
+        secondary_account: Option<String>,
     },
-    /// Show a vault's settings.
+    /// Show a vault's settings and regions.
     Info,
+    /// Copy to the secondary region whatever it lacks; safe to interrupt and run again.
+    Replicate {
+        /// Keep going: compare and copy again every --interval seconds.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between passes with --watch.
+        #[arg(long, default_value_t = 60, requires = "watch")]
+        interval: u64,
+    },
+    /// Per region: objects and bytes; and how far the secondary lags behind the primary.
+    Status,
 }
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
@@ -40,28 +66,17 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-pub fn backend(path: &Path) -> Arc<dyn WriteBackend> {
-    Arc::new(LocalBackend::new(path))
-}
-
-fn vault_path(g: &Global) -> Result<&Path> {
-    g.vault.as_deref().ok_or_else(|| {
-        InputError("no vault given: pass --vault PATH or set VMVAULT_VAULT".into()).into()
-    })
-}
-
-/// Opens the vault named by --vault / VMVAULT_VAULT, asking for its passphrase if it has one.
+/// Opens the vault named by --vault / VMVAULT_VAULT for reading and maintenance, asking for
+/// its passphrase if it has one. Writes reach the secondary at once.
 pub fn open(g: &Global) -> Result<Vault> {
-    let path = vault_path(g)?;
-    let file = g.password_file.clone();
-    Ok(Vault::open(backend(path), || {
-        password::existing(file.as_deref())
-    })?)
+    regions::open(g, Use::Read)
 }
 
 #[derive(Serialize)]
 struct Info {
     location: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secondary: Option<String>,
     vault_id: String,
     encrypted: bool,
     chunk_size: u32,
@@ -69,9 +84,10 @@ struct Info {
     created: String,
 }
 
-fn info_of(location: String, c: &vmvault_format::VaultConfig) -> Info {
+fn info_of(location: String, secondary: Option<String>, c: &vmvault_format::VaultConfig) -> Info {
     Info {
         location,
+        secondary,
         vault_id: hex_id(&c.vault_id),
         encrypted: c.encrypted,
         chunk_size: c.chunk_size,
@@ -100,6 +116,9 @@ fn print_info(g: &Global, info: &Info) {
         return;
     }
     println!("vault       {}", info.location);
+    if let Some(s) = &info.secondary {
+        println!("secondary   {s}");
+    }
     println!("id          {}", info.vault_id);
     println!("encryption  {}", encryption_words(info.encrypted));
     println!("chunk size  {}", bytes(info.chunk_size as u64));
@@ -110,10 +129,23 @@ fn print_info(g: &Global, info: &Info) {
 pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
     match cmd {
         VaultCommand::Create {
-            path,
+            location,
             no_encryption,
             chunk_size,
+            secondary,
+            secondary_endpoint,
+            secondary_region,
+            secondary_account,
         } => {
+            let primary = Location::new(
+                &location,
+                g.endpoint.clone(),
+                g.region.clone(),
+                g.account.clone(),
+            )?;
+            let secondary = secondary
+                .map(|s| Location::new(&s, secondary_endpoint, secondary_region, secondary_account))
+                .transpose()?;
             let passphrase = if no_encryption {
                 None
             } else {
@@ -128,26 +160,41 @@ pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
                 passphrase,
                 ..CreateOptions::default()
             };
-            let vault = Vault::create(backend(&path), opts)
-                .with_context(|| format!("creating a vault at {}", path.display()))?;
-            let info = info_of(vault.location(), vault.config());
+            let described = primary.describe();
+            let secondary_described = secondary.as_ref().map(|s| s.describe());
+            let vault = regions::create(primary, secondary, opts)
+                .with_context(|| format!("creating a vault at {described}"))?;
+            let info = info_of(described, secondary_described, vault.config());
             if g.json {
                 print_json(&info);
             } else {
                 eprintln!(
-                    "created vault {} ({})",
+                    "created vault {}{} ({})",
                     info.location,
+                    info.secondary
+                        .as_ref()
+                        .map(|s| format!(", replicated to {s}"))
+                        .unwrap_or_default(),
                     encryption_words(info.encrypted)
                 );
             }
             Ok(())
         }
         VaultCommand::Info => {
-            let path = vault_path(g)?;
-            let backend = backend(path);
-            let config = Vault::read_config(&*backend)?;
-            print_info(g, &info_of(backend.location(), &config));
+            let (record, backend) = regions::record(g)?;
+            let config = Vault::read_config(&*backend).or_else(|e| match &record.secondary {
+                Some(s) => Vault::read_config(&*s.backend(true)?).map_err(|_| e.into()),
+                None => Err(anyhow::Error::from(e)),
+            })?;
+            let info = info_of(
+                record.primary.describe(),
+                record.secondary.as_ref().map(|s| s.describe()),
+                &config,
+            );
+            print_info(g, &info);
             Ok(())
         }
+        VaultCommand::Replicate { watch, interval } => crate::replicate::replicate(g, watch, interval),
+        VaultCommand::Status => crate::replicate::status(g),
     }
 }

@@ -1,12 +1,17 @@
 //! Verify: every point's manifest and indexes read back, every chunk they name exists, and with
 //! `read_data` every chunk decrypts and hashes to its name.
+//!
+//! A vault in two regions is verified region by region, each on its own (no fallback hides a
+//! bad copy), against the union of their recovery points. With `repair`, a copy missing or
+//! damaged in one region is rewritten from the other region's good copy: chunks and indexes
+//! first, manifests last.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
-use vmvault_format::{Digest, PointId};
+use vmvault_format::{Digest, Manifest, PointId};
 use vmvault_store::{Kind, StoreError, Vault};
 
 use crate::{Progress, Result};
@@ -14,11 +19,16 @@ use crate::{Progress, Result};
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
     pub read_data: bool,
+    /// Rewrite a missing or damaged copy from the other region.
+    pub repair: bool,
 }
 
 /// One thing found wrong, named down to the recovery point and disk it damages.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
+    /// The region it is in, when the vault has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub point: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -26,6 +36,9 @@ pub struct Problem {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
     pub detail: String,
+    /// The objects at fault, which a repair rewrites from another region.
+    #[serde(skip)]
+    pub objects: Vec<(Kind, String)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -36,6 +49,11 @@ pub struct VerifyReport {
     pub chunks_read: u64,
     pub bytes_read: u64,
     pub problems: Vec<Problem>,
+    /// Objects rewritten from the other region's copy (with `repair`).
+    pub repaired: u64,
+    /// Problems a repair mended (they are no longer in `problems`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mended: Vec<Problem>,
 }
 
 impl VerifyReport {
@@ -49,59 +67,156 @@ pub fn verify(
     opts: &VerifyOptions,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
+    if vault.regions().len() == 1 {
+        return verify_region(vault, None, &[], opts, progress);
+    }
+    // Every region against the union of recovery points.
+    let mut all: Vec<HashSet<PointId>> = Vec::new();
+    for i in 0..vault.regions().len() {
+        all.push(vault.region_view(i).point_ids()?.into_iter().collect());
+    }
+    let union: HashSet<PointId> = all.iter().flatten().copied().collect();
+    let mut total = VerifyReport::default();
+    for (i, region) in vault.regions().iter().enumerate() {
+        // Points only another region has: their manifests come from there (through the whole
+        // vault), and their indexes and chunks are looked for in this region too.
+        let missing: Vec<Manifest> = union
+            .difference(&all[i])
+            .filter_map(|id| vault.load_manifest(id).ok())
+            .collect();
+        let view = vault.region_view(i);
+        let r = verify_region(&view, Some(&region.name), &missing, opts, progress)?;
+        total.points = total.points.max(r.points);
+        total.disks = total.disks.max(r.disks);
+        total.chunks_referenced = total.chunks_referenced.max(r.chunks_referenced);
+        total.chunks_read += r.chunks_read;
+        total.bytes_read += r.bytes_read;
+        total.problems.extend(r.problems);
+    }
+    if opts.repair && !total.problems.is_empty() {
+        repair(vault, &mut total)?;
+    }
+    Ok(total)
+}
+
+/// Rewrites each problem's objects from a region that holds them whole; a problem whose
+/// objects were all rewritten moves to `mended`.
+fn repair(vault: &Vault, report: &mut VerifyReport) -> Result<()> {
+    let regions = vault.regions();
+    let mut problems = std::mem::take(&mut report.problems);
+    // Manifests last: a point is put back only after what it references.
+    problems.sort_by_key(|p| p.objects.iter().any(|(k, _)| *k == Kind::Point));
+    for p in problems {
+        let Some(i) = regions.iter().position(|r| Some(&r.name) == p.region.as_ref()) else {
+            report.problems.push(p);
+            continue;
+        };
+        let mut whole = !p.objects.is_empty();
+        for (kind, name) in &p.objects {
+            // A verified read: the other region's copy is judged before it is spread.
+            let good = (0..regions.len())
+                .filter(|&j| j != i)
+                .find_map(|j| regions[j].backend.read(*kind, name).ok());
+            match good {
+                Some(bytes) => {
+                    regions[i].backend.write(*kind, name, &bytes)?;
+                    report.repaired += 1;
+                }
+                None => whole = false,
+            }
+        }
+        regions[i].backend.sync()?;
+        if whole {
+            report.mended.push(p);
+        } else {
+            report.problems.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Verifies one region (`vault` seen through it alone, or the whole vault); `missing_points`
+/// are points another region has and this one lacks.
+fn verify_region(
+    vault: &Vault,
+    region: Option<&str>,
+    missing_points: &[Manifest],
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
+    let region = region.map(str::to_string);
+    let problem = |point: Option<&Manifest>,
+                   disk: Option<&str>,
+                   detail: String,
+                   objects: Vec<(Kind, String)>| Problem {
+        region: region.clone(),
+        point: point.map(|m| m.id.to_hex()),
+        vm: point.map(|m| m.vm.clone()),
+        disk: disk.map(str::to_string),
+        detail,
+        objects,
+    };
     let present: HashSet<String> = vault
         .backend()
         .list(Kind::Chunk)?
         .into_iter()
         .map(|o| o.name)
         .collect();
-    let (points, bad) = vault.points()?;
+    let (mut points, bad) = vault.points()?;
     for (id, e) in bad {
         report.problems.push(Problem {
             point: Some(id.to_hex()),
-            vm: None,
-            disk: None,
-            detail: e.to_string(),
+            ..problem(None, None, e.to_string(), vec![(Kind::Point, id.to_hex())])
         });
     }
+    for m in missing_points {
+        report.problems.push(problem(
+            Some(m),
+            None,
+            "recovery point missing from this region".into(),
+            vec![(Kind::Point, m.id.to_hex())],
+        ));
+    }
+    points.extend(missing_points.iter().cloned());
     report.points = points.len();
     // Each distinct chunk once, with its expected length (only a disk's last chunk is short).
     let mut wanted: HashMap<Digest, usize> = HashMap::new();
     // Which disks to name if a chunk turns out damaged; their indexes are re-read only then.
-    let mut disks: Vec<(PointId, String, String, Digest, u64)> = Vec::new();
+    let mut disks: Vec<(&Manifest, String, Digest, u64)> = Vec::new();
     for m in &points {
         for disk in &m.disks {
             report.disks += 1;
-            let problem = |detail: String| Problem {
-                point: Some(m.id.to_hex()),
-                vm: Some(m.vm.clone()),
-                disk: Some(disk.name.clone()),
-                detail,
-            };
             let index = match vault.load_index(&disk.index, disk.size) {
                 Ok(i) => i,
                 Err(e) => {
-                    report.problems.push(problem(e.to_string()));
+                    let objects = vec![(Kind::Index, disk.index.to_hex())];
+                    report
+                        .problems
+                        .push(problem(Some(m), Some(&disk.name), e.to_string(), objects));
                     continue;
                 }
             };
-            let missing = index
+            let missing: Vec<(Kind, String)> = index
                 .chunks
                 .iter()
                 .filter(|d| !d.is_zero_chunk() && !present.contains(&d.to_hex()))
-                .count();
-            if missing > 0 {
-                report.problems.push(problem(format!(
-                    "{missing} chunk(s) missing from the vault"
-                )));
+                .map(|d| (Kind::Chunk, d.to_hex()))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            if !missing.is_empty() {
+                let detail = format!("{} chunk(s) missing from the vault", missing.len());
+                report
+                    .problems
+                    .push(problem(Some(m), Some(&disk.name), detail, missing));
             }
             for (i, d) in index.chunks.iter().enumerate() {
                 if !d.is_zero_chunk() && present.contains(&d.to_hex()) {
                     wanted.entry(*d).or_insert(index.chunk_range(i).1);
                 }
             }
-            disks.push((m.id, m.vm.clone(), disk.name.clone(), disk.index, disk.size));
+            disks.push((m, disk.name.clone(), disk.index, disk.size));
         }
     }
     report.chunks_referenced = wanted.len() as u64;
@@ -147,22 +262,21 @@ pub fn verify(
     if damaged.is_empty() {
         return Ok(report);
     }
-    for (id, vm, disk, index_digest, size) in &disks {
+    for (m, disk, index_digest, size) in &disks {
         let Ok(index) = vault.load_index(index_digest, *size) else {
             continue;
         };
-        let bad: Vec<&Digest> = index
+        let bad: HashSet<&Digest> = index
             .chunks
             .iter()
             .filter(|d| damaged.contains_key(d))
             .collect();
-        if let Some(first) = bad.first() {
-            report.problems.push(Problem {
-                point: Some(id.to_hex()),
-                vm: Some(vm.clone()),
-                disk: Some(disk.clone()),
-                detail: format!("{} damaged chunk(s), first: {}", bad.len(), damaged[first]),
-            });
+        if let Some(first) = bad.iter().next() {
+            let detail = format!("{} damaged chunk(s), first: {}", bad.len(), damaged[first]);
+            let objects = bad.iter().map(|d| (Kind::Chunk, d.to_hex())).collect();
+            report
+                .problems
+                .push(problem(Some(m), Some(disk), detail, objects));
         }
     }
     Ok(report)

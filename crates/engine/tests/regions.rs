@@ -172,7 +172,7 @@ fn async_replication_copies_every_point_and_the_secondary_restores_alone() {
     };
     assert_eq!(s.restored(&alone, &m1), want1);
     assert_ne!(s.restored(&alone, &m2), want1);
-    let report = verify(&alone, &VerifyOptions { read_data: true }, &NoProgress).unwrap();
+    let report = verify(&alone, &VerifyOptions { read_data: true, ..VerifyOptions::default() }, &NoProgress).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
 }
 
@@ -330,7 +330,7 @@ fn collection_sweeps_both_regions_and_keeps_what_either_references() {
     let report = vault.gc(&mut |_| {}).unwrap();
     assert_eq!(report.regions, ["primary", "secondary"]);
     assert!(report.chunks_removed > 0);
-    assert!(!q.stat(Kind::Chunk, &"ab".repeat(32)).unwrap().is_some());
+    assert!(q.stat(Kind::Chunk, &"ab".repeat(32)).unwrap().is_none());
     for m in [&m2, &m3] {
         // Restorable from the vault (m3 through the secondary), each region whole for m2.
         let vault = Vault::open(s.regions(p.clone(), q.clone(), true), pass).unwrap();
@@ -339,7 +339,7 @@ fn collection_sweeps_both_regions_and_keeps_what_either_references() {
     }
     for region in [&p, &q] {
         let alone = Vault::open(region.clone(), pass).unwrap();
-        let r = verify(&alone, &VerifyOptions { read_data: true }, &NoProgress).unwrap();
+        let r = verify(&alone, &VerifyOptions { read_data: true, ..VerifyOptions::default() }, &NoProgress).unwrap();
         assert!(r.is_clean(), "{}: {:?}", region.location(), r.problems);
     }
 }
@@ -409,7 +409,7 @@ fn a_primary_that_loses_power_mid_backup_keeps_a_valid_vault() {
         faulty.lose_unsynced().unwrap();
 
         let vault = Vault::open(faulty.clone() as Arc<dyn WriteBackend>, pass).unwrap();
-        let r = verify(&vault, &VerifyOptions { read_data: true }, &NoProgress).unwrap();
+        let r = verify(&vault, &VerifyOptions { read_data: true, ..VerifyOptions::default() }, &NoProgress).unwrap();
         assert!(r.is_clean(), "after dying at {die_after}: {:?}", r.problems);
         let (points, bad) = vault.points().unwrap();
         assert!(bad.is_empty() && !points.is_empty());
@@ -419,5 +419,53 @@ fn a_primary_that_loses_power_mid_backup_keeps_a_valid_vault() {
         let desc = description(s.dir.path(), "web02", &image);
         let m = backup_image_vm(&vault, &desc, &BackupOptions::default(), &NoProgress).unwrap();
         assert_eq!(s.restored(&vault, &m).len(), 6 << 20);
+    }
+}
+
+#[test]
+fn verify_repair_mends_each_region_from_the_other() {
+    let s = Setup::new();
+    let (p, q) = (local(&s.path("p")), local(&s.path("q")));
+    let vault = Vault::create(s.regions(p.clone(), q.clone(), true), encrypted()).unwrap();
+    let m1 = s.backup(&vault, 21);
+    let m2 = s.backup(&vault, 22);
+    let chunks: Vec<String> = names(&*p, Kind::Chunk).into_iter().collect();
+    // Damage in the primary, a loss in the secondary, a manifest lost from the primary.
+    let mut bad = p.read(Kind::Chunk, &chunks[0]).unwrap();
+    bad[100] ^= 4;
+    p.write(Kind::Chunk, &chunks[0], &bad).unwrap();
+    q.remove(Kind::Chunk, &chunks[1]).unwrap();
+    p.remove(Kind::Point, &m1.id.to_hex()).unwrap();
+    q.remove(Kind::Index, &m2.disks[0].index.to_hex()).unwrap();
+
+    let opts = VerifyOptions {
+        read_data: true,
+        repair: false,
+    };
+    let found = verify(&vault, &opts, &NoProgress).unwrap();
+    let regions: BTreeSet<_> = found
+        .problems
+        .iter()
+        .map(|p| p.region.clone().unwrap())
+        .collect();
+    assert_eq!(regions.len(), 2, "{:?}", found.problems);
+    assert!(found.problems.len() >= 4, "{:?}", found.problems);
+    assert_eq!(found.repaired, 0);
+
+    let opts = VerifyOptions {
+        read_data: true,
+        repair: true,
+    };
+    let mended = verify(&vault, &opts, &NoProgress).unwrap();
+    assert!(mended.is_clean(), "{:?}", mended.problems);
+    assert!(mended.repaired >= 4);
+    let again = verify(&vault, &opts, &NoProgress).unwrap();
+    assert!(again.is_clean() && again.repaired == 0);
+    drop(vault);
+    same_objects(&*p, &*q);
+    for region in [&p, &q] {
+        let alone = Vault::open(region.clone(), pass).unwrap();
+        let r = verify(&alone, &opts, &NoProgress).unwrap();
+        assert!(r.is_clean(), "{}: {:?}", region.location(), r.problems);
     }
 }

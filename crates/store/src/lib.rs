@@ -42,6 +42,7 @@
 //! collection, and one `touch` per reused chunk (a `utimensat` on a local vault).
 
 mod backend;
+pub mod compare;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod error;

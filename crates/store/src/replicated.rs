@@ -57,7 +57,12 @@ pub struct Replicated {
     stats: Arc<ReplicationStats>,
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
+    fallbacks: AtomicU64,
 }
+
+/// Fallbacks told one by one; past that, one line says more happened (a primary that is gone
+/// would otherwise give a line per chunk).
+const FALLBACKS_TOLD: u64 = 5;
 
 fn falls_back(e: &StoreError) -> bool {
     matches!(e, StoreError::NotFound(_) | StoreError::Damaged { .. }) || e.is_transient()
@@ -93,7 +98,13 @@ impl Replicated {
             stats,
             stop,
             workers,
+            fallbacks: AtomicU64::new(0),
         }
+    }
+
+    /// How many reads were served by the secondary because the primary failed them.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
     }
 
     pub fn primary(&self) -> &Region {
@@ -154,14 +165,22 @@ impl Replicated {
             Err(e) if falls_back(&e) && kind != Kind::Lock => {
                 match call(&*self.secondary.backend) {
                     Ok(v) => {
-                        (self.notify)(&format!(
-                            "{} {name}: read from the {} region ({}) because the {} region \
-                         failed: {e}",
-                            kind.name(),
-                            self.secondary.name,
-                            self.secondary.backend.location(),
-                            self.primary.name
-                        ));
+                        let n = self.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n <= FALLBACKS_TOLD {
+                            (self.notify)(&format!(
+                                "{} {name}: read from the {} region ({}) because the {} \
+                                 region failed: {e}",
+                                kind.name(),
+                                self.secondary.name,
+                                self.secondary.backend.location(),
+                                self.primary.name
+                            ));
+                        } else if n == FALLBACKS_TOLD + 1 {
+                            (self.notify)(&format!(
+                                "more reads fell back to the {} region; not told one by one",
+                                self.secondary.name
+                            ));
+                        }
                         Ok(v)
                     }
                     // Both failed: the primary's reason is the one to fix first.

@@ -58,6 +58,8 @@ impl Env {
             .env("VMVAULT_PASSWORD", PASS)
             .env("VMVAULT_VAULT", &self.vault)
             .env("TZ", "UTC")
+            // Replication queues and remembered regions stay in the test's folder.
+            .env("VMVAULT_STATE_DIR", self.dir.path().join("state"))
             .env_remove("VMVAULT_NEW_PASSWORD")
             .current_dir(self.dir.path());
         c
