@@ -106,11 +106,16 @@ pub(crate) enum Failure {
 /// Judges an `object_store` error; every text in the result has gone through `redactor`.
 pub(crate) fn classify(e: &object_store::Error, redactor: &Redactor) -> Failure {
     let text = chain_text(e);
-    let no_bucket = text.contains("NoSuchBucket") || text.contains("ContainerNotFound");
-    match e {
-        object_store::Error::NotFound { .. } if no_bucket => return Failure::NoBucket,
-        object_store::Error::NotFound { .. } => return Failure::Missing,
-        _ => {}
+    // The error code in the body: HEAD answers have none, so a HEAD cannot tell a missing
+    // bucket from a missing object.
+    if matches!(
+        xml_element(&text, "Code"),
+        Some("NoSuchBucket" | "ContainerNotFound")
+    ) {
+        return Failure::NoBucket;
+    }
+    if let object_store::Error::NotFound { .. } = e {
+        return Failure::Missing;
     }
     if let Some(status) = status_of(&text) {
         let transient = status >= 500 || status == 429 || status == 408;
@@ -128,7 +133,7 @@ pub(crate) fn classify(e: &object_store::Error, redactor: &Redactor) -> Failure 
             detail.push_str(message.lines().next().unwrap_or_default());
         }
         if status == 403 || status == 401 {
-            detail.push_str(" (check the credentials and the bucket's permissions)");
+            detail.push_str(" (check the credentials and the permissions)");
         }
         return Failure::Other {
             detail: redactor.redact(&detail),

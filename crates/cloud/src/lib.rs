@@ -27,15 +27,18 @@
 //! self-copy is a full server-side copy per reused chunk, and not every store allows it), and
 //! it cannot delete "unless modified since": between the collector's HEAD and its DELETE a
 //! backup may touch the chunk, and the DELETE still removes it. So the backend says so, and
-//! garbage collection on such a region waits until no backup runs (see `vmvault_store`).
+//! garbage collection on such a region must not run beside backups (see `vmvault_store`).
+//! Object times are the server's clock.
 //!
 //! # Errors and credentials
 //! A missing object is [`StoreError::NotFound`]; every other failure is
 //! [`StoreError::Remote`], transient for timeouts, connection failures, HTTP 5xx and
 //! throttling (429, 503), permanent for the other 4xx. `object_store`'s own retries are off:
 //! the store's retry wrapper decides. No secret (keys, session tokens, SAS tokens, signatures)
-//! ever appears in an error, in [`Debug`] output or in [`ReadBackend::location`]: every message
-//! is redacted before the error is built.
+//! ever appears in an error, in [`Debug`] output or in
+//! [`location`](vmvault_store::ReadBackend::location): every message is redacted before the
+//! error is built. A missing bucket or container is a clear permanent error, except to a HEAD
+//! (`stat`, `touch`), whose answer has no body to tell it from a missing object.
 //!
 //! # Threads
 //! Each backend owns a tokio runtime with two worker threads that drive the connections. The
@@ -155,7 +158,145 @@ pub fn is_remote(location: &str) -> bool {
 /// request: a missing bucket shows on first use. A bad URL or missing credentials are
 /// [`StoreError::Invalid`].
 pub fn open(url: &str, opts: &RemoteOptions) -> Result<Arc<dyn WriteBackend>, StoreError> {
-    let target = config::parse_url(url)?;
+    let target = parse_url(url)?;
     let built = config::build(&target, opts, &config::Env::process())?;
     Ok(Arc::new(backend::ObjectBackend::new(built)?))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Service {
+    S3,
+    Azure,
+}
+
+/// A parsed region URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub service: Service,
+    /// The bucket (S3) or container (Azure).
+    pub bucket: String,
+    /// The prefix's segments; empty for the bucket's root.
+    pub prefix: Vec<String>,
+}
+
+impl Target {
+    /// The URL in its normal form (no trailing slash).
+    pub fn url(&self) -> String {
+        let scheme = match self.service {
+            Service::S3 => "s3",
+            Service::Azure => "azblob",
+        };
+        let mut url = format!("{scheme}://{}", self.bucket);
+        for part in &self.prefix {
+            url.push('/');
+            url.push_str(part);
+        }
+        url
+    }
+}
+
+fn invalid(url: &str, why: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "invalid region URL {url:?}: {why} (expected s3://BUCKET/PREFIX or azblob://CONTAINER/PREFIX)"
+    ))
+}
+
+/// Parses `s3://bucket/prefix` or `azblob://container/prefix`; the prefix may be empty or
+/// nested, and a trailing slash is ignored.
+pub(crate) fn parse_url(url: &str) -> Result<Target, StoreError> {
+    let (service, rest) = if let Some(rest) = url.strip_prefix("s3://") {
+        (Service::S3, rest)
+    } else if let Some(rest) = url.strip_prefix("azblob://") {
+        (Service::Azure, rest)
+    } else {
+        return Err(invalid(url, "unknown scheme"));
+    };
+    if rest.contains(['?', '#', '@']) {
+        return Err(invalid(url, "no query, fragment or user name allowed"));
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let mut parts = rest.split('/');
+    let bucket = parts.next().unwrap_or_default();
+    let what = match service {
+        Service::S3 => "bucket",
+        Service::Azure => "container",
+    };
+    if bucket.is_empty() {
+        return Err(invalid(url, &format!("no {what} name")));
+    }
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || b == b'-'
+                || (b == b'.' && service == Service::S3)
+        })
+        && !bucket.starts_with(['-', '.'])
+        && !bucket.ends_with(['-', '.']);
+    if !bucket_ok {
+        let chars = match service {
+            Service::S3 => "lowercase letters, digits, '-' and '.'",
+            Service::Azure => "lowercase letters, digits and '-'",
+        };
+        return Err(invalid(
+            url,
+            &format!("{what} name {bucket:?} must be 3 to 63 {chars}"),
+        ));
+    }
+    let mut prefix = Vec::new();
+    for part in parts {
+        let ok = !part.is_empty()
+            && part != "."
+            && part != ".."
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !ok {
+            return Err(invalid(
+                url,
+                &format!("prefix segment {part:?} must be letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        prefix.push(part.to_string());
+    }
+    Ok(Target {
+        service,
+        bucket: bucket.to_string(),
+        prefix,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = parse_url("s3://my-bucket/a/b.c/").unwrap();
+        assert_eq!(t.service, Service::S3);
+        assert_eq!(t.bucket, "my-bucket");
+        assert_eq!(t.prefix, ["a", "b.c"]);
+        assert_eq!(t.url(), "s3://my-bucket/a/b.c");
+        let t = parse_url("azblob://box").unwrap();
+        assert_eq!((t.service, t.prefix.len()), (Service::Azure, 0));
+        for bad in [
+            "s3://",
+            "s3:///x",
+            "s3://Bucket/x",
+            "s3://ab/x",
+            "s3://b-b/a//c",
+            "s3://b-b/../c",
+            "s3://b-b/a?x=1",
+            "s3://key:secret@bucket/x",
+            "azblob://a.b.c/x",
+            "gs://bucket/x",
+            "/srv/vault",
+            "s3://bkt/a b",
+        ] {
+            match parse_url(bad) {
+                Err(StoreError::Invalid(m)) => assert!(m.contains("invalid region URL"), "{m}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
 }

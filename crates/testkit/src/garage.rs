@@ -143,14 +143,38 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         format!("http://127.0.0.1:{}", self.s3_port)
     }
 
-    /// Waits until this node sees a cluster that can serve requests.
-    fn wait_healthy(&mut self) {
+    /// Waits until this node is connected to `up` storage nodes (itself included) and every
+    /// partition has a quorum: a restarted node takes a moment to reconnect to each peer.
+    fn wait_healthy(&mut self, up: usize) {
         let (exe, config) = (self.exe.clone(), self.dir.join("garage.toml"));
         let process = self.process.as_mut().expect("a started node");
         process.wait_until("a healthy cluster", STARTUP, || {
-            cli(&exe, &config, &["health"])
+            let health = cli(&exe, &config, &["json-api", "GetClusterHealth"])?;
+            let connected = json_number(&health, "connectedNodes");
+            let storage_up = json_number(&health, "storageNodesUp");
+            let (partitions, quorum) = (
+                json_number(&health, "partitions"),
+                json_number(&health, "partitionsQuorum"),
+            );
+            if connected >= Some(up) && storage_up >= Some(up) && quorum == partitions {
+                Ok(())
+            } else {
+                Err(health)
+            }
         });
     }
+}
+
+/// The number after `"KEY":` in a flat JSON object.
+fn json_number(json: &str, key: &str) -> Option<usize> {
+    let marker = format!("\"{key}\":");
+    let at = json.find(&marker)? + marker.len();
+    let digits: String = json[at..]
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 /// Lays out `nodes` (one zone each), imports a key and creates the default bucket.
@@ -168,8 +192,9 @@ fn set_up(nodes: &mut [Node]) -> (String, String) {
         nodes[0].must(&["layout", "assign", "-z", &zone, "-c", "1G", id]);
     }
     nodes[0].must(&["layout", "apply", "--version", "1"]);
+    let up = nodes.len();
     for node in nodes.iter_mut() {
-        node.wait_healthy();
+        node.wait_healthy(up);
     }
     let key_id = format!("GK{}", random_hex(12));
     let secret = random_hex(32);
@@ -250,7 +275,7 @@ impl Garage {
 
     pub fn start_again(&mut self) {
         self.node.start();
-        self.node.wait_healthy();
+        self.node.wait_healthy(1);
     }
 
     pub fn log(&self) -> String {
@@ -342,7 +367,24 @@ impl GarageCluster {
     /// Starts node `i` again on its data; returns once it is back in a healthy cluster.
     pub fn start_node(&mut self, i: usize) {
         self.nodes[i].start();
-        self.nodes[i].wait_healthy();
+        // Connections are each node's own, and a node retries a lost peer only every half
+        // minute or so: connect every pair now, then wait until each sees all the others.
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&j| self.nodes[j].process.is_some())
+            .collect();
+        for &j in &running {
+            for &k in running.iter().filter(|&&k| k != j) {
+                let peer = format!(
+                    "{}@127.0.0.1:{}",
+                    self.nodes[k].id(),
+                    self.nodes[k].rpc_port
+                );
+                self.nodes[j].must(&["node", "connect", &peer]);
+            }
+        }
+        for &j in &running {
+            self.nodes[j].wait_healthy(running.len());
+        }
     }
 
     pub fn is_running(&self, i: usize) -> bool {

@@ -15,11 +15,14 @@
 
 mod garage;
 mod process;
-mod sign;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use object_store::aws::{AwsAuthorizer, AwsCredential};
+use object_store::azure::{AzureAccessKey, AzureAuthorizer, AzureCredential};
+use object_store::client::{HttpConnector, HttpRequest, HttpRequestBody, ReqwestConnector};
+use object_store::ClientOptions;
 use process::{free_port, Process};
 use vmvault_cloud::{Credentials, RemoteOptions};
 
@@ -87,13 +90,29 @@ pub struct Moto {
 }
 
 impl Moto {
+    /// `moto_server` on `PATH`, else the module of the same name in `python3`.
+    fn command() -> Option<std::process::Command> {
+        if let Some(exe) = find_tool("moto_server", &[]) {
+            return Some(std::process::Command::new(exe));
+        }
+        let importable = std::process::Command::new("python3")
+            .args(["-c", "import moto.server"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        importable.then(|| {
+            let mut cmd = std::process::Command::new("python3");
+            cmd.args(["-m", "moto.server"]);
+            cmd
+        })
+    }
+
     pub fn start() -> Option<Moto> {
-        let Some(exe) = find_tool("moto_server", &[]) else {
+        let Some(mut cmd) = Self::command() else {
             return missing("moto", "pip install 'moto[server]'");
         };
         let dir = tempfile::tempdir().expect("a temporary directory");
         let port = free_port();
-        let mut cmd = std::process::Command::new(exe);
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
         let mut process = Process::spawn("moto", cmd, dir.path());
         process.wait_for_port(port, STARTUP);
@@ -136,7 +155,7 @@ impl Moto {
     }
 
     pub fn create_bucket(&self, name: &str) {
-        sign::s3_create_bucket(&self.endpoint(), &self.region(), &self.credentials(), name)
+        s3_create_bucket(&self.endpoint(), &self.region(), &self.credentials(), name)
             .unwrap_or_else(|e| self.process.fail(&format!("creating bucket {name}: {e}")));
     }
 
@@ -157,7 +176,7 @@ impl S3Server {
         if garage::garage_exe().is_some() {
             return Garage::start().map(S3Server::Garage);
         }
-        if find_tool("moto_server", &[]).is_some() {
+        if Moto::command().is_some() {
             return Moto::start().map(S3Server::Moto);
         }
         missing(
@@ -307,7 +326,7 @@ impl Azurite {
 
     /// Creates a container.
     pub fn create_bucket(&self, name: &str) {
-        sign::azure_create_container(&self.endpoint(), AZURITE_ACCOUNT, AZURITE_KEY, name)
+        azure_create_container(&self.endpoint(), AZURITE_ACCOUNT, AZURITE_KEY, name)
             .unwrap_or_else(|e| {
                 self.process
                     .fail(&format!("creating container {name}: {e}"))
@@ -318,4 +337,77 @@ impl Azurite {
     pub fn log(&self) -> String {
         self.process.log()
     }
+}
+
+// Creating buckets and containers: the one request `object_store` has no call for, signed by
+// `object_store`'s own authorizers.
+
+/// Sends one signed PUT with an empty body; `Err` holds the status and the body.
+fn put(url: &str, sign: impl FnOnce(&mut HttpRequest) -> Result<(), String>) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let client = ReqwestConnector::default()
+            .connect(&ClientOptions::new().with_allow_http(true))
+            .map_err(|e| e.to_string())?;
+        let mut request = http::Request::builder()
+            .method(http::Method::PUT)
+            .uri(url)
+            .body(HttpRequestBody::empty())
+            .map_err(|e| e.to_string())?;
+        sign(&mut request)?;
+        let response = client.execute(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = response.into_body().bytes().await.unwrap_or_default();
+        Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)))
+    })
+}
+
+/// S3 `CreateBucket` (path-style).
+fn s3_create_bucket(
+    endpoint: &str,
+    region: &str,
+    credentials: &Credentials,
+    name: &str,
+) -> Result<(), String> {
+    let Credentials::S3 {
+        access_key_id,
+        secret_access_key,
+        session_token,
+    } = credentials
+    else {
+        return Err("not S3 credentials".into());
+    };
+    let credential = AwsCredential {
+        key_id: access_key_id.clone(),
+        secret_key: secret_access_key.clone(),
+        token: session_token.clone(),
+    };
+    put(&format!("{endpoint}/{name}"), |request| {
+        AwsAuthorizer::new(&credential, "s3", region)
+            .try_authorize(request, None)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Azure `Create Container`, signed with the account's shared key.
+fn azure_create_container(
+    endpoint: &str,
+    account: &str,
+    key: &str,
+    name: &str,
+) -> Result<(), String> {
+    let key = AzureAccessKey::try_new(key).map_err(|e| e.to_string())?;
+    let credential = AzureCredential::AccessKey(key);
+    put(&format!("{endpoint}/{name}?restype=container"), |request| {
+        AzureAuthorizer::new(&credential, account)
+            .try_authorize(request)
+            .map_err(|e| e.to_string())
+    })
 }
