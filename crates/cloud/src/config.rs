@@ -96,9 +96,6 @@ fn no_retries() -> RetryConfig {
 }
 
 pub(crate) fn build(target: &Target, opts: &RemoteOptions, env: &Env) -> Result<Built, StoreError> {
-    let url = target.url();
-    let concurrency = opts.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
-    let root: Path = target.prefix.iter().map(String::as_str).collect();
     let endpoint = match opts.endpoint.clone().or_else(|| match target.service {
         Service::S3 => env.get("AWS_ENDPOINT_URL"),
         Service::Azure => None,
@@ -106,116 +103,128 @@ pub(crate) fn build(target: &Target, opts: &RemoteOptions, env: &Env) -> Result<
         Some(e) => Some(check_endpoint(&e)?),
         None => None,
     };
-    let (store, redactor, location, bucket_label): (Arc<dyn ObjectStore>, _, _, _) = match target
-        .service
-    {
-        Service::S3 => {
-            let credentials = s3_credentials(&url, opts, env)?;
-            let Credentials::S3 {
-                access_key_id,
-                secret_access_key,
-                session_token,
-            } = &credentials
-            else {
-                return Err(StoreError::Invalid(format!(
-                    "{url}: Azure credentials given for an S3 bucket"
-                )));
-            };
-            let region = opts
-                .region
-                .clone()
-                .or_else(|| env.get("AWS_REGION"))
-                .unwrap_or_else(|| "us-east-1".to_string());
-            let mut builder = AmazonS3Builder::new()
-                .with_bucket_name(&target.bucket)
-                .with_region(&region)
-                .with_access_key_id(access_key_id)
-                .with_secret_access_key(secret_access_key)
-                .with_retry(no_retries());
-            if let Some(token) = session_token {
-                builder = builder.with_token(token);
-            }
-            let location = match &endpoint {
-                Some((endpoint, allow_http)) => {
-                    builder = builder
-                        .with_endpoint(endpoint)
-                        .with_virtual_hosted_style_request(false)
-                        .with_client_options(client_options(*allow_http));
-                    format!("{url} at {endpoint}")
-                }
-                None => {
-                    builder = builder.with_client_options(client_options(false));
-                    format!("{url} in {region}")
-                }
-            };
-            let redactor = Redactor::new(credentials.secrets());
-            let store = builder
-                .build()
-                .map_err(|e| build_error(&url, &redactor, e))?;
-            (
-                Arc::new(store) as _,
-                redactor,
-                location,
-                format!("bucket {}", target.bucket),
-            )
-        }
-        Service::Azure => {
-            let credentials = azure_credentials(&url, opts, env)?;
-            let account = opts
-                    .account
-                    .clone()
-                    .or_else(|| env.get("AZURE_STORAGE_ACCOUNT"))
-                    .or_else(|| endpoint.as_ref().and_then(|(e, _)| account_from_endpoint(e)))
-                    .ok_or_else(|| {
-                        StoreError::Invalid(format!(
-                            "{url}: no Azure storage account: set AZURE_STORAGE_ACCOUNT or give the account"
-                        ))
-                    })?;
-            let (endpoint, allow_http) = endpoint
-                .unwrap_or_else(|| (format!("https://{account}.blob.core.windows.net"), false));
-            let mut builder = MicrosoftAzureBuilder::new()
-                .with_account(&account)
-                .with_container_name(&target.bucket)
-                .with_endpoint(endpoint.clone())
-                .with_client_options(client_options(allow_http))
-                .with_retry(no_retries());
-            let redactor = Redactor::new(credentials.secrets());
-            builder = match &credentials {
-                Credentials::AzureKey { key } => builder.with_access_key(key),
-                Credentials::AzureSas { token } => {
-                    let pairs = object_store::azure::split_sas(token).map_err(|_| {
-                        StoreError::Invalid(format!(
-                            "{url}: the Azure SAS token is not of the form key=value&key=value"
-                        ))
-                    })?;
-                    builder.with_sas_authorization(pairs)
-                }
-                Credentials::S3 { .. } => {
-                    return Err(StoreError::Invalid(format!(
-                        "{url}: S3 credentials given for an Azure container"
-                    )))
-                }
-            };
-            let store = builder
-                .build()
-                .map_err(|e| build_error(&url, &redactor, e))?;
-            let location = format!("{url} at {endpoint}");
-            (
-                Arc::new(store) as _,
-                redactor,
-                location,
-                format!("container {}", target.bucket),
-            )
-        }
+    let (store, redactor, location) = match target.service {
+        Service::S3 => s3_store(target, opts, env, endpoint)?,
+        Service::Azure => azure_store(target, opts, env, endpoint)?,
+    };
+    let what = match target.service {
+        Service::S3 => "bucket",
+        Service::Azure => "container",
     };
     Ok(Built {
         store,
-        root,
+        root: target.prefix.iter().map(String::as_str).collect(),
         location,
-        bucket_label,
+        bucket_label: format!("{what} {}", target.bucket),
         redactor,
-        concurrency,
+        concurrency: opts.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1),
     })
+}
+
+type Store = (Arc<dyn ObjectStore>, Redactor, String);
+
+fn s3_store(
+    target: &Target,
+    opts: &RemoteOptions,
+    env: &Env,
+    endpoint: Option<(String, bool)>,
+) -> Result<Store, StoreError> {
+    let url = target.url();
+    let credentials = s3_credentials(&url, opts, env)?;
+    let Credentials::S3 {
+        access_key_id,
+        secret_access_key,
+        session_token,
+    } = &credentials
+    else {
+        return Err(StoreError::Invalid(format!(
+            "{url}: Azure credentials given for an S3 bucket"
+        )));
+    };
+    let region = opts
+        .region
+        .clone()
+        .or_else(|| env.get("AWS_REGION"))
+        .unwrap_or_else(|| "us-east-1".to_string());
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(&target.bucket)
+        .with_region(&region)
+        .with_access_key_id(access_key_id)
+        .with_secret_access_key(secret_access_key)
+        .with_retry(no_retries());
+    if let Some(token) = session_token {
+        builder = builder.with_token(token);
+    }
+    let location = match &endpoint {
+        Some((endpoint, allow_http)) => {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_virtual_hosted_style_request(false)
+                .with_client_options(client_options(*allow_http));
+            format!("{url} at {endpoint}")
+        }
+        None => {
+            builder = builder.with_client_options(client_options(false));
+            format!("{url} in {region}")
+        }
+    };
+    let redactor = Redactor::new(credentials.secrets());
+    let store = builder
+        .build()
+        .map_err(|e| build_error(&url, &redactor, e))?;
+    Ok((Arc::new(store), redactor, location))
+}
+
+fn azure_store(
+    target: &Target,
+    opts: &RemoteOptions,
+    env: &Env,
+    endpoint: Option<(String, bool)>,
+) -> Result<Store, StoreError> {
+    let url = target.url();
+    let credentials = azure_credentials(&url, opts, env)?;
+    let account = opts
+        .account
+        .clone()
+        .or_else(|| env.get("AZURE_STORAGE_ACCOUNT"))
+        .or_else(|| {
+            let (e, _) = endpoint.as_ref()?;
+            account_from_endpoint(e)
+        })
+        .ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "{url}: no Azure storage account: set AZURE_STORAGE_ACCOUNT or give the account"
+            ))
+        })?;
+    let (endpoint, allow_http) =
+        endpoint.unwrap_or_else(|| (format!("https://{account}.blob.core.windows.net"), false));
+    let builder = MicrosoftAzureBuilder::new()
+        .with_account(&account)
+        .with_container_name(&target.bucket)
+        .with_endpoint(endpoint.clone())
+        .with_client_options(client_options(allow_http))
+        .with_retry(no_retries());
+    let builder = match &credentials {
+        Credentials::AzureKey { key } => builder.with_access_key(key),
+        Credentials::AzureSas { token } => {
+            let pairs = object_store::azure::split_sas(token).map_err(|_| {
+                StoreError::Invalid(format!(
+                    "{url}: the Azure SAS token is not of the form key=value&key=value"
+                ))
+            })?;
+            builder.with_sas_authorization(pairs)
+        }
+        Credentials::S3 { .. } => {
+            return Err(StoreError::Invalid(format!(
+                "{url}: S3 credentials given for an Azure container"
+            )))
+        }
+    };
+    let redactor = Redactor::new(credentials.secrets());
+    let store = builder
+        .build()
+        .map_err(|e| build_error(&url, &redactor, e))?;
+    Ok((Arc::new(store), redactor, format!("{url} at {endpoint}")))
 }
 
 fn build_error(url: &str, redactor: &Redactor, e: object_store::Error) -> StoreError {
@@ -330,6 +339,30 @@ mod tests {
         );
         assert_eq!(built.concurrency, 4);
         assert_eq!(built.redactor.redact("x envsecret y"), "x <redacted> y");
+    }
+
+    #[test]
+    fn bad_credentials_are_invalid_and_not_shown() {
+        let t = parse_url("azblob://box/p").unwrap();
+        let key = "not base64 at all: s3cr3t!";
+        let opts = RemoteOptions {
+            account: Some("acct".into()),
+            credentials: Some(Credentials::AzureKey { key: key.into() }),
+            ..Default::default()
+        };
+        let Err(StoreError::Invalid(m)) = build(&t, &opts, &Env::from_pairs([])) else {
+            panic!("a key that is not base64: refused")
+        };
+        assert!(m.contains("not valid") && !m.contains("s3cr3t"), "{m}");
+        let s3 = parse_url("s3://bucket/p").unwrap();
+        let Err(StoreError::Invalid(m)) = build(&s3, &opts, &Env::from_pairs([])) else {
+            panic!("Azure credentials for S3: refused")
+        };
+        assert!(
+            m.contains("Azure credentials") && !m.contains("s3cr3t"),
+            "{m}"
+        );
+        assert!(!format!("{opts:?}").contains("s3cr3t"));
     }
 
     #[test]

@@ -180,13 +180,7 @@ fn json_number(json: &str, key: &str) -> Option<usize> {
 /// Lays out `nodes` (one zone each), imports a key and creates the default bucket.
 fn set_up(nodes: &mut [Node]) -> (String, String) {
     let ids: Vec<String> = nodes.iter().map(Node::id).collect();
-    for (node, id) in nodes.iter().zip(&ids).skip(1) {
-        nodes[0].must(&[
-            "node",
-            "connect",
-            &format!("{id}@127.0.0.1:{}", node.rpc_port),
-        ]);
-    }
+    connect_all(nodes.iter().collect());
     for (i, id) in ids.iter().enumerate() {
         let zone = format!("dc{}", i + 1);
         nodes[0].must(&["layout", "assign", "-z", &zone, "-c", "1G", id]);
@@ -200,6 +194,20 @@ fn set_up(nodes: &mut [Node]) -> (String, String) {
     let secret = random_hex(32);
     nodes[0].must(&["key", "import", "--yes", "-n", "vmvault", &key_id, &secret]);
     (key_id, secret)
+}
+
+/// Connects every pair of `nodes` now. Connections are each node's own, and a node looks for
+/// peers it has not reached (or lost) only every half minute or so.
+fn connect_all(nodes: Vec<&Node>) {
+    let peers: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{}@127.0.0.1:{}", n.id(), n.rpc_port))
+        .collect();
+    for (i, node) in nodes.iter().enumerate() {
+        for (_, peer) in peers.iter().enumerate().filter(|(j, _)| *j != i) {
+            node.must(&["node", "connect", peer]);
+        }
+    }
 }
 
 fn create_bucket(node: &Node, key_id: &str, name: &str) {
@@ -367,23 +375,11 @@ impl GarageCluster {
     /// Starts node `i` again on its data; returns once it is back in a healthy cluster.
     pub fn start_node(&mut self, i: usize) {
         self.nodes[i].start();
-        // Connections are each node's own, and a node retries a lost peer only every half
-        // minute or so: connect every pair now, then wait until each sees all the others.
-        let running: Vec<usize> = (0..self.nodes.len())
-            .filter(|&j| self.nodes[j].process.is_some())
-            .collect();
-        for &j in &running {
-            for &k in running.iter().filter(|&&k| k != j) {
-                let peer = format!(
-                    "{}@127.0.0.1:{}",
-                    self.nodes[k].id(),
-                    self.nodes[k].rpc_port
-                );
-                self.nodes[j].must(&["node", "connect", &peer]);
-            }
-        }
-        for &j in &running {
-            self.nodes[j].wait_healthy(running.len());
+        let running: Vec<&Node> = self.nodes.iter().filter(|n| n.process.is_some()).collect();
+        let up = running.len();
+        connect_all(running);
+        for node in self.nodes.iter_mut().filter(|n| n.process.is_some()) {
+            node.wait_healthy(up);
         }
     }
 
