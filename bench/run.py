@@ -425,7 +425,6 @@ def measure_storage(binary, server_bin, image, kinds, work, keep):
     results = {}
     size = os.path.getsize(image)
     folder = image.parent
-    prefault()
     for n, kind in enumerate(["local", *kinds, "local"]):
         server = None
         env = {"VMVAULT_PASSWORD": PASSWORD, "VMVAULT_STATE_DIR": str(work / "state")}
@@ -443,12 +442,16 @@ def measure_storage(binary, server_bin, image, kinds, work, keep):
                 vault, options = info["url"] + f"bench-{n}", info["options"]
                 env.update(info["env"])
             run([binary, "vault", "create", vault, *options], env=env)
+            # Every run on memory the guest has touched: first-touch faults in this VM cost a
+            # restore's page-cache writes a second per GiB, whichever storage it reads.
+            prefault()
             settle()
             warm(image)
             log(f"storage: {kind} full backup")
             seconds, cpu, _ = run([binary, "backup", "--vault", vault, *options,
                                    folder / "vm.toml"], env=env)
             out = work / f"storage-{n}-restore.raw"
+            prefault()
             settle()
             log(f"storage: {kind} restore")
             rseconds, rcpu, _ = run([binary, "restore", "--vault", vault, *options,

@@ -92,6 +92,12 @@ pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
     // The description is checked before the vault is opened: bad input fails fast.
     let desc = VmDescription::load(&args.description)?;
     let vault = crate::regions::open(g, crate::regions::Use::Backup)?;
+    if vault.failed_over() {
+        return Err(anyhow::anyhow!(
+            "the vault's primary region is unavailable, and backups go to the primary first; \
+             restores work from the secondary (`--from-region secondary`)"
+        ));
+    }
     let started = Instant::now();
     let m = backup_image_vm(&vault, &desc, &BackupOptions::default(), &Bar::new())?;
     let seconds = started.elapsed().as_secs_f64();

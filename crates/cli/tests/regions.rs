@@ -258,6 +258,14 @@ fn a_secondary_region_gets_every_point_and_restores_when_the_primary_is_gone() {
     );
 
     std::fs::remove_dir_all(&env.vault).unwrap();
+    // Named by its primary, the vault now works from the secondary alone, and says so.
+    let o = r.ok(&["points", "--json"]);
+    assert_eq!(o.json()["points"].as_array().unwrap().len(), 2);
+    assert!(o.stderr.contains("secondary region"), "{}", o.stderr);
+    // Backups go to the primary first: refused while it is gone.
+    let o = r.run(&["backup", &desc]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("primary region is unavailable"), "{}", o.stderr);
     let out = env.path("out");
     let o = r.ok(&[
         "restore",

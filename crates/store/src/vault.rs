@@ -83,6 +83,7 @@ pub struct Vault {
     /// The regions one by one (verified), primary first: for collection, repair and status.
     regions: Vec<Region>,
     replicated: Option<Arc<Replicated>>,
+    failed_over: bool,
     config: VaultConfig,
     keys: Option<Keys>,
     codec: Arc<Codec>,
@@ -141,15 +142,19 @@ impl Vault {
         regions: impl Into<Regions>,
         passphrase: impl FnOnce() -> std::result::Result<Vec<u8>, String>,
     ) -> Result<Vault> {
-        let regions = regions.into();
+        let mut regions = regions.into();
+        let mut failed_over = false;
         let source = match (Self::read_config(&*regions.primary), &regions.secondary) {
             (Ok(c), _) => Ok((c, regions.primary.clone())),
+            // A primary that cannot give its config is not used at all: the vault works from
+            // the secondary alone, and says so.
             (Err(e), Some(secondary)) => match Self::read_config(&**secondary) {
                 Ok(c) => {
                     (regions.notify)(&format!(
-                        "opened from the secondary region ({}): the primary failed: {e}",
+                        "working from the secondary region ({}) alone: the primary failed: {e}",
                         secondary.location()
                     ));
+                    failed_over = true;
                     Ok((c, secondary.clone()))
                 }
                 Err(_) => Err(e),
@@ -157,6 +162,10 @@ impl Vault {
             (Err(e), None) => Err(e),
         };
         let (config, source) = source?;
+        if failed_over {
+            regions.primary = source.clone();
+            regions.secondary = None;
+        }
         let keys = if config.encrypted {
             let file = Self::read_key_file(&*source)?;
             let pass = passphrase().map_err(StoreError::Passphrase)?;
@@ -172,7 +181,18 @@ impl Vault {
         } else {
             None
         };
-        Self::assemble(regions, config, keys)
+        let mut vault = Self::assemble(regions, config, keys)?;
+        if failed_over {
+            vault.regions[0].name = "secondary".into();
+            vault.failed_over = true;
+        }
+        Ok(vault)
+    }
+
+    /// Whether the primary failed when the vault was opened and it works from the secondary
+    /// region alone.
+    pub fn failed_over(&self) -> bool {
+        self.failed_over
     }
 
     /// Reads a vault's config without its key: what `vault info` shows before a passphrase.
@@ -242,6 +262,7 @@ impl Vault {
             backend,
             regions: region_list,
             replicated,
+            failed_over: false,
             config,
             keys,
             codec,
@@ -265,6 +286,7 @@ impl Vault {
             backend: region.backend.clone(),
             regions: vec![region],
             replicated: None,
+            failed_over: self.failed_over,
             config: self.config.clone(),
             keys: None,
             codec: self.codec.clone(),
