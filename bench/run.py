@@ -339,6 +339,7 @@ def measure(tool, size, keep):
     stored_before = empty
     for step in ("full", "incremental"):
         source = tool.prepare(step)
+        prefault()
         settle()
         warm(source)
         log(f"{tool.name}: {step} backup")
@@ -351,6 +352,7 @@ def measure(tool, size, keep):
         log(f"{tool.name}: {step} backup {seconds:.1f} s, repository {stored / 1e6:.0f} MB")
     out = tool.work / f"{tool.name}-restore"
     out.mkdir()
+    prefault()
     settle()
     warm(tool.repo)
     log(f"{tool.name}: restore")
@@ -416,6 +418,28 @@ def measure_formats(binary, image, formats, work, keep):
     return results
 
 
+def tree_cpu(root):
+    """CPU seconds used so far by process `root` and all its descendants (the storage server)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo.extend(child for child, parent in parents.items() if parent == pid)
+    return total
+
+
 def measure_storage(binary, server_bin, image, kinds, work, keep):
     """Full backup and restore of the same image into a local-directory vault and into each
     object store (servers on 127.0.0.1, started by `vmvault-test-server`), as ratios to local.
@@ -448,15 +472,19 @@ def measure_storage(binary, server_bin, image, kinds, work, keep):
             settle()
             warm(image)
             log(f"storage: {kind} full backup")
+            server_cpu = tree_cpu(server.pid) if server else 0.0
             seconds, cpu, _ = run([binary, "backup", "--vault", vault, *options,
                                    folder / "vm.toml"], env=env)
+            backup_server_cpu = (tree_cpu(server.pid) if server else 0.0) - server_cpu
             out = work / f"storage-{n}-restore.raw"
             prefault()
             settle()
             log(f"storage: {kind} restore")
+            server_cpu = tree_cpu(server.pid) if server else 0.0
             rseconds, rcpu, _ = run([binary, "restore", "--vault", vault, *options,
                                      f"{VM_NAME}@latest", "--disk", DISK_NAME, "--to", out],
                                     env=env)
+            restore_server_cpu = (tree_cpu(server.pid) if server else 0.0) - server_cpu
             same = identical(out, image)
             os.unlink(out)
             if kind == "local" and not keep:
@@ -466,8 +494,11 @@ def measure_storage(binary, server_bin, image, kinds, work, keep):
                 server.stdin.close()
                 server.wait(timeout=60)
         r = {"backup_seconds": round(seconds, 3), "backup_mbps": round(size / seconds / 1e6, 1),
-             "backup_cpu_seconds": round(cpu, 3), "restore_seconds": round(rseconds, 3),
-             "restore_mbps": round(size / rseconds / 1e6, 1), "identical": same}
+             "backup_cpu_seconds": round(cpu, 3),
+             "backup_server_cpu_seconds": round(backup_server_cpu, 3),
+             "restore_seconds": round(rseconds, 3),
+             "restore_mbps": round(size / rseconds / 1e6, 1), "restore_cpu_seconds": round(rcpu, 3),
+             "restore_server_cpu_seconds": round(restore_server_cpu, 3), "identical": same}
         log(f"storage: {kind} backup {seconds:.1f} s, restore {rseconds:.1f} s, identical: {same}")
         if kind in results and results[kind]["backup_mbps"] >= r["backup_mbps"]:
             continue
@@ -480,14 +511,19 @@ def storage_markdown(res):
     lines = ["### Backup and restore by vault storage", "",
              "The full image backed up into, and restored from, a vault in a local directory and "
              "in object stores on 127.0.0.1 (Garage for S3, Azurite for Azure Blob), "
-             "16 requests in flight; local ran first and last, the faster counts.", "",
-             "| storage | backup MB/s (s) | vs local | restore MB/s (s) | vs local | identical |",
-             "|---|---:|---:|---:|---:|---|"]
+             "16 requests in flight; local ran first and last, the faster counts. CPU: seconds used "
+             "by vmvault / by the storage server, which shares this machine's cores.", "",
+             "| storage | backup MB/s (s) | vs local | CPU s | restore MB/s (s) | vs local | CPU s "
+             "| identical |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for kind, r in res.items():
         lines.append(f"| {kind} | {r['backup_mbps']:,.0f} ({r['backup_seconds']:.1f} s) | "
                      f"{r['backup_mbps'] / local['backup_mbps']:.2f} | "
+                     f"{r['backup_cpu_seconds']:.1f} / {r['backup_server_cpu_seconds']:.1f} | "
                      f"{r['restore_mbps']:,.0f} ({r['restore_seconds']:.1f} s) | "
-                     f"{r['restore_mbps'] / local['restore_mbps']:.2f} | {r['identical']} |")
+                     f"{r['restore_mbps'] / local['restore_mbps']:.2f} | "
+                     f"{r['restore_cpu_seconds']:.1f} / {r['restore_server_cpu_seconds']:.1f} | "
+                     f"{r['identical']} |")
     return "\n".join(lines) + "\n"
 
 

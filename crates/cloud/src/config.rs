@@ -153,7 +153,7 @@ fn s3_store(
         .with_secret_access_key(secret_access_key)
         // The payload is not hashed into the signature: every vmvault object carries its own
         // authentication (AES-GCM tag or BLAKE3 checksum), checked on every read, and TLS
-        // protects it in transit; hashing each 1 MiB body cost a third of an upload's client CPU.
+        // protects it in transit; hashing each body cost a tenth of an upload's client CPU.
         .with_unsigned_payload(true)
         .with_retry(no_retries());
     if let Some(token) = session_token {

@@ -264,7 +264,11 @@ impl Worker {
                     let damaged = matches!(e, StoreError::Damaged { .. });
                     // A damaged primary copy is not spread; `verify --repair` mends it.
                     let _ = self.journal.finish(&entry, damaged);
-                    std::thread::sleep(backoff);
+                    // In small steps: a process that ends must not wait out a long backoff.
+                    let until = std::time::Instant::now() + backoff;
+                    while std::time::Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
