@@ -282,6 +282,15 @@ fn a_secondary_region_gets_every_point_and_restores_when_the_primary_is_gone() {
         "{status}"
     );
 
+    // Neither the vault's own objects nor the local state hold a credential.
+    for f in walk(&env.vault).into_iter().chain(walk(&env.path("state"))) {
+        let text = std::fs::read(&f).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&text).contains(&r.secret),
+            "{}",
+            f.display()
+        );
+    }
     std::fs::remove_dir_all(&env.vault).unwrap();
     // Named by its primary, the vault now works from the secondary alone, and says so.
     let o = r.ok(&["points", "--json"]);

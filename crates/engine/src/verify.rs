@@ -70,7 +70,38 @@ pub fn verify(
     if vault.regions().len() == 1 {
         return verify_region(vault, None, &[], opts, progress);
     }
-    // Every region against the union of recovery points.
+    let mut report = verify_regions(vault, opts, progress)?;
+    if !opts.repair {
+        return Ok(report);
+    }
+    // What one round cannot see (the chunks behind an index missing from a region) shows once
+    // the index is back: verify again after every round that mended something.
+    repair(vault, &mut report)?;
+    let mut repaired = report.repaired;
+    for _ in 0..MAX_REPAIR_ROUNDS {
+        if report.repaired == 0 {
+            break;
+        }
+        let mended = std::mem::take(&mut report.mended);
+        report = verify_regions(vault, opts, progress)?;
+        repair(vault, &mut report)?;
+        repaired += report.repaired;
+        report.mended.splice(0..0, mended);
+    }
+    report.repaired = repaired;
+    Ok(report)
+}
+
+/// Verify passes after the first repair, at most: each can only uncover what the previous one
+/// put back an index for.
+const MAX_REPAIR_ROUNDS: usize = 3;
+
+/// Every region on its own, against the union of their recovery points.
+fn verify_regions(
+    vault: &Vault,
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
     let mut all: Vec<HashSet<PointId>> = Vec::new();
     for i in 0..vault.regions().len() {
         all.push(vault.region_view(i).point_ids()?.into_iter().collect());
@@ -92,9 +123,6 @@ pub fn verify(
         total.chunks_read += r.chunks_read;
         total.bytes_read += r.bytes_read;
         total.problems.extend(r.problems);
-    }
-    if opts.repair && !total.problems.is_empty() {
-        repair(vault, &mut total)?;
     }
     Ok(total)
 }

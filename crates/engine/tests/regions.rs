@@ -453,12 +453,27 @@ fn verify_repair_mends_each_region_from_the_other() {
     let vault = Vault::create(s.regions(p.clone(), q.clone(), true), encrypted()).unwrap();
     let m1 = s.backup(&vault, 21);
     let m2 = s.backup(&vault, 22);
-    let chunks: Vec<String> = names(&*p, Kind::Chunk).into_iter().collect();
-    // Damage in the primary, a loss in the secondary, a manifest lost from the primary.
+    // Chunks only the first point has, so that each loss below is seen on its own.
+    let index = |m: &vmvault_format::Manifest| -> BTreeSet<String> {
+        let i = vault
+            .load_index(&m.disks[0].index, m.disks[0].size)
+            .unwrap();
+        i.chunks
+            .iter()
+            .filter(|d| !d.is_zero_chunk())
+            .map(|d| d.to_hex())
+            .collect()
+    };
+    let chunks: Vec<String> = index(&m1).difference(&index(&m2)).cloned().collect();
+    // Damage in the primary, a loss in the secondary, a manifest lost from the primary, an
+    // index lost from the secondary.
     let mut bad = p.read(Kind::Chunk, &chunks[0]).unwrap();
     bad[100] ^= 4;
     p.write(Kind::Chunk, &chunks[0], &bad).unwrap();
     q.remove(Kind::Chunk, &chunks[1]).unwrap();
+    // Behind the lost index: only seen once a repair has put the index back.
+    let hidden = index(&m2).difference(&index(&m1)).next().cloned().unwrap();
+    q.remove(Kind::Chunk, &hidden).unwrap();
     p.remove(Kind::Point, &m1.id.to_hex()).unwrap();
     q.remove(Kind::Index, &m2.disks[0].index.to_hex()).unwrap();
 
