@@ -15,6 +15,7 @@
 
 mod garage;
 mod process;
+mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,6 +28,7 @@ use process::{free_port, Process};
 use vmvault_cloud::{Credentials, RemoteOptions};
 
 pub use garage::{Garage, GarageCluster};
+pub use qemu::QemuVm;
 
 /// Whether tests must run against real servers rather than skip when a tool is missing.
 pub fn servers_required() -> bool {

@@ -105,6 +105,18 @@ impl Process {
         }
     }
 
+    /// Waits up to `timeout` for the process to end by itself; whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     /// How the process ended, if it has.
     fn exited(&mut self) -> Option<String> {
         match self.child.as_mut()?.try_wait() {
