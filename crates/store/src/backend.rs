@@ -89,17 +89,29 @@ pub trait ReadBackend: Send + Sync {
         check: Check<'_>,
     ) -> Result<()> {
         self.read_into(kind, name, buf)?;
-        check(buf).map_err(|reason| StoreError::Damaged {
-            location: self.location(),
-            object: format!("{} {name}", kind.name()),
-            reason,
-        })
+        judge(self, kind, name, buf, check)
     }
     /// How many requests in flight pay off: 1 for a local directory, more for an object store
     /// whose latency, not bandwidth, bounds one request. The engine sizes its workers by it.
     fn concurrency(&self) -> usize {
         1
     }
+}
+
+/// Runs `check` on bytes `backend` returned; its verdict against them is
+/// [`StoreError::Damaged`], naming the region.
+pub fn judge(
+    backend: &(impl ReadBackend + ?Sized),
+    kind: Kind,
+    name: &str,
+    buf: &mut Vec<u8>,
+    check: Check<'_>,
+) -> Result<()> {
+    check(buf).map_err(|reason| StoreError::Damaged {
+        location: backend.location(),
+        object: format!("{} {name}", kind.name()),
+        reason,
+    })
 }
 
 /// Judges an object's bytes as read (see [`ReadBackend::read_checked`]); `Err` says why they

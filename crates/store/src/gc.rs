@@ -33,21 +33,30 @@ impl Vault {
     /// and waits (telling `on_wait` once) while a garbage collection runs.
     pub fn lock_backup(&self, vm: &str, on_wait: &mut dyn FnMut(&str)) -> Result<LockGuard> {
         let guard = locks::acquire(self.backend(), LockKind::Backup, Some(vm))?;
+        let live = locks::live_locks(&**self.backend())?;
+        // Names sort by start: only an older backup of the same VM wins over this one, so
+        // of two that start together exactly one goes on.
+        if let Some((_, other)) = live.iter().find(|(name, i)| {
+            i.kind == LockKind::Backup
+                && i.vm.as_deref() == Some(vm)
+                && name.as_str() < guard.name()
+        }) {
+            return Err(StoreError::Busy(format!(
+                "VM {vm} is already being backed up ({}); try again when it has finished",
+                other.describe()
+            )));
+        }
+        self.wait_for_gc(on_wait)?;
+        Ok(guard)
+    }
+
+    /// Waits while a garbage collection runs, telling `on_wait` once. Called with this
+    /// writer's lock already written: a collection that starts later sees it (see the crate
+    /// doc).
+    fn wait_for_gc(&self, on_wait: &mut dyn FnMut(&str)) -> Result<()> {
         let mut told = false;
         loop {
             let live = locks::live_locks(&**self.backend())?;
-            // Names sort by start: only an older backup of the same VM wins over this one, so
-            // of two that start together exactly one goes on.
-            if let Some((_, other)) = live.iter().find(|(name, i)| {
-                i.kind == LockKind::Backup
-                    && i.vm.as_deref() == Some(vm)
-                    && name.as_str() < guard.name()
-            }) {
-                return Err(StoreError::Busy(format!(
-                    "VM {vm} is already being backed up ({}); try again when it has finished",
-                    other.describe()
-                )));
-            }
             match live.iter().find(|(_, i)| i.kind == LockKind::Gc) {
                 Some((_, gc)) => {
                     if !told {
@@ -59,7 +68,7 @@ impl Vault {
                     }
                     std::thread::sleep(WAIT_POLL);
                 }
-                None => return Ok(guard),
+                None => return Ok(()),
             }
         }
     }
@@ -68,23 +77,8 @@ impl Vault {
     /// garbage collection runs, as a backup does.
     pub fn lock_replicate(&self, on_wait: &mut dyn FnMut(&str)) -> Result<LockGuard> {
         let guard = locks::acquire(self.backend(), LockKind::Replicate, None)?;
-        let mut told = false;
-        loop {
-            let live = locks::live_locks(&**self.backend())?;
-            match live.iter().find(|(_, i)| i.kind == LockKind::Gc) {
-                Some((_, gc)) => {
-                    if !told {
-                        on_wait(&format!(
-                            "waiting for garbage collection ({}) to finish",
-                            gc.describe()
-                        ));
-                        told = true;
-                    }
-                    std::thread::sleep(WAIT_POLL);
-                }
-                None => return Ok(guard),
-            }
-        }
+        self.wait_for_gc(on_wait)?;
+        Ok(guard)
     }
 
     /// Registers a garbage collection; refuses when another one runs. Returns the lock and the

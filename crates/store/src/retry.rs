@@ -89,11 +89,7 @@ impl ReadBackend for Retrying {
     ) -> Result<()> {
         // Only the fetch is repeated: a check's verdict on bytes that arrived is final.
         self.run(|| self.inner.read_into(kind, name, buf))?;
-        check(buf).map_err(|reason| crate::StoreError::Damaged {
-            location: self.location(),
-            object: format!("{} {name}", kind.name()),
-            reason,
-        })
+        crate::backend::judge(self, kind, name, buf, check)
     }
     fn stat(&self, kind: Kind, name: &str) -> Result<Option<ObjectInfo>> {
         self.run(|| self.inner.stat(kind, name))
