@@ -42,7 +42,12 @@ struct Remote<'a> {
     secret: String,
 }
 
-impl Remote<'_> {
+impl<'a> Remote<'a> {
+    fn new(env: &'a Env, credentials: &Credentials) -> Remote<'a> {
+        let (vars, secret) = credential_env(credentials);
+        Remote { env, vars, secret }
+    }
+
     fn run(&self, args: &[&str]) -> Out {
         let mut c = self.env.command(args);
         for (k, v) in &self.vars {
@@ -173,12 +178,7 @@ fn round_trip(r: &Remote, url: &str, connection: &[&str]) {
 fn an_s3_vault_backs_up_restores_prunes_and_collects() {
     let Some(s3) = S3Server::start() else { return };
     let env = Env::new();
-    let (vars, secret) = credential_env(&s3.credentials());
-    let r = Remote {
-        env: &env,
-        vars,
-        secret,
-    };
+    let r = Remote::new(&env, &s3.credentials());
     let (endpoint, region) = (s3.endpoint(), s3.region());
     round_trip(
         &r,
@@ -191,12 +191,7 @@ fn an_s3_vault_backs_up_restores_prunes_and_collects() {
 fn an_azure_blob_vault_backs_up_restores_prunes_and_collects() {
     let Some(az) = Azurite::start() else { return };
     let env = Env::new();
-    let (vars, secret) = credential_env(&az.credentials());
-    let r = Remote {
-        env: &env,
-        vars,
-        secret,
-    };
+    let r = Remote::new(&env, &az.credentials());
     let (endpoint, account) = (az.endpoint(), az.account());
     round_trip(
         &r,
@@ -243,12 +238,7 @@ fn wrong_credentials_fail_clearly_without_showing_them() {
 fn a_secondary_region_gets_every_point_and_restores_when_the_primary_is_gone() {
     let Some(s3) = S3Server::start() else { return };
     let env = Env::new();
-    let (vars, secret) = credential_env(&s3.credentials());
-    let r = Remote {
-        env: &env,
-        vars,
-        secret,
-    };
+    let r = Remote::new(&env, &s3.credentials());
     let (endpoint, region, url) = (s3.endpoint(), s3.region(), s3.url("geo"));
     let vault = env.vault.to_str().unwrap();
     r.ok(&[
@@ -357,12 +347,7 @@ fn a_secondary_that_was_down_is_caught_up() {
         return;
     };
     let env = Env::new();
-    let (vars, secret) = credential_env(&garage.credentials());
-    let r = Remote {
-        env: &env,
-        vars,
-        secret,
-    };
+    let r = Remote::new(&env, &garage.credentials());
     let (endpoint, region, url) = (garage.endpoint(), garage.region(), garage.url("geo"));
     let vault = env.vault.to_str().unwrap();
     r.ok(&[
@@ -434,12 +419,7 @@ fn a_backup_survives_a_storage_node_stopping_midway() {
         return;
     };
     let env = Env::new();
-    let (vars, secret) = credential_env(&cluster.credentials());
-    let r = Remote {
-        env: &env,
-        vars,
-        secret,
-    };
+    let r = Remote::new(&env, &cluster.credentials());
     let (endpoint, region, url) = (cluster.endpoint(0), cluster.region(), cluster.url("zoned"));
     let conn = [
         "--vault",

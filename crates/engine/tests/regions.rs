@@ -110,6 +110,16 @@ impl Setup {
     }
 }
 
+/// Reads every chunk of every point back and expects no problem.
+fn assert_verifies(vault: &Vault) {
+    let opts = VerifyOptions {
+        read_data: true,
+        ..VerifyOptions::default()
+    };
+    let r = verify(vault, &opts, &NoProgress).unwrap();
+    assert!(r.is_clean(), "{}: {:?}", vault.location(), r.problems);
+}
+
 fn names(b: &dyn ReadBackend, kind: Kind) -> BTreeSet<String> {
     b.list(kind).unwrap().into_iter().map(|o| o.name).collect()
 }
@@ -172,16 +182,7 @@ fn async_replication_copies_every_point_and_the_secondary_restores_alone() {
     };
     assert_eq!(s.restored(&alone, &m1), want1);
     assert_ne!(s.restored(&alone, &m2), want1);
-    let report = verify(
-        &alone,
-        &VerifyOptions {
-            read_data: true,
-            ..VerifyOptions::default()
-        },
-        &NoProgress,
-    )
-    .unwrap();
-    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_verifies(&alone);
 }
 
 #[test]
@@ -347,16 +348,7 @@ fn collection_sweeps_both_regions_and_keeps_what_either_references() {
     }
     for region in [&p, &q] {
         let alone = Vault::open(region.clone(), pass).unwrap();
-        let r = verify(
-            &alone,
-            &VerifyOptions {
-                read_data: true,
-                ..VerifyOptions::default()
-            },
-            &NoProgress,
-        )
-        .unwrap();
-        assert!(r.is_clean(), "{}: {:?}", region.location(), r.problems);
+        assert_verifies(&alone);
     }
 }
 
@@ -425,16 +417,8 @@ fn a_primary_that_loses_power_mid_backup_keeps_a_valid_vault() {
         faulty.lose_unsynced().unwrap();
 
         let vault = Vault::open(faulty.clone() as Arc<dyn WriteBackend>, pass).unwrap();
-        let r = verify(
-            &vault,
-            &VerifyOptions {
-                read_data: true,
-                ..VerifyOptions::default()
-            },
-            &NoProgress,
-        )
-        .unwrap();
-        assert!(r.is_clean(), "after dying at {die_after}: {:?}", r.problems);
+        eprintln!("power lost after {die_after} calls");
+        assert_verifies(&vault);
         let (points, bad) = vault.points().unwrap();
         assert!(bad.is_empty() && !points.is_empty());
         // Another VM: this process still lives, so the dead backup's lock (if it was synced)
