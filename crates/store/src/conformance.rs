@@ -165,7 +165,22 @@ pub fn run(b: &dyn WriteBackend) {
 
 #[cfg(test)]
 mod tests {
-    use crate::{LocalBackend, StoreError, WriteBackend};
+    use crate::{Kind, LocalBackend, ReadBackend, StoreError, WriteBackend};
+
+    #[test]
+    fn local_backend_remakes_a_removed_folder_of_its_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path().join("vault"));
+        b.create().unwrap();
+        std::fs::remove_dir_all(dir.path().join("vault/chunks/ab")).unwrap();
+        std::fs::remove_dir_all(dir.path().join("vault/points")).unwrap();
+        b.write(Kind::Chunk, "abcd", b"x").unwrap();
+        b.write(Kind::Point, "p1", b"y").unwrap();
+        assert_eq!(b.read(Kind::Chunk, "abcd").unwrap(), b"x");
+        // But not a whole vault that is gone: that is not a vault to write into.
+        std::fs::remove_dir_all(dir.path().join("vault")).unwrap();
+        assert!(b.write(Kind::Point, "p2", b"z").is_err());
+    }
 
     #[test]
     fn local_backend_keeps_the_contract() {

@@ -194,7 +194,15 @@ impl WriteBackend for LocalBackend {
         vmvault_format::random_bytes(&mut suffix);
         let tmp = dir.join(format!("{TMP_PREFIX}{}", hex::encode(suffix)));
         let result = (|| {
-            let mut f = fs::File::create(&tmp)?;
+            let mut f = match fs::File::create(&tmp) {
+                // A folder of the layout was removed (by hand, or a region being repaired):
+                // made again, as `create` would have.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && self.root.is_dir() => {
+                    fs::create_dir_all(dir)?;
+                    fs::File::create(&tmp)?
+                }
+                other => other?,
+            };
             f.write_all(data)?;
             // Mutable objects (key, config, locks) are few and small: make them durable now.
             if matches!(kind, Kind::Key | Kind::Config) {
