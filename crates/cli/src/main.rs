@@ -11,6 +11,7 @@ mod points;
 mod regions;
 mod replicate;
 mod restore;
+mod serve;
 mod vault;
 
 use std::path::PathBuf;
@@ -50,7 +51,13 @@ pub struct Global {
     pub sync: bool,
     /// Seconds a backup keeps waiting for a secondary region that makes no progress before it
     /// leaves the rest to the replication queue (kept for the next run).
-    #[arg(long, global = true, env = "VMVAULT_REPLICATION_WAIT", default_value_t = 30, value_name = "SECONDS")]
+    #[arg(
+        long,
+        global = true,
+        env = "VMVAULT_REPLICATION_WAIT",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
     pub replication_wait: u64,
     /// Read the vault's passphrase from this file (else VMVAULT_PASSWORD, else a prompt).
     #[arg(long, global = true, value_name = "FILE")]
@@ -83,6 +90,9 @@ enum Command {
     /// Inspect disk images.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Serve a recovery point's disk to other programs: `serve nbd` (read-only NBD).
+    #[command(subcommand)]
+    Serve(serve::ServeCommand),
 }
 
 fn main() {
@@ -98,6 +108,7 @@ fn main() {
         Command::Gc => maintenance::gc(g),
         Command::Key(c) => key::run(g, c),
         Command::Disk(c) => disk::run(g, c),
+        Command::Serve(c) => serve::run(g, c),
     };
     if let Err(e) = result {
         eprintln!("vmvault: error: {}", exit::message(&e));

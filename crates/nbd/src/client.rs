@@ -285,14 +285,7 @@ impl<S: Read + Write> Client<S> {
 
     /// Reads `buf.len()` bytes at `off`, in requests no larger than the server allows.
     pub fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
-        let end = off.checked_add(buf.len() as u64);
-        if end.is_none_or(|e| e > self.size) {
-            return Err(NbdError::Unsupported(format!(
-                "a read of {} bytes at {off} is past the export's end ({})",
-                buf.len(),
-                self.size
-            )));
-        }
+        self.check_range(off, buf.len() as u64)?;
         let max = self.max_block as usize;
         for (i, piece) in buf.chunks_mut(max).enumerate() {
             let at = off + (i * max) as u64;
@@ -332,7 +325,7 @@ impl<S: Read + Write> Client<S> {
         let mut covered = 0u64;
         let mut error = None;
         loop {
-            let chunk = self.chunk_header(handle)?;
+            let chunk = self.chunk(handle, "READ", off)?;
             let at = |o: u64, n: u64| -> Result<usize> {
                 let rel = o
                     .checked_sub(off)
@@ -391,16 +384,18 @@ impl<S: Read + Write> Client<S> {
         Ok(())
     }
 
-    fn chunk_header(&mut self, handle: u64) -> Result<Chunk> {
+    /// The next reply to `handle`: a simple reply's error, or a structured chunk's header.
+    fn reply(&mut self, handle: u64) -> Result<Reply> {
         let magic = read_u32(&mut self.s)?;
         if magic == SIMPLE_REPLY_MAGIC {
-            // Allowed for errors of commands other than READ; treated alike here.
             let error = read_u32(&mut self.s)?;
             let h = read_u64(&mut self.s)?;
-            if h != handle || error == 0 {
-                return Err(NbdError::server("an unexpected simple reply"));
+            if h != handle {
+                return Err(NbdError::server(format!(
+                    "a reply for handle {h}, not {handle}"
+                )));
             }
-            return Err(command_error("command", 0, error, String::new()));
+            return Ok(Reply::Simple(error));
         }
         if magic != STRUCTURED_REPLY_MAGIC {
             return Err(NbdError::server("a reply without its magic"));
@@ -417,14 +412,75 @@ impl<S: Read + Write> Client<S> {
         if len > MAX_REQUEST + 64 {
             return Err(NbdError::server(format!("a reply chunk of {len} bytes")));
         }
-        Ok(Chunk {
+        Ok(Reply::Chunk(Chunk {
             done: flags & REPLY_FLAG_DONE != 0,
             kind,
             len,
-        })
+        }))
+    }
+
+    /// A structured chunk replying to `command`, which must not be answered simply unless
+    /// with an error.
+    fn chunk(&mut self, handle: u64, command: &'static str, off: u64) -> Result<Chunk> {
+        match self.reply(handle)? {
+            Reply::Chunk(c) => Ok(c),
+            Reply::Simple(0) => Err(NbdError::server(format!("a simple reply to {command}"))),
+            Reply::Simple(e) => Err(command_error(command, off, e, String::new())),
+        }
+    }
+
+    /// Writes `data` at `off`, in requests no larger than the server allows. A read-only
+    /// server answers `EPERM`.
+    pub fn write_at(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        self.check_range(off, data.len() as u64)?;
+        let max = self.max_block as usize;
+        for (i, piece) in data.chunks(max).enumerate() {
+            let at = off + (i * max) as u64;
+            let r = self.write_piece(at, piece);
+            self.note(&r);
+            r?;
+        }
+        Ok(())
+    }
+
+    fn write_piece(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        let handle = self.send(CMD_WRITE, 0, off, data.len() as u32)?;
+        self.s.write_all(data)?;
+        let mut error = None;
+        loop {
+            let chunk = match self.reply(handle)? {
+                Reply::Simple(0) => return Ok(()),
+                Reply::Simple(e) => return Err(command_error("WRITE", off, e, String::new())),
+                Reply::Chunk(c) => c,
+            };
+            match chunk.kind {
+                REPLY_TYPE_NONE if chunk.len == 0 => {}
+                k if k & REPLY_TYPE_FLAG_ERROR != 0 => {
+                    let (errno, message) = self.error_payload(chunk.len)?;
+                    error.get_or_insert(command_error("WRITE", off, errno, message));
+                }
+                k => return Err(NbdError::server(format!("reply chunk type {k} to WRITE"))),
+            }
+            if chunk.done {
+                return error.map_or(Ok(()), Err);
+            }
+        }
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        if off.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(NbdError::Unsupported(format!(
+                "{len} bytes at {off} are past the export's end ({})",
+                self.size
+            )));
+        }
+        Ok(())
     }
 
     fn error_payload(&mut self, len: u32) -> Result<(u32, String)> {
+        if len as usize > MAX_STRING + 14 {
+            return Err(NbdError::server(format!("an error chunk of {len} bytes")));
+        }
         let data = read_vec(&mut self.s, len as usize)?;
         let mut r = Bytes(&data);
         let (Some(errno), Some(mlen)) = (r.u32(), r.u16()) else {
@@ -478,7 +534,7 @@ impl<S: Read + Write> Client<S> {
         let mut mine = None;
         let mut error = None;
         loop {
-            let chunk = self.chunk_header(handle)?;
+            let chunk = self.chunk(handle, "BLOCK_STATUS", off)?;
             match chunk.kind {
                 REPLY_TYPE_BLOCK_STATUS => {
                     if chunk.len < 12 || (chunk.len - 4) % 8 != 0 {
@@ -551,6 +607,12 @@ impl<S: Read + Write> Drop for Client<S> {
     fn drop(&mut self) {
         let _ = self.disc();
     }
+}
+
+enum Reply {
+    /// A simple reply, with its error (0: success).
+    Simple(u32),
+    Chunk(Chunk),
 }
 
 struct Chunk {

@@ -171,6 +171,14 @@ fn reads_allocation_and_a_dirty_bitmap_from_qemu_nbd() {
     assert!(c.read_at(40 * MIB - 10, &mut [0u8; 20]).is_err());
     c.read_at(0, &mut small[..10]).unwrap();
     assert_eq!(&small[..10], &[0x11; 10]);
+    // A read-only qemu-nbd refuses writes (with EINVAL and a message, where vmvault's server
+    // says EPERM); the connection goes on.
+    match c.write_at(0, &[0u8; 512]) {
+        Err(NbdError::Command { message, .. }) => assert!(message.contains("read-only")),
+        w => panic!("the write was not refused: {w:?}"),
+    }
+    c.read_at(0, &mut small[..10]).unwrap();
+    assert_eq!(&small[..10], &[0x11; 10]);
     c.disconnect().unwrap();
 }
 

@@ -74,6 +74,17 @@ fn client_reads_holes_and_block_status() {
         c.block_status(K64 as u64 + 1, 10, BASE_ALLOCATION).unwrap(),
         vec![e(10, hole)]
     );
+    // Writes are refused; the connection goes on.
+    match c.write_at(10, &[1, 2, 3]) {
+        Err(NbdError::Command { errno, message, .. }) => {
+            assert_eq!(errno, EPERM);
+            assert!(message.contains("read-only"), "{message}");
+        }
+        r => panic!("a write was not refused: {r:?}"),
+    }
+    let mut b = [0u8; 3];
+    c.read_at(10, &mut b).unwrap();
+    assert_eq!(b[..], disk()[10..13]);
     c.disconnect().unwrap();
     t.join().unwrap().unwrap();
 }
