@@ -46,7 +46,10 @@ struct Replication {
 /// Waits while the queue for the secondary shrinks, so that a backup normally ends with its
 /// point in both regions; a secondary that makes no progress for `stall` is left to the
 /// queue (kept for the next run) and said so. The point is in the primary either way.
-fn finish_replication(vault: &vmvault_store::Vault, stall: Duration) -> Result<Option<Replication>> {
+fn finish_replication(
+    vault: &vmvault_store::Vault,
+    stall: Duration,
+) -> Result<Option<Replication>> {
     let Some(r) = vault.replication() else {
         return Ok(None);
     };

@@ -74,11 +74,16 @@ pub fn verify(g: &Global, args: VerifyArgs) -> Result<()> {
             },
             match (report.is_clean(), report.repaired) {
                 (true, 0) => "no problems".to_string(),
-                (true, n) => format!("repaired {n} object(s) from the other region; no problems left"),
+                (true, n) =>
+                    format!("repaired {n} object(s) from the other region; no problems left"),
                 (false, n) => format!(
                     "{} problem(s){}",
                     report.problems.len(),
-                    if n > 0 { format!(" left after repairing {n} object(s)") } else { String::new() }
+                    if n > 0 {
+                        format!(" left after repairing {n} object(s)")
+                    } else {
+                        String::new()
+                    }
                 ),
             }
         );

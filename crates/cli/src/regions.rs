@@ -207,7 +207,12 @@ pub fn primary_location(g: &Global) -> Result<Location> {
     let vault = g.vault.as_deref().ok_or_else(|| {
         InputError("no vault given: pass --vault LOCATION or set VMVAULT_VAULT".into())
     })?;
-    Location::new(vault, g.endpoint.clone(), g.region.clone(), g.account.clone())
+    Location::new(
+        vault,
+        g.endpoint.clone(),
+        g.region.clone(),
+        g.account.clone(),
+    )
 }
 
 /// Creates a vault in its region(s) and records them.
@@ -228,7 +233,9 @@ pub fn create(
         notify: notify(),
     };
     let vault = Vault::create(regions, opts)?;
-    vault.backend().write(Kind::Config, RECORD, &record.encode())?;
+    vault
+        .backend()
+        .write(Kind::Config, RECORD, &record.encode())?;
     vault.backend().sync()?;
     remember(&record);
     Ok(vault)

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde::Serialize;
-use vmvault_store::compare::{self, CopyReport, Lag, RegionSize};
 use vmvault_engine::Progress;
+use vmvault_store::compare::{self, CopyReport, Lag, RegionSize};
 use vmvault_store::Vault;
 
 use crate::exit::InputError;

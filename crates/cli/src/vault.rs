@@ -194,7 +194,9 @@ pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
             print_info(g, &info);
             Ok(())
         }
-        VaultCommand::Replicate { watch, interval } => crate::replicate::replicate(g, watch, interval),
+        VaultCommand::Replicate { watch, interval } => {
+            crate::replicate::replicate(g, watch, interval)
+        }
         VaultCommand::Status => crate::replicate::status(g),
     }
 }

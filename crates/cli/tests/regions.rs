@@ -25,10 +25,9 @@ fn credential_env(c: &Credentials) -> (Vec<(String, String)>, String) {
             ],
             secret_access_key.clone(),
         ),
-        Credentials::AzureKey { key } => (
-            vec![("AZURE_STORAGE_KEY".into(), key.clone())],
-            key.clone(),
-        ),
+        Credentials::AzureKey { key } => {
+            (vec![("AZURE_STORAGE_KEY".into(), key.clone())], key.clone())
+        }
         Credentials::AzureSas { token } => (
             vec![("AZURE_STORAGE_SAS_TOKEN".into(), token.clone())],
             token.clone(),
@@ -135,7 +134,14 @@ fn round_trip(r: &Remote, url: &str, connection: &[&str]) {
     run(&["backup", &desc]);
     let out = env.path("out.img");
     let id = first["id"].as_str().unwrap();
-    run(&["restore", &format!("web01@{id}"), "--disk", "os", "--to", out.to_str().unwrap()]);
+    run(&[
+        "restore",
+        &format!("web01@{id}"),
+        "--disk",
+        "os",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
     let want = env.path("want.img");
     std::fs::write(&want, {
         let mut d = random(3 << 20, 1);
@@ -144,7 +150,15 @@ fn round_trip(r: &Remote, url: &str, connection: &[&str]) {
     })
     .unwrap();
     same_file(&out, &want);
-    run(&["restore", "web01@latest", "--disk", "os", "--to", out.to_str().unwrap(), "--force"]);
+    run(&[
+        "restore",
+        "web01@latest",
+        "--disk",
+        "os",
+        "--to",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
     same_file(&out, &img2);
     run(&["verify", "--read-data"]);
     run(&["prune", "--keep-last", "1"]);
@@ -206,7 +220,15 @@ fn wrong_credentials_fail_clearly_without_showing_them() {
     };
     let (endpoint, region) = (s3.endpoint(), s3.region());
     let url = s3.url("vault-w");
-    let o = r.run(&["vault", "create", &url, "--endpoint", &endpoint, "--region", &region]);
+    let o = r.run(&[
+        "vault",
+        "create",
+        &url,
+        "--endpoint",
+        &endpoint,
+        "--region",
+        &region,
+    ]);
     // moto accepts any credentials; Garage refuses unknown ones.
     if s3.name() == "garage" {
         assert_eq!(o.code, 1, "{}", o.stderr);
@@ -243,7 +265,10 @@ fn a_secondary_region_gets_every_point_and_restores_when_the_primary_is_gone() {
         &region,
     ]);
     let info = r.ok(&["vault", "info", "--json"]).json();
-    assert!(info["secondary"].as_str().unwrap().starts_with(&url), "{info}");
+    assert!(
+        info["secondary"].as_str().unwrap().starts_with(&url),
+        "{info}"
+    );
     let img = image(&env, "web01.img", 4, 3);
     let desc = description(&env, "web01", &img);
     let b = r.ok(&["backup", &desc, "--json"]).json();
@@ -265,7 +290,11 @@ fn a_secondary_region_gets_every_point_and_restores_when_the_primary_is_gone() {
     // Backups go to the primary first: refused while it is gone.
     let o = r.run(&["backup", &desc]);
     assert_eq!(o.code, 1, "{}", o.stderr);
-    assert!(o.stderr.contains("primary region is unavailable"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("primary region is unavailable"),
+        "{}",
+        o.stderr
+    );
     let out = env.path("out");
     let o = r.ok(&[
         "restore",
@@ -280,7 +309,14 @@ fn a_secondary_region_gets_every_point_and_restores_when_the_primary_is_gone() {
     // The secondary is a vault in its own right.
     let points = r
         .ok(&[
-            "--vault", &url, "--endpoint", &endpoint, "--region", &region, "points", "--json",
+            "--vault",
+            &url,
+            "--endpoint",
+            &endpoint,
+            "--region",
+            &region,
+            "points",
+            "--json",
         ])
         .json();
     assert_eq!(points["points"].as_array().unwrap().len(), 2);
@@ -308,7 +344,9 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// keeps the queue, and `vault replicate` catches up once the secondary is back.
 #[test]
 fn a_secondary_that_was_down_is_caught_up() {
-    let Some(mut garage) = Garage::start() else { return };
+    let Some(mut garage) = Garage::start() else {
+        return;
+    };
     let env = Env::new();
     let (vars, secret) = credential_env(&garage.credentials());
     let r = Remote {
@@ -319,16 +357,29 @@ fn a_secondary_that_was_down_is_caught_up() {
     let (endpoint, region, url) = (garage.endpoint(), garage.region(), garage.url("geo"));
     let vault = env.vault.to_str().unwrap();
     r.ok(&[
-        "vault", "create", vault, "--chunk-size", "64K", "--secondary", &url,
-        "--secondary-endpoint", &endpoint, "--secondary-region", &region,
+        "vault",
+        "create",
+        vault,
+        "--chunk-size",
+        "64K",
+        "--secondary",
+        &url,
+        "--secondary-endpoint",
+        &endpoint,
+        "--secondary-region",
+        &region,
     ]);
     let img = image(&env, "web01.img", 2, 4);
     let desc = description(&env, "web01", &img);
     garage.stop();
-    let b = r.ok(&["backup", &desc, "--json", "--replication-wait", "2"]).json();
+    let b = r
+        .ok(&["backup", &desc, "--json", "--replication-wait", "2"])
+        .json();
     assert!(b["replication"]["queued"].as_u64().unwrap() > 0, "{b}");
     // The point is in the primary whatever the secondary does.
-    let points = r.ok(&["points", "--json", "--from-region", "primary"]).json();
+    let points = r
+        .ok(&["points", "--json", "--from-region", "primary"])
+        .json();
     assert_eq!(points["points"].as_array().unwrap().len(), 1);
     // Sync mode refuses to pretend: the backup fails while the secondary is down.
     let o = r.run(&["backup", &desc, "--sync"]);
@@ -336,17 +387,31 @@ fn a_secondary_that_was_down_is_caught_up() {
 
     garage.start_again();
     let status = r.ok(&["vault", "status", "--json"]).json();
-    assert!(status["replication_lag"]["objects"].as_u64().unwrap() > 0, "{status}");
-    assert!(status["replication_lag"]["oldest_seconds"].as_u64().is_some());
+    assert!(
+        status["replication_lag"]["objects"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    assert!(status["replication_lag"]["oldest_seconds"]
+        .as_u64()
+        .is_some());
     let rep = r.ok(&["vault", "replicate", "--json"]).json();
     assert!(rep["objects"].as_u64().unwrap() > 0, "{rep}");
     let status = r.ok(&["vault", "status", "--json"]).json();
     assert_eq!(status["replication_lag"]["objects"], 0, "{status}");
     let again = r.ok(&["vault", "replicate", "--json"]).json();
-    assert_eq!(again["objects"], 0, "resumable: nothing left the second time");
+    assert_eq!(
+        again["objects"], 0,
+        "resumable: nothing left the second time"
+    );
     let out = env.path("os.raw");
     r.ok(&[
-        "restore", "--from-region", "secondary", "web01@latest", "--disk", "os", "--to",
+        "restore",
+        "--from-region",
+        "secondary",
+        "web01@latest",
+        "--disk",
+        "os",
+        "--to",
         out.to_str().unwrap(),
     ]);
     same_file(&out, &img);
@@ -356,7 +421,9 @@ fn a_secondary_that_was_down_is_caught_up() {
 /// middle of a backup, and the backup completes, restores and verifies.
 #[test]
 fn a_backup_survives_a_storage_node_stopping_midway() {
-    let Some(mut cluster) = GarageCluster::start(3) else { return };
+    let Some(mut cluster) = GarageCluster::start(3) else {
+        return;
+    };
     let env = Env::new();
     let (vars, secret) = credential_env(&cluster.credentials());
     let r = Remote {
@@ -365,29 +432,57 @@ fn a_backup_survives_a_storage_node_stopping_midway() {
         secret,
     };
     let (endpoint, region, url) = (cluster.endpoint(0), cluster.region(), cluster.url("zoned"));
-    let conn = ["--vault", url.as_str(), "--endpoint", endpoint.as_str(), "--region", region.as_str()];
-    let args = |rest: &[&str]| -> Vec<String> {
-        conn.iter().chain(rest).map(|s| s.to_string()).collect()
-    };
-    r.ok(&["vault", "create", &url, "--endpoint", &endpoint, "--region", &region, "--chunk-size", "64K"]);
+    let conn = [
+        "--vault",
+        url.as_str(),
+        "--endpoint",
+        endpoint.as_str(),
+        "--region",
+        region.as_str(),
+    ];
+    let args =
+        |rest: &[&str]| -> Vec<String> { conn.iter().chain(rest).map(|s| s.to_string()).collect() };
+    r.ok(&[
+        "vault",
+        "create",
+        &url,
+        "--endpoint",
+        &endpoint,
+        "--region",
+        &region,
+        "--chunk-size",
+        "64K",
+    ]);
     let img = image(&env, "big.img", 48, 5);
     let desc = description(&env, "big", &img);
 
-    let mut cmd = env.command(&args(&["backup", &desc, "--json"]).iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cmd = env.command(
+        &args(&["backup", &desc, "--json"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     for (k, v) in &r.vars {
         cmd.env(k, v);
     }
-    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().unwrap();
     // Stop a node once the backup has stored part of the disk.
     let probe = vmvault_cloud::open(&url, &cluster.options(0)).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let n = probe.list(vmvault_store::Kind::Chunk).map(|l| l.len()).unwrap_or(0);
+        let n = probe
+            .list(vmvault_store::Kind::Chunk)
+            .map(|l| l.len())
+            .unwrap_or(0);
         if n >= 50 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the backup never started storing");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup never started storing"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     cluster.stop_node(2);
@@ -397,12 +492,26 @@ fn a_backup_survives_a_storage_node_stopping_midway() {
         "the node must stop in the middle of the backup, not after it"
     );
     let o = common::out(child.wait_with_output().unwrap());
-    assert_eq!(o.code, 0, "the backup failed with a node down: {}", o.stderr);
+    assert_eq!(
+        o.code, 0,
+        "the backup failed with a node down: {}",
+        o.stderr
+    );
     let done = o.json();
-    assert!(done["stats"]["chunks_new"].as_u64().unwrap() > 600, "{done}");
+    assert!(
+        done["stats"]["chunks_new"].as_u64().unwrap() > 600,
+        "{done}"
+    );
 
     let out = env.path("big.out");
-    let owned = args(&["restore", "big@latest", "--disk", "os", "--to", out.to_str().unwrap()]);
+    let owned = args(&[
+        "restore",
+        "big@latest",
+        "--disk",
+        "os",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
     r.ok(&owned.iter().map(String::as_str).collect::<Vec<_>>());
     same_file(&out, &img);
     let owned = args(&["verify", "--read-data"]);
@@ -416,7 +525,15 @@ fn verify_names_the_region_and_repair_mends_it() {
     let env = Env::new();
     let vault = env.vault.to_str().unwrap().to_string();
     let second = env.path("second");
-    env.ok(&["vault", "create", &vault, "--chunk-size", "64K", "--secondary", second.to_str().unwrap()]);
+    env.ok(&[
+        "vault",
+        "create",
+        &vault,
+        "--chunk-size",
+        "64K",
+        "--secondary",
+        second.to_str().unwrap(),
+    ]);
     let img = image(&env, "web01.img", 2, 6);
     let desc = description(&env, "web01", &img);
     env.ok(&["backup", &desc]);

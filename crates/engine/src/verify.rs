@@ -107,7 +107,10 @@ fn repair(vault: &Vault, report: &mut VerifyReport) -> Result<()> {
     // Manifests last: a point is put back only after what it references.
     problems.sort_by_key(|p| p.objects.iter().any(|(k, _)| *k == Kind::Point));
     for p in problems {
-        let Some(i) = regions.iter().position(|r| Some(&r.name) == p.region.as_ref()) else {
+        let Some(i) = regions
+            .iter()
+            .position(|r| Some(&r.name) == p.region.as_ref())
+        else {
             report.problems.push(p);
             continue;
         };
@@ -191,9 +194,12 @@ fn verify_region(
                 Ok(i) => i,
                 Err(e) => {
                     let objects = vec![(Kind::Index, disk.index.to_hex())];
-                    report
-                        .problems
-                        .push(problem(Some(m), Some(&disk.name), e.to_string(), objects));
+                    report.problems.push(problem(
+                        Some(m),
+                        Some(&disk.name),
+                        e.to_string(),
+                        objects,
+                    ));
                     continue;
                 }
             };

@@ -218,7 +218,15 @@ fn gc_between_listing_and_deleting_spares_what_a_backup_touched_meanwhile() {
     );
     assert!(a.stats.chunks_reused >= 41, "{:?}", a.stats);
 
-    let v = verify(&vault, &VerifyOptions { read_data: true, ..VerifyOptions::default() }, &NoProgress).unwrap();
+    let v = verify(
+        &vault,
+        &VerifyOptions {
+            read_data: true,
+            ..VerifyOptions::default()
+        },
+        &NoProgress,
+    )
+    .unwrap();
     assert!(v.is_clean(), "{:?}", v.problems);
     let out = dir.join("r.raw");
     restore_disk(

@@ -172,7 +172,15 @@ fn async_replication_copies_every_point_and_the_secondary_restores_alone() {
     };
     assert_eq!(s.restored(&alone, &m1), want1);
     assert_ne!(s.restored(&alone, &m2), want1);
-    let report = verify(&alone, &VerifyOptions { read_data: true, ..VerifyOptions::default() }, &NoProgress).unwrap();
+    let report = verify(
+        &alone,
+        &VerifyOptions {
+            read_data: true,
+            ..VerifyOptions::default()
+        },
+        &NoProgress,
+    )
+    .unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
 }
 
@@ -339,7 +347,15 @@ fn collection_sweeps_both_regions_and_keeps_what_either_references() {
     }
     for region in [&p, &q] {
         let alone = Vault::open(region.clone(), pass).unwrap();
-        let r = verify(&alone, &VerifyOptions { read_data: true, ..VerifyOptions::default() }, &NoProgress).unwrap();
+        let r = verify(
+            &alone,
+            &VerifyOptions {
+                read_data: true,
+                ..VerifyOptions::default()
+            },
+            &NoProgress,
+        )
+        .unwrap();
         assert!(r.is_clean(), "{}: {:?}", region.location(), r.problems);
     }
 }
@@ -409,7 +425,15 @@ fn a_primary_that_loses_power_mid_backup_keeps_a_valid_vault() {
         faulty.lose_unsynced().unwrap();
 
         let vault = Vault::open(faulty.clone() as Arc<dyn WriteBackend>, pass).unwrap();
-        let r = verify(&vault, &VerifyOptions { read_data: true, ..VerifyOptions::default() }, &NoProgress).unwrap();
+        let r = verify(
+            &vault,
+            &VerifyOptions {
+                read_data: true,
+                ..VerifyOptions::default()
+            },
+            &NoProgress,
+        )
+        .unwrap();
         assert!(r.is_clean(), "after dying at {die_after}: {:?}", r.problems);
         let (points, bad) = vault.points().unwrap();
         assert!(bad.is_empty() && !points.is_empty());

@@ -19,7 +19,13 @@ use crate::Result;
 
 /// The kinds a secondary holds, in the order a copy must go: a manifest last, once what it
 /// references is there.
-pub const REPLICATED: [Kind; 5] = [Kind::Config, Kind::Key, Kind::Chunk, Kind::Index, Kind::Point];
+pub const REPLICATED: [Kind; 5] = [
+    Kind::Config,
+    Kind::Key,
+    Kind::Chunk,
+    Kind::Index,
+    Kind::Point,
+];
 
 /// One region's contents.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -41,7 +47,11 @@ pub struct Lag {
 }
 
 /// The objects of `kind` in `from` that `to` lacks, and both regions' sizes.
-fn missing(from: &Region, to: &Region, kind: Kind) -> Result<(Vec<ObjectInfo>, Vec<ObjectInfo>, Vec<ObjectInfo>)> {
+fn missing(
+    from: &Region,
+    to: &Region,
+    kind: Kind,
+) -> Result<(Vec<ObjectInfo>, Vec<ObjectInfo>, Vec<ObjectInfo>)> {
     let a = from.backend.list(kind)?;
     let b = to.backend.list(kind)?;
     let have: HashSet<&str> = b.iter().map(|o| o.name.as_str()).collect();
@@ -101,7 +111,11 @@ pub fn copy_missing(
     let mut points = Vec::new();
     for kind in REPLICATED {
         let (lacking, _, _) = missing(from, to, kind)?;
-        let list = if kind == Kind::Point { &mut points } else { &mut work };
+        let list = if kind == Kind::Point {
+            &mut points
+        } else {
+            &mut work
+        };
         list.extend(lacking.into_iter().map(|o| (kind, o)));
     }
     let total: u64 = work.iter().chain(&points).map(|(_, o)| o.size).sum();
@@ -117,10 +131,11 @@ pub fn copy_missing(
                     let Some((kind, obj)) = batch.get(i) else {
                         return;
                     };
-                    let copied = from
-                        .backend
-                        .read(*kind, &obj.name)
-                        .and_then(|bytes| to.backend.write(*kind, &obj.name, &bytes).map(|_| bytes.len()));
+                    let copied = from.backend.read(*kind, &obj.name).and_then(|bytes| {
+                        to.backend
+                            .write(*kind, &obj.name, &bytes)
+                            .map(|_| bytes.len())
+                    });
                     let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
                     match copied {
                         Ok(n) => {
