@@ -242,6 +242,24 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_chunk_fails_its_reads_only() {
+        let (dir, vault, m, disk) = point();
+        let e = PointExport::open(vault, &m, "os").unwrap();
+        let index = &e.index;
+        let digest = index.chunks[5].to_hex();
+        let path = dir.path().join("v/chunks").join(&digest[..2]).join(&digest);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let err = e.read_at(5 * 65536, &mut [0u8; 10]).unwrap_err();
+        assert!(err.to_string().contains("chunk 5 of disk os"), "{err}");
+        let mut b = vec![0u8; 100];
+        e.read_at(0, &mut b).unwrap();
+        assert_eq!(b, disk[..100]);
+    }
+
+    #[test]
     fn zero_chunks_are_holes() {
         let (_dir, vault, m, disk) = point();
         let e = PointExport::open(vault, &m, "os").unwrap();

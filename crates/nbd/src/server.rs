@@ -9,6 +9,7 @@
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::proto::*;
@@ -16,12 +17,17 @@ use crate::{Export, NbdError, Result};
 
 type Log = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Connections served at once by default; more are closed as they arrive.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
 /// Serves one export under one name (the empty name, the default export, reaches it too).
 pub struct Server {
     name: String,
     description: String,
     export: Arc<dyn Export>,
     log: Log,
+    max_connections: usize,
+    connections: AtomicUsize,
 }
 
 /// Where a session stands after an option.
@@ -47,7 +53,15 @@ impl Server {
             description: String::new(),
             export,
             log: Arc::new(|_: &str| {}),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            connections: AtomicUsize::new(0),
         }
+    }
+
+    /// How many connections are served at once (each has a thread); more are closed.
+    pub fn with_max_connections(mut self, n: usize) -> Server {
+        self.max_connections = n;
+        self
     }
 
     /// A description for `NBD_INFO_DESCRIPTION` and `NBD_OPT_LIST`.
@@ -94,6 +108,14 @@ impl Server {
     }
 
     fn spawn<S: Read + Write + Send + 'static>(self: &Arc<Self>, stream: S, peer: String) {
+        if self.connections.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+            (self.log)(&format!(
+                "{peer}: refused, {} connections are open already",
+                self.max_connections
+            ));
+            return;
+        }
         let server = self.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-client".into())
@@ -103,8 +125,10 @@ impl Server {
                     Ok(()) => (server.log)(&format!("{peer}: disconnected")),
                     Err(e) => (server.log)(&format!("{peer}: {e}")),
                 }
+                server.connections.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
             (self.log)(&format!("cannot start a thread for a client: {e}"));
         }
     }

@@ -113,6 +113,25 @@ fn tcp_and_several_clients_at_once() {
     assert_eq!(c.size(), disk().len() as u64);
 }
 
+#[test]
+fn connections_past_the_limit_are_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s =
+        Arc::new(Server::new("disk", Arc::new(MemoryExport::new(disk()))).with_max_connections(2));
+    std::thread::spawn(move || s.serve_tcp(listener));
+    let a = Client::connect_tcp(addr, &opts(&[])).unwrap();
+    let _b = Client::connect_tcp(addr, &opts(&[])).unwrap();
+    assert!(Client::connect_tcp(addr, &opts(&[])).is_err());
+    // A slot frees when a client leaves (the server notices asynchronously).
+    a.disconnect().unwrap();
+    let started = std::time::Instant::now();
+    while Client::connect_tcp(addr, &opts(&[])).is_err() {
+        assert!(started.elapsed().as_secs() < 10, "the slot was never freed");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// A raw session: handshake done by hand, so that the test can send anything.
 struct Raw(UnixStream);
 
