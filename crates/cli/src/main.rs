@@ -11,6 +11,7 @@ mod points;
 mod regions;
 mod replicate;
 mod restore;
+mod serve;
 mod vault;
 
 use std::path::PathBuf;
@@ -89,6 +90,9 @@ enum Command {
     /// Inspect disk images.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Serve a recovery point's disk to other programs: `serve nbd` (read-only NBD).
+    #[command(subcommand)]
+    Serve(serve::ServeCommand),
 }
 
 fn main() {
@@ -104,6 +108,7 @@ fn main() {
         Command::Gc => maintenance::gc(g),
         Command::Key(c) => key::run(g, c),
         Command::Disk(c) => disk::run(g, c),
+        Command::Serve(c) => serve::run(g, c),
     };
     if let Err(e) = result {
         eprintln!("vmvault: error: {}", exit::message(&e));

@@ -6,6 +6,7 @@
 mod backup;
 mod description;
 mod error;
+mod export;
 mod progress;
 mod prune;
 mod restore;
@@ -15,6 +16,7 @@ mod verify;
 pub use backup::{backup_image_vm, BackupOptions};
 pub use description::{DiskDescription, NicDescription, VmDescription};
 pub use error::{EngineError, Result};
+pub use export::PointExport;
 pub use progress::{NoProgress, Progress};
 pub use prune::{plan_prune, prune, PruneDecision, Retention};
 pub use restore::{restore_disk, restore_vm, RestoreOptions};
