@@ -4,6 +4,7 @@ mod backup;
 mod disk;
 mod exit;
 mod key;
+mod live;
 mod maintenance;
 mod output;
 mod password;

@@ -28,6 +28,19 @@ pub struct RestoreArgs {
     /// MiB, as Azure requires), vhdx or vmdk (streamOptimized). Default: each disk's source format.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(vmvault_disk::WRITE_FORMATS))]
     format: Option<String>,
+    /// Live restore into a running or paused QEMU VM: the disk (--disk, written to --to as
+    /// qcow2) is attached at once, served from the vault, and copied in while the VM runs.
+    #[arg(long, requires_all = ["qmp", "disk"], conflicts_with = "format")]
+    live: bool,
+    /// The VM's QMP socket, for --live.
+    #[arg(long, value_name = "SOCKET", requires = "live")]
+    qmp: Option<PathBuf>,
+    /// The guest device id to give the disk, for --live.
+    #[arg(long, value_name = "ID", default_value = "vmvault0", requires = "live")]
+    device: String,
+    /// The bus to plug it into, for --live (a free pcie-root-port on q35).
+    #[arg(long, value_name = "BUS", requires = "live")]
+    bus: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -44,6 +57,18 @@ pub fn run(g: &Global, args: RestoreArgs) -> Result<()> {
     let vault = crate::vault::open(g)?;
     let (points, _) = vault.points()?;
     let m = select_point(&points, &args.point)?;
+    if args.live {
+        let m = m.clone();
+        let live = crate::live::LiveArgs {
+            qmp: args.qmp.clone().expect("clap requires --qmp"),
+            device: args.device.clone(),
+            bus: args.bus.clone(),
+            disk: args.disk.as_deref().expect("clap requires --disk"),
+            to: args.to.clone(),
+            overwrite: args.force,
+        };
+        return crate::live::run(g, vault, &m, live);
+    }
     let opts = RestoreOptions {
         overwrite: args.force,
         format: args.format.clone(),
