@@ -96,7 +96,11 @@ enum Command {
     Serve(serve::ServeCommand),
 }
 
+/// When this command started, for figures that count from it (live restore's first read).
+pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 fn main() {
+    STARTED.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     let g = &cli.global;
     let result = match cli.command {
