@@ -284,6 +284,31 @@ fn unix_socket_json_and_a_clean_stop() {
         ],
     );
     assert_eq!(qemu_map(&url), expected_map(&data));
+    let copy = env.path("copy.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &url,
+            copy.to_str().unwrap(),
+        ],
+    );
+    qemu_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            data.to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ],
+    );
     let (code, stderr) = served.stop();
     assert_eq!(code, 0, "{stderr}");
     assert!(!sock.exists(), "the socket is removed on stop");
