@@ -3,6 +3,7 @@
 mod backup;
 mod disk;
 mod exit;
+mod files;
 mod key;
 mod maintenance;
 mod output;
@@ -83,6 +84,9 @@ enum Command {
     /// Inspect disk images.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Single files from a recovery point: list, extract (to a folder, tar or zip), find.
+    #[command(subcommand)]
+    Files(files::FilesCommand),
 }
 
 fn main() {
@@ -98,6 +102,7 @@ fn main() {
         Command::Gc => maintenance::gc(g),
         Command::Key(c) => key::run(g, c),
         Command::Disk(c) => disk::run(g, c),
+        Command::Files(c) => files::run(g, c),
     };
     if let Err(e) = result {
         eprintln!("vmvault: error: {}", exit::message(&e));

@@ -1,5 +1,5 @@
 //! NTFS through the `ntfs` crate (read-only, no `unsafe`): resident and non-resident data,
-//! sparse files, attribute lists, hard links (one file record under several names: the
+//! sparse files, attribute lists, Interix symlinks (as ntfs-3g makes them), hard links (one file record under several names: the
 //! record number is the entry's `id`), alternate data streams (listed). Compressed and
 //! encrypted files are refused with a clear error: the crate does not decompress LZNT1.
 
@@ -24,6 +24,7 @@ const NT_EPOCH_OFFSET: i64 = 116_444_736_000_000_000;
 /// File records below this number are NTFS's own ($MFT, $Bitmap, ...): not listed.
 const FIRST_USER_RECORD: u64 = 24;
 const ROOT_RECORD: u64 = 5;
+const INTERIX_LINK: &[u8] = b"IntxLNK\x01";
 
 fn damaged(path: &[String], e: NtfsError) -> FilesError {
     FilesError::damaged("NTFS filesystem", format!("{}: {e}", display_path(path)))
@@ -106,14 +107,38 @@ impl NtfsFs {
                 });
             }
         }
-        let kind = if reparse {
+        let system = info
+            .file_attributes()
+            .contains(NtfsFileAttributeFlags::SYSTEM);
+        let mut kind = if reparse {
             Kind::Other
         } else if file.is_directory() {
             Kind::Dir
         } else {
             Kind::File
         };
+        // ntfs-3g stores a symlink as an Interix one: a system file holding "IntxLNK\1" and
+        // the target in UTF-16.
+        let mut target = None;
+        if kind == Kind::File && system && (10..=8192).contains(&size) {
+            let mut data = vec![0u8; size as usize];
+            let mut r = NtfsReader {
+                file: self.find(path)?,
+                fs: self.part.clone(),
+                pos: 0,
+                len: size,
+            };
+            if r.read_exact(&mut data).is_ok() && data.starts_with(INTERIX_LINK) {
+                let units: Vec<u16> = data[8..]
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                target = Some(String::from_utf16_lossy(&units));
+                kind = Kind::Symlink;
+            }
+        }
         let mut e = Entry::new(name, kind, if kind == Kind::File { size } else { 0 });
+        e.target = target;
         let t = info.modification_time().nt_timestamp() as i64 - NT_EPOCH_OFFSET;
         e.mtime = Some(t.div_euclid(10_000_000));
         e.mtime_nanos = (t.rem_euclid(10_000_000) * 100) as u32;
@@ -181,10 +206,13 @@ impl Filesystem for NtfsFs {
     }
 
     fn read_link(&self, path: &[String]) -> Result<String> {
-        Err(FilesError::Unsupported(format!(
-            "{}: NTFS reparse points (symlinks, junctions) are listed, not read",
-            display_path(path)
-        )))
+        let e = self.stat(path)?;
+        e.target.ok_or_else(|| {
+            FilesError::Unsupported(format!(
+                "{}: not an Interix symlink (NTFS reparse points are listed, not read)",
+                display_path(path)
+            ))
+        })
     }
 
     fn open(&self, path: &[String]) -> Result<Box<dyn ReadSeek + '_>> {
