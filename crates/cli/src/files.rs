@@ -158,6 +158,16 @@ impl Opened {
     fn check(&self, e: FilesError) -> anyhow::Error {
         anyhow::Error::new(self.guest.check(e))
     }
+
+    /// As `check`, with paths as the user gave them (`/p2/etc`, not the filesystem's `/etc`).
+    fn check_in(&self, at: &Located<'_>, e: FilesError) -> anyhow::Error {
+        let e = match e {
+            FilesError::NotFound(p) => FilesError::NotFound(format!("{}{p}", at.prefix)),
+            FilesError::NotADirectory(p) => FilesError::NotADirectory(format!("{}{p}", at.prefix)),
+            e => e,
+        };
+        self.check(e)
+    }
 }
 
 pub fn run(g: &Global, cmd: FilesCommand) -> Result<()> {
@@ -228,9 +238,9 @@ fn ls(g: &Global, a: LsArgs) -> Result<()> {
         }
         Target::In(at) => {
             out.path = at.display();
-            let top = at.fs.stat(&at.path).map_err(|e| o.check(e))?;
+            let top = at.fs.stat(&at.path).map_err(|e| o.check_in(at, e))?;
             out.entries = Some(if top.kind == Kind::Dir {
-                at.fs.list(&at.path).map_err(|e| o.check(e))?
+                at.fs.list(&at.path).map_err(|e| o.check_in(at, e))?
             } else {
                 vec![top]
             });
@@ -323,7 +333,7 @@ fn get(g: &Global, a: GetArgs) -> Result<()> {
         None if a.tar => Output::Tar(&mut lock),
         None => Output::Zip(&mut lock),
     };
-    let done = extract(at.fs, &at.path, &name, output).map_err(|e| o.check(e))?;
+    let done = extract(at.fs, &at.path, &name, output).map_err(|e| o.check_in(&at, e))?;
     lock.flush().context("writing to stdout")?;
     drop(lock);
     for s in &done.skipped {
@@ -417,7 +427,7 @@ fn find(g: &Global, a: FindArgs) -> Result<()> {
     let mut finder = Finder { glob: &glob, prefix: String::new(), found: Vec::new() };
     let mut skipped = Vec::new();
     for at in starts {
-        let top = at.fs.stat(&at.path).map_err(|e| o.check(e))?;
+        let top = at.fs.stat(&at.path).map_err(|e| o.check_in(&at, e))?;
         finder.prefix = at.display();
         let mut walk = Walk::new(at.fs);
         walk.run(&at.path, &top, &mut vec![String::new()], &mut finder)
