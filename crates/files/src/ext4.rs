@@ -108,7 +108,12 @@ impl Filesystem for Ext4Fs {
             let m = item.metadata().map_err(|e| error(path, e))?;
             let mut child = path.to_vec();
             child.push(name.clone());
-            out.push(self.with_target(&child, entry(name, &m))?);
+            let mut e = entry(name, &m);
+            if e.kind == Kind::Symlink {
+                // Looked up by path, a name listed twice finds its first entry: no target then.
+                e.target = self.read_link(&child).ok();
+            }
+            out.push(e);
         }
         Ok(out)
     }

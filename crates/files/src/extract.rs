@@ -147,7 +147,11 @@ impl Visitor for Extractor<'_, '_> {
             Kind::Symlink => {
                 let target = match &e.target {
                     Some(t) => t.clone(),
-                    None => self.fs.read_link(&path)?,
+                    None => match self.fs.read_link(&path) {
+                        Ok(t) => t,
+                        Err(err) if err.is_guest_damage() => return Ok(self.skip(rel, err.to_string())),
+                        Err(err) => return Err(err),
+                    },
                 };
                 self.done.symlinks += 1;
                 self.sink.symlink(rel, e, &target).map(|()| Visit::Skip)

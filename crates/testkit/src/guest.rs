@@ -103,7 +103,8 @@ pub fn make_tree(root: &Path, links: bool, big_size: usize) -> Tree {
         symlinks: Vec::new(),
         hard_links: Vec::new(),
         sparse: "data/sparse.img".into(),
-        sparse_size: 48 * MIB,
+        // Smaller trees (for many rounds of damage) get a smaller sparse file.
+        sparse_size: (big_size as u64 * 16).clamp(4 * MIB, 48 * MIB),
         big: "data/big.bin".into(),
     };
     let mut put = |rel: &str, content: &[u8]| {
@@ -127,11 +128,11 @@ pub fn make_tree(root: &Path, links: bool, big_size: usize) -> Tree {
     put("empty.txt", b"");
     put(&t.big.clone(), &random_bytes(big_size, 7));
     fs::create_dir_all(root.join("var/empty-dir")).unwrap();
-    // A sparse file: three islands of data in 48 MiB of holes.
+    // A sparse file: three islands of data in 4 to 48 MiB of holes.
     let sparse = root.join(&t.sparse);
     let f = File::create(&sparse).unwrap();
     f.set_len(t.sparse_size).unwrap();
-    for (i, at) in [0, 20 * MIB, t.sparse_size - 4096].into_iter().enumerate() {
+    for (i, at) in [0, t.sparse_size / 2 + 4096, t.sparse_size - 4096].into_iter().enumerate() {
         f.write_all_at(&random_bytes(4096, 100 + i as u64), at).unwrap();
     }
     drop(f);
