@@ -176,3 +176,39 @@ fn twenty_gib_disk_ls_and_get_fetch_under_one_percent() {
     assert!(fetched * 100 < total, "fetched {fetched} of {total} chunks");
     assert!(std::fs::metadata(out.join("big.bin")).unwrap().size() == 10 << 20);
 }
+
+/// A guest filesystem vmvault cannot read, damaged or using a feature it does not read, is
+/// exit code 3 with one line saying why; a chunk missing from the vault is exit code 1.
+#[test]
+fn damaged_unsupported_and_unreadable_disks() {
+    if !guest::guest_tools() {
+        return;
+    }
+    let env = Env::with_vault();
+    let src = env.path("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/motd"), b"hello\n").unwrap();
+    // Inline data: ext4-view refuses such filesystems.
+    let inline = env.path("inline.raw");
+    std::fs::File::create(&inline).unwrap().set_len(32 << 20).unwrap();
+    guest::run(std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-O", "inline_data", "-d"]).arg(&src).arg(&inline));
+    // Damaged: the block group descriptors zeroed (after block 0 with 1 KiB or 4 KiB blocks).
+    let damaged = env.path("damaged.raw");
+    std::fs::File::create(&damaged).unwrap().set_len(32 << 20).unwrap();
+    guest::ext4_into(&damaged, (0, 32 << 20), &src, "broken");
+    let f = std::fs::OpenOptions::new().write(true).open(&damaged).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 6144], 2048).unwrap();
+    drop(f);
+    let desc = write_vm(env.dir.path(), "odd.toml", "odd", &[("inline", "inline.raw"), ("damaged", "damaged.raw")]);
+    env.backup(&desc);
+    let err = env.fails(&["files", "ls", "odd", "/etc"], 3);
+    assert!(err.contains("unsupported"), "{err}");
+    let err = env.fails(&["files", "get", "odd", "/etc", "--disk", "damaged", "--to", "out"], 3);
+    assert!(err.contains("damaged"), "{err}");
+    // The vault loses its chunks: reading the disk fails (1), and says so.
+    for c in env.chunk_files() {
+        std::fs::remove_file(c).unwrap();
+    }
+    let err = env.fails(&["files", "ls", "odd", "/"], 1);
+    assert!(err.contains("reading the disk"), "{err}");
+}

@@ -108,9 +108,10 @@ impl GuestDisk {
             });
         }
         if volumes.is_empty() {
-            return Err(FilesError::Unsupported(
+            let none = FilesError::Unsupported(
                 "no partition table or filesystem that vmvault reads on this disk".into(),
-            ));
+            );
+            return Err(Self::blame(&disk, none));
         }
         Ok(GuestDisk { disk, volumes })
     }

@@ -13,8 +13,10 @@ use std::time::{Duration, SystemTime};
 const MIB: u64 = 1 << 20;
 
 /// The tools these disks need, and the Debian package of each.
-pub const GUEST_TOOLS: [(&str, &str); 7] = [
+pub const GUEST_TOOLS: [(&str, &str); 9] = [
     ("mkfs.ext4", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
+    ("unzip", "unzip"),
     ("mkfs.fat", "dosfstools"),
     ("mcopy", "mtools"),
     ("mkntfs", "ntfs-3g"),
