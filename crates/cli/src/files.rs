@@ -11,8 +11,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use vmvault_engine::select_point;
 use vmvault_files::{
-    extract, Entry, FilesError, GuestDisk, Glob, Kind, Located, Output, PointDisk,
-    ReadAt, Skipped, Target, Visit, Visitor, VolumeInfo, Walk,
+    extract, Entry, FilesError, Glob, GuestDisk, Kind, Located, Output, PointDisk, ReadAt, Skipped,
+    Target, Visit, Visitor, VolumeInfo, Walk,
 };
 use vmvault_format::Manifest;
 
@@ -105,14 +105,23 @@ impl Opened {
         let (points, _) = vault.points()?;
         let manifest = select_point(&points, &c.point)?.clone();
         let record = match &c.disk {
-            Some(name) => manifest.disks.iter().find(|d| &d.name == name).ok_or_else(|| {
-                InputError(format!(
-                    "recovery point {} of {} has no disk {name:?} (it has: {})",
-                    manifest.id.short(),
-                    manifest.vm,
-                    manifest.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
-                ))
-            })?,
+            Some(name) => manifest
+                .disks
+                .iter()
+                .find(|d| &d.name == name)
+                .ok_or_else(|| {
+                    InputError(format!(
+                        "recovery point {} of {} has no disk {name:?} (it has: {})",
+                        manifest.id.short(),
+                        manifest.vm,
+                        manifest
+                            .disks
+                            .iter()
+                            .map(|d| d.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?,
             None => manifest
                 .disks
                 .first()
@@ -203,7 +212,11 @@ fn mode_text(e: &Entry) -> String {
             let bits: String = (0..9)
                 .map(|i| {
                     let on = m & (0o400 >> i) != 0;
-                    if on { ['r', 'w', 'x'][i % 3] } else { '-' }
+                    if on {
+                        ['r', 'w', 'x'][i % 3]
+                    } else {
+                        '-'
+                    }
                 })
                 .collect();
             format!("{kind}{bits}")
@@ -263,18 +276,19 @@ fn ls(g: &Global, a: LsArgs) -> Result<()> {
                 ]
             })
             .collect();
-        table(&["PARTITION", "FS", "LABEL", "SIZE", "TABLE", "NOTE"], &rows);
+        table(
+            &["PARTITION", "FS", "LABEL", "SIZE", "TABLE", "NOTE"],
+            &rows,
+        );
     } else if let Some(entries) = &out.entries {
         for e in entries {
-            let name = if e.kind == Kind::Dir { format!("{}/", e.name) } else { e.name.clone() };
+            let name = if e.kind == Kind::Dir {
+                format!("{}/", e.name)
+            } else {
+                e.name.clone()
+            };
             if a.long {
-                let mut line = format!(
-                    "{} {:>12} {} {}",
-                    mode_text(e),
-                    e.size,
-                    time_text(e),
-                    name
-                );
+                let mut line = format!("{} {:>12} {} {}", mode_text(e), e.size, time_text(e), name);
                 if let Some(t) = &e.target {
                     line.push_str(&format!(" -> {t}"));
                 }
@@ -318,7 +332,9 @@ fn located<'a>(target: Target<'a>, path: &str) -> Result<Located<'a>> {
 
 fn get(g: &Global, a: GetArgs) -> Result<()> {
     if g.json && a.to.is_none() {
-        return Err(InputError("--json goes with --to (a tar or zip stream is the output)".into()).into());
+        return Err(
+            InputError("--json goes with --to (a tar or zip stream is the output)".into()).into(),
+        );
     }
     let o = Opened::open(g, &a.common)?;
     let at = located(o.guest.resolve(&a.path).map_err(|e| o.check(e))?, &a.path)?;
@@ -385,14 +401,22 @@ struct Finder<'a> {
 impl Visitor for Finder<'_> {
     fn entry(&mut self, rel: &[String], e: &Entry) -> vmvault_files::Result<Visit> {
         if rel.len() > 1 {
-            let path = format!("{}/{}", self.prefix.trim_end_matches('/'), rel[1..].join("/"));
+            let path = format!(
+                "{}/{}",
+                self.prefix.trim_end_matches('/'),
+                rel[1..].join("/")
+            );
             let hit = if self.glob.whole_path {
                 self.glob.matches(&path)
             } else {
                 self.glob.matches(&e.name)
             };
             if hit {
-                self.found.push(Match { path, kind: e.kind, size: e.size });
+                self.found.push(Match {
+                    path,
+                    kind: e.kind,
+                    size: e.size,
+                });
             }
         }
         Ok(Visit::Enter)
@@ -416,7 +440,11 @@ fn find(g: &Global, a: FindArgs) -> Result<()> {
         Target::Volumes => {
             for v in &o.guest.volumes {
                 if v.fs.is_some() {
-                    if let Target::In(at) = o.guest.resolve(&format!("/{}", v.name())).map_err(|e| o.check(e))? {
+                    if let Target::In(at) = o
+                        .guest
+                        .resolve(&format!("/{}", v.name()))
+                        .map_err(|e| o.check(e))?
+                    {
                         starts.push(at);
                     }
                 }
@@ -424,7 +452,11 @@ fn find(g: &Global, a: FindArgs) -> Result<()> {
         }
         Target::In(at) => starts.push(at),
     }
-    let mut finder = Finder { glob: &glob, prefix: String::new(), found: Vec::new() };
+    let mut finder = Finder {
+        glob: &glob,
+        prefix: String::new(),
+        found: Vec::new(),
+    };
     let mut skipped = Vec::new();
     for at in starts {
         let top = at.fs.stat(&at.path).map_err(|e| o.check_in(&at, e))?;

@@ -51,7 +51,13 @@ pub struct Global {
     pub sync: bool,
     /// Seconds a backup keeps waiting for a secondary region that makes no progress before it
     /// leaves the rest to the replication queue (kept for the next run).
-    #[arg(long, global = true, env = "VMVAULT_REPLICATION_WAIT", default_value_t = 30, value_name = "SECONDS")]
+    #[arg(
+        long,
+        global = true,
+        env = "VMVAULT_REPLICATION_WAIT",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
     pub replication_wait: u64,
     /// Read the vault's passphrase from this file (else VMVAULT_PASSWORD, else a prompt).
     #[arg(long, global = true, value_name = "FILE")]

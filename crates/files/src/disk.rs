@@ -96,7 +96,12 @@ impl Lru {
 
     fn put(&mut self, i: usize, chunk: Arc<Vec<u8>>) {
         if self.chunks.len() >= self.capacity {
-            if let Some(oldest) = self.chunks.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) {
+            if let Some(oldest) = self
+                .chunks
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| *k)
+            {
                 self.chunks.remove(&oldest);
             }
         }
@@ -190,7 +195,10 @@ impl ReadAt for PointDisk {
     }
 
     fn take_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -278,8 +286,10 @@ impl Part {
         check_range(offset, buf.len(), self.len)?;
         if let Some(b) = &self.budget {
             let n = buf.len() as u64;
-            if b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(n))
-                .is_err()
+            if b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(n)
+            })
+            .is_err()
             {
                 return Err(io::Error::other("read budget exhausted: refusing to go on"));
             }

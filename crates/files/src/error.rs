@@ -54,6 +54,9 @@ impl FilesError {
     /// Whether the guest's own data is at fault (damaged or unsupported), rather than the
     /// caller's path or the vault.
     pub fn is_guest_damage(&self) -> bool {
-        matches!(self, FilesError::Damaged { .. } | FilesError::Unsupported(_))
+        matches!(
+            self,
+            FilesError::Damaged { .. } | FilesError::Unsupported(_)
+        )
     }
 }

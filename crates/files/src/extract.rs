@@ -46,10 +46,17 @@ pub fn safe_name(name: &str) -> bool {
 }
 
 /// Extracts what `path` names in `fs` (a file, symlink or folder, recursively) as `name`.
-pub fn extract(fs: &dyn Filesystem, path: &[String], name: &str, out: Output<'_>) -> Result<Extracted> {
+pub fn extract(
+    fs: &dyn Filesystem,
+    path: &[String],
+    name: &str,
+    out: Output<'_>,
+) -> Result<Extracted> {
     let top = fs.stat(path)?;
     if !safe_name(name) {
-        return Err(FilesError::BadPath(format!("{name:?} cannot be a file name")));
+        return Err(FilesError::BadPath(format!(
+            "{name:?} cannot be a file name"
+        )));
     }
     let mut sink: Box<dyn Sink + '_> = match out {
         Output::Dir(dir) => {
@@ -62,7 +69,9 @@ pub fn extract(fs: &dyn Filesystem, path: &[String], name: &str, out: Output<'_>
                     target.display()
                 )));
             }
-            Box::new(DirSink { root: dir.to_path_buf() })
+            Box::new(DirSink {
+                root: dir.to_path_buf(),
+            })
         }
         Output::Tar(w) => Box::new(TarSink(tar::Builder::new(w))),
         Output::Zip(w) => Box::new(ZipSink(Some(zip::ZipWriter::new_stream(w)))),
@@ -122,7 +131,11 @@ impl Visitor for Extractor<'_, '_> {
         let r = match e.kind {
             Kind::Dir => self.sink.dir(rel, e).map(|made| {
                 self.done.folders += made as u64;
-                if made { Visit::Enter } else { self.skip(rel, "exists") }
+                if made {
+                    Visit::Enter
+                } else {
+                    self.skip(rel, "exists")
+                }
             }),
             Kind::File => {
                 if let (Some(id), Some(links), true) = (e.id, e.links, self.sink.has_links()) {
@@ -149,7 +162,9 @@ impl Visitor for Extractor<'_, '_> {
                     Some(t) => t.clone(),
                     None => match self.fs.read_link(&path) {
                         Ok(t) => t,
-                        Err(err) if err.is_guest_damage() => return Ok(self.skip(rel, err.to_string())),
+                        Err(err) if err.is_guest_damage() => {
+                            return Ok(self.skip(rel, err.to_string()))
+                        }
                         Err(err) => return Err(err),
                     },
                 };
@@ -159,7 +174,9 @@ impl Visitor for Extractor<'_, '_> {
             Kind::Other => Ok(self.skip(rel, "not a file, folder or symlink")),
         };
         match r {
-            Err(FilesError::Output { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+            Err(FilesError::Output { source, .. })
+                if source.kind() == io::ErrorKind::AlreadyExists =>
+            {
                 Ok(self.skip(rel, "a second entry of the same name"))
             }
             r => r,
@@ -240,7 +257,8 @@ impl Sink for DirSink {
 
     fn dir_done(&mut self, rel: &[String], e: &Entry) -> Result<()> {
         let p = self.path(rel);
-        let f = File::open(&p).map_err(|x| FilesError::output(format!("opening {}", p.display()), x))?;
+        let f = File::open(&p)
+            .map_err(|x| FilesError::output(format!("opening {}", p.display()), x))?;
         self.set_meta(&f, e, 0o755, &p)
     }
 
@@ -324,7 +342,11 @@ impl Sink for TarSink<'_> {
     fn file(&mut self, rel: &[String], e: &Entry, content: &mut dyn Read) -> Result<u64> {
         let mut h = tar_header(e, tar::EntryType::Regular, e.size, 0o644);
         // The header says the size up front: the content must be exactly that long.
-        let mut exact = Exact { inner: content, left: e.size, failed: None };
+        let mut exact = Exact {
+            inner: content,
+            left: e.size,
+            failed: None,
+        };
         let r = self.0.append_data(&mut h, rel.join("/"), &mut exact);
         if let Some(x) = exact.failed {
             return Err(read_err(rel, x));
@@ -335,7 +357,9 @@ impl Sink for TarSink<'_> {
 
     fn symlink(&mut self, rel: &[String], e: &Entry, target: &str) -> Result<()> {
         let mut h = tar_header(e, tar::EntryType::Symlink, 0, 0o777);
-        self.0.append_link(&mut h, rel.join("/"), target).map_err(tar_err)
+        self.0
+            .append_link(&mut h, rel.join("/"), target)
+            .map_err(tar_err)
     }
 
     fn hard_link(&mut self, rel: &[String], e: &Entry, first: &[String]) -> Result<()> {
@@ -365,7 +389,10 @@ impl Read for Exact<'_> {
         }
         let want = (buf.len() as u64).min(self.left) as usize;
         let r = match self.inner.read(&mut buf[..want]) {
-            Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "shorter than its size")),
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "shorter than its size",
+            )),
             r => r,
         };
         match r {

@@ -52,7 +52,11 @@ impl FatFs {
 
     /// The entries of a folder, at most `MAX_DIR_ENTRIES` (a folder whose clusters loop
     /// would otherwise never end).
-    fn entries<'a>(&'a self, dir: &Dir<'a, Part>, path: &[String]) -> Result<Vec<DirEntry<'a, Part>>> {
+    fn entries<'a>(
+        &'a self,
+        dir: &Dir<'a, Part>,
+        path: &[String],
+    ) -> Result<Vec<DirEntry<'a, Part>>> {
         let mut out = Vec::new();
         for item in dir.iter() {
             let e = item.map_err(|e| damaged(path, e))?;
@@ -90,7 +94,10 @@ impl FatFs {
             let Some(found) = found else {
                 return Err(FilesError::NotFound(display_path(&path[..=i])));
             };
-            let e = entries.into_iter().nth(found).expect("position is in range");
+            let e = entries
+                .into_iter()
+                .nth(found)
+                .expect("position is in range");
             if i + 1 == path.len() {
                 return Ok(e);
             }

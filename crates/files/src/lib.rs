@@ -23,7 +23,10 @@ mod walk;
 pub use disk::{FileDisk, MemDisk, Part, PointDisk, ReadAt, DEFAULT_CACHE_BYTES};
 pub use error::{FilesError, Result};
 pub use extract::{extract, safe_name, Extracted, Output};
-pub use fs::{display_path, open as open_filesystem, probe, Entry, Filesystem, FsType, Kind, Stream, MAX_DIR_ENTRIES};
+pub use fs::{
+    display_path, open as open_filesystem, probe, Entry, Filesystem, FsType, Kind, Stream,
+    MAX_DIR_ENTRIES,
+};
 pub use partition::{partitions, Partition};
 pub use volume::{GuestDisk, Located, Target, Volume, VolumeInfo};
 pub use walk::{Glob, Skipped, Visit, Visitor, Walk, MAX_DEPTH, MAX_ENTRIES};

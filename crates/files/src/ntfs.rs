@@ -169,9 +169,7 @@ impl Filesystem for NtfsFs {
             return Err(FilesError::NotADirectory(display_path(path)));
         }
         let mut fs = self.part.clone();
-        let index = dir
-            .directory_index(&mut fs)
-            .map_err(|e| damaged(path, e))?;
+        let index = dir.directory_index(&mut fs).map_err(|e| damaged(path, e))?;
         let mut iter = index.entries();
         let mut out = Vec::new();
         let mut seen = 0usize;
@@ -285,9 +283,7 @@ impl Read for NtfsReader<'_> {
             .seek(fs, SeekFrom::Start(self.pos))
             .map_err(io::Error::other)?;
         let want = ((self.len - self.pos).min(buf.len() as u64)) as usize;
-        let n = value
-            .read(fs, &mut buf[..want])
-            .map_err(io::Error::other)?;
+        let n = value.read(fs, &mut buf[..want]).map_err(io::Error::other)?;
         self.pos += n as u64;
         Ok(n)
     }

@@ -62,8 +62,8 @@ pub fn partitions(disk: &Arc<dyn ReadAt>) -> Result<Vec<Partition>> {
         return Ok(Vec::new());
     }
     let entries: Vec<&[u8]> = (0..4).map(|i| &mbr[446 + 16 * i..462 + 16 * i]).collect();
-    let plausible = entries.iter().all(|e| e[0] == 0 || e[0] == 0x80)
-        && entries.iter().any(|e| e[4] != 0);
+    let plausible =
+        entries.iter().all(|e| e[0] == 0 || e[0] == 0x80) && entries.iter().any(|e| e[4] != 0);
     if plausible && entries.iter().any(|e| e[4] == 0xEE) {
         return gpt(&whole);
     }
@@ -134,8 +134,7 @@ fn gpt_at(whole: &Part, lba: u64) -> Result<Vec<Partition>> {
         return Err(bad(format!("header at LBA {lba}: checksum mismatch")));
     }
     let (array_lba, count, entry_size) = (le64(&h, 72), le32(&h, 80) as u64, le32(&h, 84) as u64);
-    if entry_size < 128 || entry_size % 8 != 0 || count.saturating_mul(entry_size) > MAX_GPT_ARRAY
-    {
+    if entry_size < 128 || entry_size % 8 != 0 || count.saturating_mul(entry_size) > MAX_GPT_ARRAY {
         return Err(bad(format!("{count} entries of {entry_size} bytes")));
     }
     let mut array = vec![0u8; (count * entry_size) as usize];
@@ -181,7 +180,10 @@ fn guid(b: &[u8]) -> String {
         u16::from_le_bytes([b[6], b[7]]),
         b[8],
         b[9],
-        b[10..16].iter().map(|x| format!("{x:02X}")).collect::<String>()
+        b[10..16]
+            .iter()
+            .map(|x| format!("{x:02X}"))
+            .collect::<String>()
     )
 }
 

@@ -55,7 +55,13 @@ impl<'a> Walk<'a> {
 
     /// Walks the tree under `base` (components in the filesystem), starting with its entry
     /// `top` under the name `rel[0]`.
-    pub fn run(&mut self, base: &[String], top: &Entry, rel: &mut Vec<String>, v: &mut dyn Visitor) -> Result<()> {
+    pub fn run(
+        &mut self,
+        base: &[String],
+        top: &Entry,
+        rel: &mut Vec<String>,
+        v: &mut dyn Visitor,
+    ) -> Result<()> {
         self.count += 1;
         if self.count > MAX_ENTRIES {
             return Err(FilesError::Limit(format!(
@@ -185,8 +191,11 @@ impl Glob {
     }
 }
 
-/// A character class starting at `p[i] == '['`: its ranges, whether negated, and where `]` is.
-fn class(p: &[char], i: usize) -> Option<(Vec<(char, char)>, bool, usize)> {
+/// A character class: its ranges, whether negated, and where its `]` is.
+type Class = (Vec<(char, char)>, bool, usize);
+
+/// The character class starting at `p[i] == '['`.
+fn class(p: &[char], i: usize) -> Option<Class> {
     let mut j = i + 1;
     let negate = matches!(p.get(j), Some('!') | Some('^'));
     if negate {

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmvault_files::{extract, FilesError, FileDisk, GuestDisk, MemDisk, Output, ReadAt, Target};
+use vmvault_files::{extract, FileDisk, FilesError, GuestDisk, MemDisk, Output, ReadAt, Target};
 use vmvault_testkit::guest::{self, run};
 
 fn mem(bytes: Vec<u8>) -> Arc<dyn ReadAt> {
@@ -52,7 +52,11 @@ fn gpt_headers_asking_for_absurd_arrays_are_refused() {
     for (n, size) in [(u32::MAX, 128), (4, 64), (1 << 20, 4096), (128, 7)] {
         let started = Instant::now();
         let r = GuestDisk::open(mem(gpt_disk(n, size)));
-        assert!(matches!(r, Err(FilesError::Damaged { .. })), "{n} x {size}: {:?}", r.err());
+        assert!(
+            matches!(r, Err(FilesError::Damaged { .. })),
+            "{n} x {size}: {:?}",
+            r.err()
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 }
@@ -85,7 +89,10 @@ fn an_endless_chain_of_logical_partitions_is_cut() {
 
 fn ext4_image(dir: &Path, src: &Path, extra: &[&str]) -> std::path::PathBuf {
     let img = dir.join("ext4.img");
-    std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-O", "^metadata_csum"])
         .args(extra)
@@ -101,7 +108,10 @@ fn open_file(img: &Path) -> GuestDisk {
 
 fn replace_once(img: &Path, from: &[u8], to: &[u8]) {
     let mut b = std::fs::read(img).unwrap();
-    let at = b.windows(from.len()).position(|w| w == from).expect("pattern in image");
+    let at = b
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern in image");
     b[at..at + to.len()].copy_from_slice(to);
     std::fs::write(img, b).unwrap();
 }
@@ -117,18 +127,30 @@ fn a_folder_that_contains_itself_ends_and_writes_only_inside() {
     std::fs::write(src.join("dir/f.txt"), b"x").unwrap();
     let img = ext4_image(work.path(), &src, &[]);
     // A second name for the root folder inside `dir`: a loop.
-    run(Command::new("debugfs").args(["-w", "-R", "ln / dir/loop"]).arg(&img));
+    run(Command::new("debugfs")
+        .args(["-w", "-R", "ln / dir/loop"])
+        .arg(&img));
     let g = open_file(&img);
-    let Target::In(root) = g.resolve("/").unwrap() else { panic!() };
+    let Target::In(root) = g.resolve("/").unwrap() else {
+        panic!()
+    };
     let out = work.path().join("out");
     let started = Instant::now();
     let done = extract(root.fs, &root.path, "root", Output::Dir(&out)).unwrap();
     assert!(started.elapsed() < Duration::from_secs(30));
-    assert!(done.skipped.iter().any(|s| s.reason.contains("deeper than")), "{done:?}");
+    assert!(
+        done.skipped
+            .iter()
+            .any(|s| s.reason.contains("deeper than")),
+        "{done:?}"
+    );
     let mut tar = Vec::new();
     extract(root.fs, &root.path, "root", Output::Tar(&mut tar)).unwrap();
     // Nothing beside the output folder.
-    let names: Vec<_> = std::fs::read_dir(work.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 3, "{names:?}");
 }
 
@@ -159,13 +181,29 @@ fn a_symlink_and_a_folder_of_one_name_never_lead_outside() {
         // The folder takes the symlink's name: one folder holds two entries `ZZZZ_lnk`.
         replace_once(&img, b"ZZZZ_dir", b"ZZZZ_lnk");
         let g = open_file(&img);
-        let Target::In(root) = g.resolve("/").unwrap() else { panic!() };
-        let names: Vec<String> = root.fs.list(&[]).unwrap().into_iter().map(|e| e.name).collect();
-        assert_eq!(names.iter().filter(|n| *n == "ZZZZ_lnk").count(), 2, "{names:?}");
+        let Target::In(root) = g.resolve("/").unwrap() else {
+            panic!()
+        };
+        let names: Vec<String> = root
+            .fs
+            .list(&[])
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| *n == "ZZZZ_lnk").count(),
+            2,
+            "{names:?}"
+        );
         let out = work.path().join(format!("out{first_link}"));
         let done = extract(root.fs, &root.path, "root", Output::Dir(&out)).unwrap();
         assert!(!done.skipped.is_empty(), "{done:?}");
-        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "written through a symlink");
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "written through a symlink"
+        );
     }
 }
 
@@ -183,13 +221,19 @@ fn fat_names_that_climb_out_are_skipped() {
     std::fs::write(src.join("a q b.txt"), b"slash").unwrap();
     std::fs::write(src.join("c d"), b"dots").unwrap();
     let mut cmd = Command::new("mcopy");
-    cmd.arg("-i").arg(&img).arg(src.join("a q b.txt")).arg(src.join("c d")).arg("::/");
+    cmd.arg("-i")
+        .arg(&img)
+        .arg(src.join("a q b.txt"))
+        .arg(src.join("c d"))
+        .arg("::/");
     run(&mut cmd);
     // `a /b.txt`, and `..`.
     replace_once(&img, b"a\0 \0q\0", b"a\0 \0/\0");
     replace_once(&img, b"c\0 \0d\0\0\0", b".\0.\0\0\0\xff\xff");
     let g = open_file(&img);
-    let Target::In(root) = g.resolve("/").unwrap() else { panic!() };
+    let Target::In(root) = g.resolve("/").unwrap() else {
+        panic!()
+    };
     let out = work.path().join("out");
     let done = extract(root.fs, &root.path, "root", Output::Dir(&out)).unwrap();
     assert_eq!(done.files, 0, "{done:?}");
@@ -221,7 +265,11 @@ fn randomly_damaged_filesystems_never_panic() {
     let (_full, _fat) = guest::recipe_e_disk(&disk, "gpt", work.path(), 64 << 10);
     let clean = std::fs::read(&disk).unwrap();
     let g = GuestDisk::open(mem(clean.clone())).unwrap();
-    let starts: Vec<(u64, u64)> = g.volumes.iter().map(|v| (v.partition.start, v.partition.size)).collect();
+    let starts: Vec<(u64, u64)> = g
+        .volumes
+        .iter()
+        .map(|v| (v.partition.start, v.partition.size))
+        .collect();
     drop(g);
     let mut seed = 0x5eed_u64;
     let mut next = || {
@@ -255,11 +303,18 @@ fn randomly_damaged_filesystems_never_panic() {
                 sink.flush().unwrap();
             }
         }
-        d = Arc::try_unwrap(disk).ok().expect("the disk is free again").0;
+        d = Arc::try_unwrap(disk)
+            .ok()
+            .expect("the disk is free again")
+            .0;
         for &(at, bit) in flips.iter().rev() {
             d[at] ^= bit;
         }
     }
     assert!(opened > 300, "only {opened} damaged filesystems opened");
-    assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        started.elapsed()
+    );
 }

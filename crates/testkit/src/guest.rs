@@ -115,17 +115,29 @@ pub fn make_tree(root: &Path, links: bool, big_size: usize) -> Tree {
         fs::write(&p, content).unwrap();
         t.files.push(rel.to_string());
     };
-    put("etc/nginx/nginx.conf", b"worker_processes 4;\nhttp { server { listen 80; } }\n");
+    put(
+        "etc/nginx/nginx.conf",
+        b"worker_processes 4;\nhttp { server { listen 80; } }\n",
+    );
     put("etc/hostname", b"web01\n");
-    put("home/user/docs/report.txt", &b"quarterly report\n".repeat(300));
-    put("home/user/Ünïcödé ファイル.txt", "non-ASCII: ü ファイル\n".as_bytes());
+    put(
+        "home/user/docs/report.txt",
+        &b"quarterly report\n".repeat(300),
+    );
+    put(
+        "home/user/Ünïcödé ファイル.txt",
+        "non-ASCII: ü ファイル\n".as_bytes(),
+    );
     put(
         "home/user/a very long file name that goes well past the eight dot three limit.txt",
         b"long name\n",
     );
     let deep: String = (1..=12).map(|i| format!("level{i}/")).collect();
     put(&format!("deep/{deep}leaf.txt"), b"deep leaf\n");
-    put("var/lib/db/dump.sql", &b"INSERT INTO t VALUES (1);\n".repeat(1000));
+    put(
+        "var/lib/db/dump.sql",
+        &b"INSERT INTO t VALUES (1);\n".repeat(1000),
+    );
     put("var/backups/old.sql", b"-- old\n");
     put("empty.txt", b"");
     put(&t.big.clone(), &random_bytes(big_size, 7));
@@ -134,8 +146,12 @@ pub fn make_tree(root: &Path, links: bool, big_size: usize) -> Tree {
     let sparse = root.join(&t.sparse);
     let f = File::create(&sparse).unwrap();
     f.set_len(t.sparse_size).unwrap();
-    for (i, at) in [0, t.sparse_size / 2 + 4096, t.sparse_size - 4096].into_iter().enumerate() {
-        f.write_all_at(&random_bytes(4096, 100 + i as u64), at).unwrap();
+    for (i, at) in [0, t.sparse_size / 2 + 4096, t.sparse_size - 4096]
+        .into_iter()
+        .enumerate()
+    {
+        f.write_all_at(&random_bytes(4096, 100 + i as u64), at)
+            .unwrap();
     }
     drop(f);
     t.files.push(t.sparse.clone());
@@ -159,7 +175,8 @@ pub fn make_tree(root: &Path, links: bool, big_size: usize) -> Tree {
         }
         let second = "home/user/docs/report-hardlink.txt";
         fs::hard_link(&report, root.join(second)).unwrap();
-        t.hard_links.push(("home/user/docs/report.txt".into(), second.into()));
+        t.hard_links
+            .push(("home/user/docs/report.txt".into(), second.into()));
     }
     t
 }
@@ -192,7 +209,12 @@ pub fn partition(disk: &Path, size_mib: u64, label: &str, parts: &[PartSpec]) ->
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success(), "sfdisk {script}");
     let out = Command::new("sfdisk").arg("-J").arg(disk).output().unwrap();
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -201,7 +223,12 @@ pub fn partition(disk: &Path, size_mib: u64, label: &str, parts: &[PartSpec]) ->
         .unwrap()
         .iter()
         .filter(|p| !matches!(p["type"].as_str(), Some("5") | Some("f") | Some("85")))
-        .map(|p| (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512))
+        .map(|p| {
+            (
+                p["start"].as_u64().unwrap() * 512,
+                p["size"].as_u64().unwrap() * 512,
+            )
+        })
         .collect()
 }
 
@@ -255,7 +282,11 @@ pub fn ntfs_into(disk: &Path, (start, size): (u64, u64), src: &Path, label: &str
     let ads = fs::write(mnt.join("etc/hostname:backup"), b"old name\n");
     run(Command::new("umount").arg(&mnt));
     let copied = copied.unwrap();
-    assert!(copied.status.success(), "cp: {}", String::from_utf8_lossy(&copied.stderr));
+    assert!(
+        copied.status.success(),
+        "cp: {}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
     ads.unwrap();
     copy_data(&image, disk, start);
     fs::remove_file(&image).unwrap();
@@ -296,11 +327,21 @@ pub fn recipe_e_disk(disk: &Path, label: &str, work: &Path, big_size: usize) -> 
         400,
         label,
         &[
-            PartSpec { size_mib: 120, sfdisk_type: if label == "gpt" { "linux" } else { "83" } },
-            PartSpec { size_mib: 120, sfdisk_type: if label == "gpt" { "uefi" } else { "c" } },
             PartSpec {
                 size_mib: 120,
-                sfdisk_type: if label == "gpt" { "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7" } else { "7" },
+                sfdisk_type: if label == "gpt" { "linux" } else { "83" },
+            },
+            PartSpec {
+                size_mib: 120,
+                sfdisk_type: if label == "gpt" { "uefi" } else { "c" },
+            },
+            PartSpec {
+                size_mib: 120,
+                sfdisk_type: if label == "gpt" {
+                    "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+                } else {
+                    "7"
+                },
             },
         ],
     );
