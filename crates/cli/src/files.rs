@@ -11,8 +11,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use vmvault_engine::select_point;
 use vmvault_files::{
-    extract, Entry, FilesError, Glob, GuestDisk, Kind, Located, Output, PointDisk, ReadAt, Skipped,
-    Target, Visit, Visitor, VolumeInfo, Walk,
+    confine, extract, Confinement, Entry, FilesError, Glob, GuestDisk, Kind, Located, Output,
+    PointDisk, ReadAt, Skipped, Target, Visit, Visitor, VolumeInfo, Walk,
 };
 use vmvault_format::Manifest;
 
@@ -85,6 +85,7 @@ pub struct FindArgs {
 
 /// A guest disk of a recovery point, open for reading.
 struct Opened {
+    confinement: Confinement,
     manifest: Manifest,
     disk_name: String,
     disk: Arc<PointDisk>,
@@ -99,7 +100,9 @@ struct Chunks {
 }
 
 impl Opened {
-    fn open(g: &Global, c: &Common) -> Result<Opened> {
+    /// Opens the vault and the disk's index, then takes write rights away (but beneath
+    /// `out`) before the first guest byte is parsed.
+    fn open(g: &Global, c: &Common, out: Option<&std::path::Path>) -> Result<Opened> {
         let started = Instant::now();
         let vault = Arc::new(crate::vault::open(g)?);
         let (points, _) = vault.points()?;
@@ -129,9 +132,11 @@ impl Opened {
         }
         .clone();
         let disk = Arc::new(PointDisk::open(vault, &record)?);
+        let confinement = confine(out).context("confining the guest filesystem parsers")?;
         let reader: Arc<dyn ReadAt> = disk.clone();
         let guest = GuestDisk::open(reader).with_context(|| format!("disk {}", record.name))?;
         Ok(Opened {
+            confinement,
             manifest,
             disk_name: record.name,
             disk,
@@ -151,14 +156,15 @@ impl Opened {
         if verbose {
             let c = self.chunks();
             eprintln!(
-                "fetched {} of {} chunks ({:.2}%) of disk {} of {}@{} in {:.2} s",
+                "fetched {} of {} chunks ({:.2}%) of disk {} of {}@{} in {:.2} s (parsers confined: {:?})",
                 c.fetched,
                 c.total,
                 100.0 * c.fetched as f64 / c.total.max(1) as f64,
                 self.disk_name,
                 self.manifest.vm,
                 self.manifest.id.short(),
-                self.started.elapsed().as_secs_f64()
+                self.started.elapsed().as_secs_f64(),
+                self.confinement
             );
         }
     }
@@ -233,7 +239,7 @@ fn time_text(e: &Entry) -> String {
 }
 
 fn ls(g: &Global, a: LsArgs) -> Result<()> {
-    let o = Opened::open(g, &a.common)?;
+    let o = Opened::open(g, &a.common, None)?;
     let target = o.guest.resolve(&a.path).map_err(|e| o.check(e))?;
     let mut out = LsOut {
         point: o.manifest.id.to_hex(),
@@ -336,7 +342,10 @@ fn get(g: &Global, a: GetArgs) -> Result<()> {
             InputError("--json goes with --to (a tar or zip stream is the output)".into()).into(),
         );
     }
-    let o = Opened::open(g, &a.common)?;
+    if let Some(dir) = &a.to {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let o = Opened::open(g, &a.common, a.to.as_deref())?;
     let at = located(o.guest.resolve(&a.path).map_err(|e| o.check(e))?, &a.path)?;
     let name = match at.path.last() {
         Some(n) => n.clone(),
@@ -434,7 +443,7 @@ struct FindOut {
 
 fn find(g: &Global, a: FindArgs) -> Result<()> {
     let glob = Glob::new(&a.pattern)?;
-    let o = Opened::open(g, &a.common)?;
+    let o = Opened::open(g, &a.common, None)?;
     let mut starts = Vec::new();
     match o.guest.resolve(&a.under).map_err(|e| o.check(e))? {
         Target::Volumes => {

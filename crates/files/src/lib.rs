@@ -7,7 +7,8 @@
 //! target; [`Walk`] and [`Glob`] find files by pattern.
 //!
 //! Guest filesystems are untrusted input: every parser here is fuzzed (`fuzz/`), and every
-//! walk is bounded in depth, entries and bytes read for partition tables.
+//! walk is bounded in depth, entries and bytes read for partition tables; [`confine`] takes
+//! write rights away from the parsing thread (Landlock).
 
 mod disk;
 mod error;
@@ -17,6 +18,7 @@ mod fat;
 mod fs;
 mod ntfs;
 mod partition;
+mod sandbox;
 mod volume;
 mod walk;
 
@@ -28,5 +30,6 @@ pub use fs::{
     MAX_DIR_ENTRIES,
 };
 pub use partition::{partitions, Partition};
+pub use sandbox::{confine, Confinement};
 pub use volume::{GuestDisk, Located, Target, Volume, VolumeInfo};
 pub use walk::{Glob, Skipped, Visit, Visitor, Walk, MAX_DEPTH, MAX_ENTRIES};
