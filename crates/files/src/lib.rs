@@ -16,6 +16,7 @@ mod ext4;
 mod extract;
 mod fat;
 mod fs;
+mod lznt1;
 mod ntfs;
 mod partition;
 mod sandbox;

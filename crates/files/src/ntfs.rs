@@ -1,10 +1,12 @@
 //! NTFS through the `ntfs` crate (read-only, no `unsafe`): resident and non-resident data,
-//! sparse files, attribute lists, Interix symlinks (as ntfs-3g makes them), hard links (one file record under several names: the
-//! record number is the entry's `id`), alternate data streams (listed). Compressed and
-//! encrypted files are refused with a clear error: the crate does not decompress LZNT1.
+//! sparse files, attribute lists, hard links (one file record under several names: the record
+//! number is the entry's `id`), alternate data streams (listed). vmvault adds what the crate
+//! lacks: LZNT1-compressed files (`lznt1`) and Interix symlinks (as ntfs-3g makes them).
+//! EFS-encrypted files are refused with a clear error.
 
 use std::io::{self, Read, Seek, SeekFrom};
 
+use ntfs::attribute_value::NtfsAttributeValue;
 use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
 use ntfs::{Ntfs, NtfsAttributeFlags, NtfsAttributeType, NtfsError, NtfsFile, NtfsReadSeek};
@@ -12,6 +14,7 @@ use ntfs::{Ntfs, NtfsAttributeFlags, NtfsAttributeType, NtfsError, NtfsFile, Ntf
 use crate::disk::Part;
 use crate::error::{FilesError, Result};
 use crate::fs::{display_path, Entry, Filesystem, Kind, ReadSeek, Stream, MAX_DIR_ENTRIES};
+use crate::lznt1::Compressed;
 
 pub struct NtfsFs {
     ntfs: Ntfs,
@@ -235,10 +238,8 @@ impl Filesystem for NtfsFs {
             let attr = item.to_attribute().map_err(|e| damaged(path, e))?;
             let flags = attr.flags();
             if flags.contains(NtfsAttributeFlags::COMPRESSED) {
-                return Err(FilesError::Unsupported(format!(
-                    "{}: NTFS-compressed file",
-                    display_path(path)
-                )));
+                let compressed = self.compressed(path, &attr, &mut fs)?;
+                return Ok(Box::new(compressed));
             }
             if flags.contains(NtfsAttributeFlags::ENCRYPTED) {
                 return Err(FilesError::Unsupported(format!(
@@ -254,6 +255,50 @@ impl Filesystem for NtfsFs {
             pos: 0,
             len,
         }))
+    }
+}
+
+impl NtfsFs {
+    /// A compressed data stream: its runs, read and decompressed by `lznt1`.
+    fn compressed(
+        &self,
+        path: &[String],
+        attr: &ntfs::NtfsAttribute<'_, '_>,
+        fs: &mut Part,
+    ) -> Result<Compressed> {
+        let unsupported = |why: &str| {
+            FilesError::Unsupported(format!(
+                "{}: NTFS-compressed file {why}",
+                display_path(path)
+            ))
+        };
+        let cluster = u64::from(self.ntfs.cluster_size());
+        if cluster > 4096 {
+            return Err(unsupported("with clusters over 4 KiB"));
+        }
+        let NtfsAttributeValue::NonResident(value) =
+            attr.value(fs).map_err(|e| damaged(path, e))?
+        else {
+            return Err(unsupported("spread over an attribute list"));
+        };
+        let mut runs = Vec::new();
+        for run in value.data_runs() {
+            let run = run.map_err(|e| damaged(path, e))?;
+            if runs.len() >= 1 << 16 {
+                return Err(FilesError::Limit(format!(
+                    "{}: more than 65,536 data runs",
+                    display_path(path)
+                )));
+            }
+            let at = run.data_position().value().map(|p| p.get());
+            runs.push((at, run.allocated_size()));
+        }
+        Ok(Compressed::new(
+            self.part.clone(),
+            runs,
+            cluster,
+            attr.value_length(),
+        ))
     }
 }
 

@@ -270,7 +270,7 @@ pub fn ntfs_into(disk: &Path, (start, size): (u64, u64), src: &Path, label: &str
     let mnt = work.join(format!("ntfs-{start}.mnt"));
     fs::create_dir_all(&mnt).unwrap();
     run(Command::new("ntfs-3g")
-        .args(["-o", "streams_interface=windows"])
+        .args(["-o", "streams_interface=windows,compression"])
         .arg(&image)
         .arg(&mnt));
     let copied = Command::new("cp")
@@ -280,6 +280,22 @@ pub fn ntfs_into(disk: &Path, (start, size): (u64, u64), src: &Path, label: &str
         .output();
     // An alternate data stream, listed by `files ls --long`.
     let ads = fs::write(mnt.join("etc/hostname:backup"), b"old name\n");
+    // NTFS-compressed files: made in a folder marked compressed (ntfs-3g's attribute xattr).
+    let comp = mnt.join("compressed");
+    let compressed = fs::create_dir(&comp).and_then(|()| {
+        let attr = rustix::fs::getxattr(&comp, "system.ntfs_attrib_be", &mut [0u8; 4][..])
+            .map(|_| 0x10u32 | 0x800)?;
+        rustix::fs::setxattr(
+            &comp,
+            "system.ntfs_attrib_be",
+            &attr.to_be_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        )?;
+        for (name, content) in compressed_files() {
+            fs::write(comp.join(name), content)?;
+        }
+        Ok(())
+    });
     run(Command::new("umount").arg(&mnt));
     let copied = copied.unwrap();
     assert!(
@@ -288,8 +304,28 @@ pub fn ntfs_into(disk: &Path, (start, size): (u64, u64), src: &Path, label: &str
         String::from_utf8_lossy(&copied.stderr)
     );
     ads.unwrap();
+    compressed.unwrap();
     copy_data(&image, disk, start);
     fs::remove_file(&image).unwrap();
+}
+
+/// The files `ntfs_into` writes NTFS-compressed into `/compressed`: text (compresses well),
+/// random bytes (stored raw, unit by unit), and a mix with a run of zeros (a sparse unit).
+pub fn compressed_files() -> Vec<(&'static str, Vec<u8>)> {
+    let text: Vec<u8> = (0..20_000)
+        .flat_map(|i| {
+            format!("line {i}: the quick brown fox jumps over the lazy dog\n").into_bytes()
+        })
+        .collect();
+    let mut mixed = text[..100_000].to_vec();
+    mixed.extend(std::iter::repeat_n(0u8, 200_000));
+    mixed.extend(random_bytes(70_000, 9));
+    mixed.extend_from_slice(&text[..12_345]);
+    vec![
+        ("text.txt", text),
+        ("random.bin", random_bytes(150_001, 8)),
+        ("mixed.bin", mixed),
+    ]
 }
 
 /// Copies the data (not the holes) of `from` into `to` at `offset`.
