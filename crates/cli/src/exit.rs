@@ -1,10 +1,12 @@
 //! Exit codes, documented in the README:
 //! 0 success; 1 failure (I/O, full storage, damage found while working); 2 bad input (usage,
-//! description file, point name, not a vault); 3 verify found damage; 4 wrong passphrase;
-//! 5 busy (another backup of the VM, or a garbage collection, is running).
+//! description file, point name, not a vault, a guest path that does not exist); 3 verify
+//! found damage, or a guest filesystem is damaged or uses what vmvault does not read;
+//! 4 wrong passphrase; 5 busy (another backup of the VM, or a garbage collection, is running).
 
 use vmvault_disk::DiskError;
 use vmvault_engine::EngineError;
+use vmvault_files::FilesError;
 use vmvault_store::StoreError;
 
 pub const FAILURE: i32 = 1;
@@ -67,6 +69,17 @@ pub fn code(e: &anyhow::Error) -> i32 {
                 // A disk that cannot be opened or read as its format is bad input to a backup.
                 EngineError::Disk(_) => INPUT,
                 EngineError::Io { .. } => FAILURE,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<FilesError>() {
+            return match e {
+                FilesError::NotFound(_) | FilesError::NotADirectory(_) | FilesError::BadPath(_) => {
+                    INPUT
+                }
+                FilesError::Damaged { .. } | FilesError::Unsupported(_) | FilesError::Limit(_) => {
+                    DAMAGE
+                }
+                FilesError::Disk(_) | FilesError::Output { .. } => FAILURE,
             };
         }
         if let Some(e) = cause.downcast_ref::<DiskError>() {

@@ -3,6 +3,7 @@
 mod backup;
 mod disk;
 mod exit;
+mod files;
 mod key;
 mod live;
 mod maintenance;
@@ -94,6 +95,9 @@ enum Command {
     /// Serve a recovery point's disk to other programs: `serve nbd` (read-only NBD).
     #[command(subcommand)]
     Serve(serve::ServeCommand),
+    /// Single files from a recovery point: list, extract (to a folder, tar or zip), find.
+    #[command(subcommand)]
+    Files(files::FilesCommand),
 }
 
 /// When this command started, for figures that count from it (live restore's first read).
@@ -114,6 +118,7 @@ fn main() {
         Command::Key(c) => key::run(g, c),
         Command::Disk(c) => disk::run(g, c),
         Command::Serve(c) => serve::run(g, c),
+        Command::Files(c) => files::run(g, c),
     };
     if let Err(e) = result {
         eprintln!("vmvault: error: {}", exit::message(&e));

@@ -14,6 +14,7 @@
 //! ```
 
 mod garage;
+pub mod guest;
 mod process;
 mod qemu;
 

@@ -1,0 +1,166 @@
+//! One interface for every guest filesystem: list a folder, stat, read a file (any range),
+//! read a symlink. Paths are given as components from the filesystem's root (`[]` is the root).
+
+use std::io::{Read, Seek};
+
+use serde::Serialize;
+
+use crate::disk::Part;
+use crate::error::{FilesError, Result};
+
+/// At most this many entries are read from one folder: a hostile folder cannot make a listing
+/// allocate without bound.
+pub const MAX_DIR_ENTRIES: usize = 1_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// Devices, FIFOs, sockets, NTFS reparse points: listed, never extracted.
+    Other,
+}
+
+/// An alternate data stream of an NTFS file (listed, not extracted).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Stream {
+    pub name: String,
+    pub size: u64,
+}
+
+/// What a filesystem says about one of its files or folders.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub name: String,
+    pub kind: Kind,
+    pub size: u64,
+    /// Permission bits (`0o7777`), where the filesystem has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Modification time: seconds since the Unix epoch, and nanoseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<i64>,
+    #[serde(skip)]
+    pub mtime_nanos: u32,
+    /// The file's identity within its filesystem (an NTFS file record), where known: names
+    /// sharing one are hard links.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// How many names the file has, where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub links: Option<u32>,
+    /// A symlink's target, as stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<Stream>,
+}
+
+impl Entry {
+    pub fn new(name: impl Into<String>, kind: Kind, size: u64) -> Entry {
+        Entry {
+            name: name.into(),
+            kind,
+            size,
+            mode: None,
+            uid: None,
+            gid: None,
+            mtime: None,
+            mtime_nanos: 0,
+            id: None,
+            links: None,
+            target: None,
+            streams: Vec::new(),
+        }
+    }
+}
+
+pub trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
+/// A guest filesystem, read-only.
+pub trait Filesystem {
+    /// `ext4` (also ext2 and ext3), `fat`, `ntfs`.
+    fn kind(&self) -> &'static str;
+    fn label(&self) -> Option<String>;
+    /// The entry a path names; symlinks are not followed in the last component.
+    fn stat(&self, path: &[String]) -> Result<Entry>;
+    /// A folder's entries, without `.` and `..`, in the filesystem's order.
+    fn list(&self, path: &[String]) -> Result<Vec<Entry>>;
+    /// A symlink's target.
+    fn read_link(&self, path: &[String]) -> Result<String>;
+    /// A regular file's content, with random access.
+    fn open(&self, path: &[String]) -> Result<Box<dyn ReadSeek + '_>>;
+
+    /// Up to `buf.len()` bytes of a file from `offset`; fewer only at its end.
+    fn read_range(&self, path: &[String], offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut f = self.open(path)?;
+        let what = || display_path(path);
+        f.seek(std::io::SeekFrom::Start(offset))
+            .map_err(|e| FilesError::damaged(what(), e))?;
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(FilesError::damaged(what(), e)),
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// `/a/b` for components `[a, b]`.
+pub fn display_path(path: &[String]) -> String {
+    format!("/{}", path.join("/"))
+}
+
+/// The filesystem a partition holds, judged by its magic numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Fat,
+    Ntfs,
+}
+
+/// Looks at a partition's first sectors for a filesystem vmvault reads.
+pub fn probe(part: &Part) -> Option<FsType> {
+    let mut head = [0u8; 2048];
+    if part.len() < head.len() as u64 || part.read_exact_at(0, &mut head).is_err() {
+        return None;
+    }
+    if head[1080..1082] == [0x53, 0xEF] {
+        return Some(FsType::Ext4);
+    }
+    if &head[3..11] == b"NTFS    " {
+        return Some(FsType::Ntfs);
+    }
+    let bytes_per_sector = u16::from_le_bytes([head[11], head[12]]);
+    let per_cluster = head[13];
+    let fats = head[16];
+    let fat_name = &head[54..57] == b"FAT" || &head[82..87] == b"FAT32";
+    if head[510..512] == [0x55, 0xAA]
+        && matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096)
+        && per_cluster.is_power_of_two()
+        && (1..=2).contains(&fats)
+        && fat_name
+    {
+        return Some(FsType::Fat);
+    }
+    None
+}
+
+/// Opens the filesystem of type `ty` on `part`.
+pub fn open(ty: FsType, part: Part) -> Result<Box<dyn Filesystem>> {
+    Ok(match ty {
+        FsType::Ext4 => Box::new(crate::ext4::Ext4Fs::open(part)?),
+        FsType::Fat => Box::new(crate::fat::FatFs::open(part)?),
+        FsType::Ntfs => Box::new(crate::ntfs::NtfsFs::open(part)?),
+    })
+}

@@ -1,0 +1,246 @@
+//! Walking a folder tree, bounded: a guest filesystem may be built so that its folders loop
+//! (a folder listed inside itself), go arbitrarily deep, or hold absurd numbers of entries.
+//! And glob patterns for `find`.
+
+use std::collections::HashSet;
+
+use crate::error::{FilesError, Result};
+use crate::fs::{Entry, Filesystem, Kind};
+
+/// Folders deeper than this below the walk's start are not entered.
+pub const MAX_DEPTH: usize = 128;
+/// A walk visits at most this many entries.
+pub const MAX_ENTRIES: u64 = 5_000_000;
+
+/// What the visitor wants after seeing a folder.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Visit {
+    Enter,
+    Skip,
+}
+
+/// Something a walk met and left out, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+}
+
+pub trait Visitor {
+    /// Called for every entry, `rel` being its path from the walk's start (its last component
+    /// is the entry's name). For a folder, says whether to enter it.
+    fn entry(&mut self, rel: &[String], e: &Entry) -> Result<Visit>;
+    /// Called after a folder's entries.
+    fn leave(&mut self, _rel: &[String], _e: &Entry) -> Result<()> {
+        Ok(())
+    }
+}
+
+pub struct Walk<'a> {
+    fs: &'a dyn Filesystem,
+    visited: HashSet<u64>,
+    count: u64,
+    pub skipped: Vec<Skipped>,
+}
+
+impl<'a> Walk<'a> {
+    pub fn new(fs: &'a dyn Filesystem) -> Walk<'a> {
+        Walk {
+            fs,
+            visited: HashSet::new(),
+            count: 0,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Walks the tree under `base` (components in the filesystem), starting with its entry
+    /// `top` under the name `rel[0]`.
+    pub fn run(
+        &mut self,
+        base: &[String],
+        top: &Entry,
+        rel: &mut Vec<String>,
+        v: &mut dyn Visitor,
+    ) -> Result<()> {
+        self.count += 1;
+        if self.count > MAX_ENTRIES {
+            return Err(FilesError::Limit(format!(
+                "more than {MAX_ENTRIES} entries in one walk"
+            )));
+        }
+        if v.entry(rel, top)? == Visit::Skip || top.kind != Kind::Dir {
+            return Ok(());
+        }
+        let here = || format!("/{}", base.join("/"));
+        if rel.len() > MAX_DEPTH {
+            self.skipped.push(Skipped {
+                path: here(),
+                reason: format!("deeper than {MAX_DEPTH} folders"),
+            });
+            return Ok(());
+        }
+        if let Some(id) = top.id {
+            if !self.visited.insert(id) {
+                self.skipped.push(Skipped {
+                    path: here(),
+                    reason: "a folder met twice (its filesystem loops)".into(),
+                });
+                return Ok(());
+            }
+        }
+        let entries = match self.fs.list(base) {
+            Ok(list) => list,
+            Err(e) if e.is_guest_damage() => {
+                self.skipped.push(Skipped {
+                    path: here(),
+                    reason: e.to_string(),
+                });
+                return v.leave(rel, top);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut child_base = base.to_vec();
+        for e in entries {
+            child_base.push(e.name.clone());
+            rel.push(e.name.clone());
+            let r = self.run(&child_base, &e, rel, v);
+            rel.pop();
+            child_base.pop();
+            r?;
+        }
+        v.leave(rel, top)
+    }
+}
+
+/// A glob pattern: `*` (any run of characters but `/`), `**` (any run, `/` included), `?`,
+/// `[abc]`, `[a-z]`, `[!abc]`. A pattern without `/` matches names; with one, whole paths.
+pub struct Glob {
+    pattern: Vec<char>,
+    pub whole_path: bool,
+}
+
+impl Glob {
+    pub fn new(pattern: &str) -> Result<Glob> {
+        if pattern.is_empty() || pattern.len() > 1024 {
+            return Err(FilesError::BadPath(
+                "a pattern has 1 to 1024 characters".into(),
+            ));
+        }
+        Ok(Glob {
+            pattern: pattern.chars().collect(),
+            whole_path: pattern.contains('/'),
+        })
+    }
+
+    pub fn matches(&self, text: &str) -> bool {
+        let t: Vec<char> = text.chars().collect();
+        let p = &self.pattern;
+        // ok[j]: the pattern's first i characters match the text's first j.
+        let mut ok = vec![false; t.len() + 1];
+        ok[0] = true;
+        let mut i = 0;
+        while i < p.len() {
+            let mut next = vec![false; t.len() + 1];
+            let step = match p[i] {
+                '*' => {
+                    let double = p.get(i + 1) == Some(&'*');
+                    let mut reach = false;
+                    for j in 0..=t.len() {
+                        if ok[j] {
+                            reach = true;
+                        } else if j > 0 && (double || t[j - 1] != '/') {
+                            // still reachable through the run
+                        } else {
+                            reach = false;
+                        }
+                        next[j] = reach || ok[j];
+                    }
+                    if double {
+                        2
+                    } else {
+                        1
+                    }
+                }
+                '[' => match class(p, i) {
+                    Some((set, negate, end)) => {
+                        for j in 1..=t.len() {
+                            let c = t[j - 1];
+                            let hit = set.iter().any(|&(a, b)| a <= c && c <= b);
+                            next[j] = ok[j - 1] && c != '/' && hit != negate;
+                        }
+                        end + 1 - i
+                    }
+                    None => {
+                        for j in 1..=t.len() {
+                            next[j] = ok[j - 1] && t[j - 1] == '[';
+                        }
+                        1
+                    }
+                },
+                c => {
+                    for j in 1..=t.len() {
+                        next[j] = ok[j - 1] && (t[j - 1] == c || (c == '?' && t[j - 1] != '/'));
+                    }
+                    1
+                }
+            };
+            ok = next;
+            i += step;
+        }
+        ok[t.len()]
+    }
+}
+
+/// A character class: its ranges, whether negated, and where its `]` is.
+type Class = (Vec<(char, char)>, bool, usize);
+
+/// The character class starting at `p[i] == '['`.
+fn class(p: &[char], i: usize) -> Option<Class> {
+    let mut j = i + 1;
+    let negate = matches!(p.get(j), Some('!') | Some('^'));
+    if negate {
+        j += 1;
+    }
+    let mut set = Vec::new();
+    let start = j;
+    while j < p.len() {
+        if p[j] == ']' && j > start {
+            return Some((set, negate, j));
+        }
+        if p.get(j + 1) == Some(&'-') && p.get(j + 2).is_some_and(|&c| c != ']') {
+            set.push((p[j], p[j + 2]));
+            j += 3;
+        } else {
+            set.push((p[j], p[j]));
+            j += 1;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Glob;
+
+    fn m(p: &str, t: &str) -> bool {
+        Glob::new(p).unwrap().matches(t)
+    }
+
+    #[test]
+    fn globs() {
+        assert!(m("*.sql", "dump.sql"));
+        assert!(!m("*.sql", "dump.sql.gz"));
+        assert!(m("*", ""));
+        assert!(m("a?c", "abc"));
+        assert!(!m("a?c", "a/c"));
+        assert!(m("[a-c]x", "bx"));
+        assert!(!m("[!a-c]x", "bx"));
+        assert!(m("/p2/*/x.log", "/p2/var/x.log"));
+        assert!(!m("/p2/*/x.log", "/p2/var/log/x.log"));
+        assert!(m("/p2/**/x.log", "/p2/var/log/x.log"));
+        assert!(m("**.log", "a/b/c.log"));
+        assert!(m("*é*", "café"));
+        assert!(m("[", "["));
+        assert!(!m("*.sql", "x/y.sql"));
+    }
+}
