@@ -10,6 +10,8 @@ use crate::fs::{display_path, Entry, Filesystem, Kind, ReadSeek, MAX_DIR_ENTRIES
 
 pub struct Ext4Fs {
     fs: Ext4,
+    /// An entry takes at least 12 bytes (a folder entry with a name of up to 4 bytes).
+    limit: usize,
 }
 
 fn error(path: &[String], e: Ext4Error) -> FilesError {
@@ -56,8 +58,9 @@ fn entry(name: String, m: &Metadata) -> Entry {
 
 impl Ext4Fs {
     pub fn open(part: Part) -> Result<Ext4Fs> {
+        let limit = crate::fs::entry_limit(part.len(), 12).min(MAX_DIR_ENTRIES);
         let fs = Ext4::load(Box::new(part)).map_err(|e| error(&[], e))?;
-        Ok(Ext4Fs { fs })
+        Ok(Ext4Fs { fs, limit })
     }
 
     fn with_target(&self, path: &[String], mut e: Entry) -> Result<Entry> {
@@ -99,10 +102,11 @@ impl Filesystem for Ext4Fs {
             if name == "." || name == ".." {
                 continue;
             }
-            if out.len() >= MAX_DIR_ENTRIES {
+            if out.len() >= self.limit {
                 return Err(FilesError::Limit(format!(
-                    "{}: more than {MAX_DIR_ENTRIES} entries",
-                    display_path(path)
+                    "{}: more than {} entries",
+                    display_path(path),
+                    self.limit
                 )));
             }
             let m = item.metadata().map_err(|e| error(path, e))?;
@@ -116,6 +120,10 @@ impl Filesystem for Ext4Fs {
             out.push(e);
         }
         Ok(out)
+    }
+
+    fn max_entries(&self) -> usize {
+        self.limit
     }
 
     fn read_link(&self, path: &[String]) -> Result<String> {

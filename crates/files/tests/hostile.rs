@@ -318,3 +318,54 @@ fn randomly_damaged_filesystems_never_panic() {
         started.elapsed()
     );
 }
+
+/// Reads everything a filesystem lists, as the fuzz targets do.
+fn read_all(fs: &dyn vmvault_files::Filesystem) {
+    use vmvault_files::{Entry, Kind, Opener, Visit, Visitor, Walk};
+    struct All<'a>(&'a dyn vmvault_files::Filesystem);
+    impl Visitor for All<'_> {
+        fn entry(
+            &mut self,
+            rel: &[String],
+            e: &Entry,
+            content: Option<&dyn Opener>,
+        ) -> vmvault_files::Result<Visit> {
+            if e.kind == Kind::File {
+                let mut buf = vec![0u8; 1 << 16];
+                match content.map(|c| c.open()) {
+                    Some(Ok(mut f)) => {
+                        let _ = std::io::Read::read(&mut f, &mut buf);
+                    }
+                    Some(Err(_)) => {}
+                    None => {
+                        let _ = self.0.read_range(&rel[1..], 0, &mut buf);
+                    }
+                }
+            }
+            Ok(Visit::Enter)
+        }
+    }
+    let Ok(top) = fs.stat(&[]) else { return };
+    let _ = Walk::new(fs).run(&[], &top, &mut vec![String::new()], &mut All(fs));
+}
+
+/// Inputs the fuzz targets found: a panic inside `ext4-view` (caught: damage, not a crash),
+/// and a FAT image that was slow to walk.
+#[test]
+fn inputs_found_by_fuzzing() {
+    vmvault_files::quiet_caught_panics();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    for (file, ty) in [
+        ("ext4-read-bytes-panic.img", vmvault_files::FsType::Ext4),
+        ("fat-slow.img", vmvault_files::FsType::Fat),
+    ] {
+        let bytes = std::fs::read(data.join(file)).unwrap();
+        let started = Instant::now();
+        let part = vmvault_files::Part::whole(mem(bytes));
+        if let Ok(fs) = vmvault_files::open_filesystem(ty, part) {
+            read_all(&*fs);
+        }
+        eprintln!("{file}: {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(10), "{file}");
+    }
+}
