@@ -12,6 +12,7 @@ pub struct Ext4Fs {
     fs: Ext4,
     /// An entry takes at least 12 bytes (a folder entry with a name of up to 4 bytes).
     limit: usize,
+    capacity: u64,
 }
 
 fn error(path: &[String], e: Ext4Error) -> FilesError {
@@ -59,8 +60,13 @@ fn entry(name: String, m: &Metadata) -> Entry {
 impl Ext4Fs {
     pub fn open(part: Part) -> Result<Ext4Fs> {
         let limit = crate::fs::entry_limit(part.len(), 12).min(MAX_DIR_ENTRIES);
+        let capacity = part.len();
         let fs = Ext4::load(Box::new(part)).map_err(|e| error(&[], e))?;
-        Ok(Ext4Fs { fs, limit })
+        Ok(Ext4Fs {
+            fs,
+            limit,
+            capacity,
+        })
     }
 
     fn with_target(&self, path: &[String], mut e: Entry) -> Result<Entry> {
@@ -124,6 +130,10 @@ impl Filesystem for Ext4Fs {
 
     fn max_entries(&self) -> usize {
         self.limit
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     fn read_link(&self, path: &[String]) -> Result<String> {

@@ -137,6 +137,13 @@ impl Visitor for Extractor<'_, '_> {
                     self.skip(rel, "exists")
                 }
             }),
+            Kind::File if e.size > self.fs.capacity() => Ok(self.skip(
+                rel,
+                format!(
+                    "{} bytes, more than its filesystem holds (sparse or damaged): not extracted",
+                    e.size
+                ),
+            )),
             Kind::File => {
                 if let (Some(id), Some(links), true) = (e.id, e.links, self.sink.has_links()) {
                     if links > 1 {

@@ -11,6 +11,7 @@ pub struct FatFs {
     fs: FileSystem<Part>,
     /// Every entry takes 32 bytes; a FAT folder holds at most 65,536 of them.
     limit: usize,
+    capacity: u64,
 }
 
 const MAX_FAT_DIR: usize = 65_536;
@@ -50,9 +51,14 @@ fn entry(e: &DirEntry<'_, Part>) -> Entry {
 impl FatFs {
     pub fn open(part: Part) -> Result<FatFs> {
         let limit = crate::fs::entry_limit(part.len(), 32);
+        let capacity = part.len();
         let fs = FileSystem::new(part, FsOptions::new())
             .map_err(|e| FilesError::damaged("FAT filesystem", e))?;
-        Ok(FatFs { fs, limit })
+        Ok(FatFs {
+            fs,
+            limit,
+            capacity,
+        })
     }
 
     /// The entries of a folder, at most 65,536 and what the filesystem's size allows (a
@@ -152,6 +158,10 @@ impl Filesystem for FatFs {
 
     fn max_entries(&self) -> usize {
         self.limit
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     /// One pass over the folder; each entry opens (or lists) from itself, not by a second

@@ -148,6 +148,12 @@ pub trait Filesystem {
         Ok(())
     }
 
+    /// The filesystem's size in bytes. A file claiming more is sparse or damaged: reading it
+    /// whole could take forever, so extraction leaves it out and says so.
+    fn capacity(&self) -> u64 {
+        u64::MAX
+    }
+
     /// The most entries this filesystem can hold (see [`entry_limit`]): a folder or a walk
     /// listing more is cut.
     fn max_entries(&self) -> usize {
@@ -214,11 +220,23 @@ pub fn probe(part: &Part) -> Option<FsType> {
 }
 
 /// Opens the filesystem of type `ty` on `part`.
+fn needs_lite(part: &Part) -> bool {
+    let mut b = [0u8; 4];
+    if part.read_exact_at(1024 + 96, &mut b).is_err() {
+        return false;
+    }
+    let incompat = u32::from_le_bytes(b);
+    incompat & (0x8000 | 0x4000) != 0 || incompat & 0x2 == 0
+}
+
 /// Every call into it is guarded: a panic in a filesystem crate becomes a `Damaged` error.
 pub fn open(ty: FsType, part: Part) -> Result<Box<dyn Filesystem>> {
     let what = format!("{ty:?} filesystem").to_lowercase();
     let fs: Box<dyn Filesystem> = crate::guard::guarded(&what, || {
         let fs: Box<dyn Filesystem> = match ty {
+            // What ext4-view refuses (inline data, largedir, no file types in folder
+            // entries) goes to our own small reader.
+            FsType::Ext4 if needs_lite(&part) => Box::new(crate::ext4lite::Ext4Lite::open(part)?),
             FsType::Ext4 => Box::new(crate::ext4::Ext4Fs::open(part)?),
             FsType::Fat => Box::new(crate::fat::FatFs::open(part)?),
             FsType::Ntfs => Box::new(crate::ntfs::NtfsFs::open(part)?),

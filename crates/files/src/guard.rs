@@ -81,6 +81,10 @@ impl Filesystem for Guarded {
         self.0.max_entries()
     }
 
+    fn capacity(&self) -> u64 {
+        self.0.capacity()
+    }
+
     fn list_with(
         &self,
         path: &[String],

@@ -13,6 +13,7 @@
 mod disk;
 mod error;
 mod ext4;
+mod ext4lite;
 mod extract;
 mod fat;
 mod fs;

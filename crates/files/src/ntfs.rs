@@ -22,6 +22,7 @@ pub struct NtfsFs {
     label: Option<String>,
     /// An index entry with its file name takes at least 0x52 bytes: 64 is a safe floor.
     limit: usize,
+    capacity: u64,
 }
 
 /// 100-ns intervals from 1601-01-01 to 1970-01-01.
@@ -48,6 +49,7 @@ impl NtfsFs {
         let limit = crate::fs::entry_limit(part.len(), 64).min(MAX_DIR_ENTRIES);
         Ok(NtfsFs {
             ntfs,
+            capacity: part.len(),
             part,
             label,
             limit,
@@ -218,6 +220,10 @@ impl Filesystem for NtfsFs {
 
     fn max_entries(&self) -> usize {
         self.limit
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     fn read_link(&self, path: &[String]) -> Result<String> {
