@@ -349,14 +349,16 @@ fn read_all(fs: &dyn vmvault_files::Filesystem) {
     let _ = Walk::new(fs).run(&[], &top, &mut vec![String::new()], &mut All(fs));
 }
 
-/// Inputs the fuzz targets found: a panic inside `ext4-view` (caught: damage, not a crash),
-/// and a FAT image that was slow to walk.
+/// Inputs the fuzz targets found: a panic and an unbounded allocation inside `ext4-view`
+/// (caught, and refused before it), and a FAT image whose folders loop, slow to walk.
 #[test]
 fn inputs_found_by_fuzzing() {
     vmvault_files::quiet_caught_panics();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     for (file, ty) in [
         ("ext4-read-bytes-panic.img", vmvault_files::FsType::Ext4),
+        // Its superblock counts 200 million block groups: ext4-view asked for 12 GiB.
+        ("ext4-descriptor-oom.img", vmvault_files::FsType::Ext4),
         ("fat-slow.img", vmvault_files::FsType::Fat),
     ] {
         let bytes = std::fs::read(data.join(file)).unwrap();
