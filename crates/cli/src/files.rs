@@ -11,8 +11,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use vmvault_engine::select_point;
 use vmvault_files::{
-    confine, extract, Confinement, Entry, FilesError, Glob, GuestDisk, Kind, Located, Output,
-    PointDisk, ReadAt, Skipped, Target, Visit, Visitor, VolumeInfo, Walk,
+    confine, extract, Confinement, Entry, FilesError, Glob, GuestDisk, Kind, Located, Opener,
+    Output, PointDisk, ReadAt, Skipped, Target, Visit, Visitor, VolumeInfo, Walk,
 };
 use vmvault_format::Manifest;
 
@@ -186,6 +186,8 @@ impl Opened {
 }
 
 pub fn run(g: &Global, cmd: FilesCommand) -> Result<()> {
+    // A panic inside a filesystem crate is caught and reported as damage, quietly.
+    vmvault_files::quiet_caught_panics();
     match cmd {
         FilesCommand::Ls(a) => ls(g, a),
         FilesCommand::Get(a) => get(g, a),
@@ -408,7 +410,12 @@ struct Finder<'a> {
 }
 
 impl Visitor for Finder<'_> {
-    fn entry(&mut self, rel: &[String], e: &Entry) -> vmvault_files::Result<Visit> {
+    fn entry(
+        &mut self,
+        rel: &[String],
+        e: &Entry,
+        _: Option<&dyn Opener>,
+    ) -> vmvault_files::Result<Visit> {
         if rel.len() > 1 {
             let path = format!(
                 "{}/{}",

@@ -303,7 +303,13 @@ fn damaged_unsupported_and_unreadable_disks() {
     let src = env.path("src");
     std::fs::create_dir_all(src.join("etc")).unwrap();
     std::fs::write(src.join("etc/motd"), b"hello\n").unwrap();
-    // Inline data: ext4-view refuses such filesystems.
+    // No partition table and no filesystem vmvault reads.
+    std::fs::write(
+        env.path("unknown.raw"),
+        b"not a disk vmvault knows\n".repeat(40_000),
+    )
+    .unwrap();
+    // Inline data: ext4-view refuses it; vmvault's own reader reads it.
     let inline = env.path("inline.raw");
     std::fs::File::create(&inline)
         .unwrap()
@@ -332,11 +338,27 @@ fn damaged_unsupported_and_unreadable_disks() {
         env.dir.path(),
         "odd.toml",
         "odd",
-        &[("inline", "inline.raw"), ("damaged", "damaged.raw")],
+        &[
+            ("unknown", "unknown.raw"),
+            ("inline", "inline.raw"),
+            ("damaged", "damaged.raw"),
+        ],
     );
     env.backup(&desc);
     let err = env.fails(&["files", "ls", "odd", "/etc"], 3);
     assert!(err.contains("unsupported"), "{err}");
+    let out = env.path("inline-out");
+    env.ok(&[
+        "files",
+        "get",
+        "odd",
+        "/etc/motd",
+        "--disk",
+        "inline",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(out.join("motd")).unwrap(), b"hello\n");
     let err = env.fails(
         &[
             "files", "get", "odd", "/etc", "--disk", "damaged", "--to", "out",

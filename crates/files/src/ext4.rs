@@ -10,6 +10,9 @@ use crate::fs::{display_path, Entry, Filesystem, Kind, ReadSeek, MAX_DIR_ENTRIES
 
 pub struct Ext4Fs {
     fs: Ext4,
+    /// An entry takes at least 12 bytes (a folder entry with a name of up to 4 bytes).
+    limit: usize,
+    capacity: u64,
 }
 
 fn error(path: &[String], e: Ext4Error) -> FilesError {
@@ -54,10 +57,48 @@ fn entry(name: String, m: &Metadata) -> Entry {
     e
 }
 
+/// What ext4-view trusts and should not: it allocates one descriptor per block group as the
+/// superblock counts them (fuzzing found 12 GiB asked for). A filesystem larger than its
+/// partition, or with groups smaller than 256 blocks, is refused first, which bounds that.
+fn check_geometry(part: &Part) -> Result<()> {
+    let mut sb = [0u8; 1024];
+    part.read_exact_at(1024, &mut sb)
+        .map_err(|e| FilesError::damaged("ext4 filesystem", e))?;
+    let word = |at: usize| u64::from(u32::from_le_bytes(sb[at..at + 4].try_into().unwrap()));
+    let log = word(24);
+    if log > 6 {
+        return Err(FilesError::damaged("ext4 filesystem", "block size"));
+    }
+    let block = 1024u64 << log;
+    let hi = if word(96) & 0x80 != 0 { word(0x150) } else { 0 };
+    let blocks = hi << 32 | word(4);
+    let per_group = word(32);
+    if blocks.saturating_mul(block) > part.len() {
+        return Err(FilesError::damaged(
+            "ext4 filesystem",
+            format!("{blocks} blocks of {block} bytes: larger than its partition"),
+        ));
+    }
+    if !(256..=8 * block).contains(&per_group) {
+        return Err(FilesError::damaged(
+            "ext4 filesystem",
+            format!("{per_group} blocks per group"),
+        ));
+    }
+    Ok(())
+}
+
 impl Ext4Fs {
     pub fn open(part: Part) -> Result<Ext4Fs> {
+        check_geometry(&part)?;
+        let limit = crate::fs::entry_limit(part.len(), 12).min(MAX_DIR_ENTRIES);
+        let capacity = part.len();
         let fs = Ext4::load(Box::new(part)).map_err(|e| error(&[], e))?;
-        Ok(Ext4Fs { fs })
+        Ok(Ext4Fs {
+            fs,
+            limit,
+            capacity,
+        })
     }
 
     fn with_target(&self, path: &[String], mut e: Entry) -> Result<Entry> {
@@ -99,10 +140,11 @@ impl Filesystem for Ext4Fs {
             if name == "." || name == ".." {
                 continue;
             }
-            if out.len() >= MAX_DIR_ENTRIES {
+            if out.len() >= self.limit {
                 return Err(FilesError::Limit(format!(
-                    "{}: more than {MAX_DIR_ENTRIES} entries",
-                    display_path(path)
+                    "{}: more than {} entries",
+                    display_path(path),
+                    self.limit
                 )));
             }
             let m = item.metadata().map_err(|e| error(path, e))?;
@@ -116,6 +158,14 @@ impl Filesystem for Ext4Fs {
             out.push(e);
         }
         Ok(out)
+    }
+
+    fn max_entries(&self) -> usize {
+        self.limit
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     fn read_link(&self, path: &[String]) -> Result<String> {

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::error::{FilesError, Result};
-use crate::fs::{display_path, Entry, Filesystem, Kind};
+use crate::fs::{display_path, Entry, Filesystem, Kind, Opener};
 use crate::walk::{Skipped, Visit, Visitor, Walk};
 
 const BUF: usize = 1 << 20;
@@ -123,7 +123,7 @@ impl Extractor<'_, '_> {
 }
 
 impl Visitor for Extractor<'_, '_> {
-    fn entry(&mut self, rel: &[String], e: &Entry) -> Result<Visit> {
+    fn entry(&mut self, rel: &[String], e: &Entry, listed: Option<&dyn Opener>) -> Result<Visit> {
         if !safe_name(&e.name) && rel.len() > 1 {
             return Ok(self.skip(rel, format!("unsafe name {:?}", e.name)));
         }
@@ -137,6 +137,13 @@ impl Visitor for Extractor<'_, '_> {
                     self.skip(rel, "exists")
                 }
             }),
+            Kind::File if e.size > self.fs.capacity() => Ok(self.skip(
+                rel,
+                format!(
+                    "{} bytes, more than its filesystem holds (sparse or damaged): not extracted",
+                    e.size
+                ),
+            )),
             Kind::File => {
                 if let (Some(id), Some(links), true) = (e.id, e.links, self.sink.has_links()) {
                     if links > 1 {
@@ -147,7 +154,11 @@ impl Visitor for Extractor<'_, '_> {
                         self.links.insert(id, rel.to_vec());
                     }
                 }
-                let mut content = match self.fs.open(&path) {
+                let opened = match listed {
+                    Some(o) => o.open(),
+                    None => self.fs.open(&path),
+                };
+                let mut content = match opened {
                     Ok(c) => c,
                     Err(err) if err.is_guest_damage() => return Ok(self.skip(rel, err.to_string())),
                     Err(err) => return Err(err),

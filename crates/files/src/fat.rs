@@ -5,11 +5,16 @@ use fatfs::{Dir, DirEntry, FileSystem, FsOptions};
 
 use crate::disk::Part;
 use crate::error::{FilesError, Result};
-use crate::fs::{display_path, Entry, Filesystem, Kind, ReadSeek, MAX_DIR_ENTRIES};
+use crate::fs::{display_path, Entry, Filesystem, Kind, Opener, ReadSeek};
 
 pub struct FatFs {
     fs: FileSystem<Part>,
+    /// Every entry takes 32 bytes; a FAT folder holds at most 65,536 of them.
+    limit: usize,
+    capacity: u64,
 }
+
+const MAX_FAT_DIR: usize = 65_536;
 
 fn damaged(path: &[String], e: impl std::fmt::Display) -> FilesError {
     FilesError::damaged("FAT filesystem", format!("{}: {e}", display_path(path)))
@@ -45,13 +50,19 @@ fn entry(e: &DirEntry<'_, Part>) -> Entry {
 
 impl FatFs {
     pub fn open(part: Part) -> Result<FatFs> {
+        let limit = crate::fs::entry_limit(part.len(), 32);
+        let capacity = part.len();
         let fs = FileSystem::new(part, FsOptions::new())
             .map_err(|e| FilesError::damaged("FAT filesystem", e))?;
-        Ok(FatFs { fs })
+        Ok(FatFs {
+            fs,
+            limit,
+            capacity,
+        })
     }
 
-    /// The entries of a folder, at most `MAX_DIR_ENTRIES` (a folder whose clusters loop
-    /// would otherwise never end).
+    /// The entries of a folder, at most 65,536 and what the filesystem's size allows (a
+    /// folder whose clusters loop would otherwise never end).
     fn entries<'a>(
         &'a self,
         dir: &Dir<'a, Part>,
@@ -64,11 +75,14 @@ impl FatFs {
             if name == "." || name == ".." {
                 continue;
             }
-            if out.len() >= MAX_DIR_ENTRIES {
-                return Err(FilesError::Limit(format!(
-                    "{}: more than {MAX_DIR_ENTRIES} entries",
-                    display_path(path)
-                )));
+            if out.len() >= self.limit.min(MAX_FAT_DIR) {
+                return Err(FilesError::damaged(
+                    "FAT filesystem",
+                    format!(
+                        "{}: more entries than a folder can hold (its clusters loop)",
+                        display_path(path)
+                    ),
+                ));
             }
             out.push(e);
         }
@@ -142,6 +156,33 @@ impl Filesystem for FatFs {
         Ok(self.entries(&dir, path)?.iter().map(entry).collect())
     }
 
+    fn max_entries(&self) -> usize {
+        self.limit
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// One pass over the folder; each entry opens (or lists) from itself, not by a second
+    /// scan of every folder on its path.
+    fn list_with(
+        &self,
+        path: &[String],
+        f: &mut dyn FnMut(&Entry, &dyn Opener) -> Result<()>,
+    ) -> Result<()> {
+        let dir = if path.is_empty() {
+            self.fs.root_dir()
+        } else {
+            let e = self.find(path)?;
+            if !e.is_dir() {
+                return Err(FilesError::NotADirectory(display_path(path)));
+            }
+            e.to_dir()
+        };
+        list_dir(&dir, self.limit.min(MAX_FAT_DIR), &display_path(path), f)
+    }
+
     fn read_link(&self, path: &[String]) -> Result<String> {
         Err(FilesError::BadPath(format!(
             "{}: FAT has no symlinks",
@@ -158,6 +199,65 @@ impl Filesystem for FatFs {
             )));
         }
         Ok(Box::new(e.to_file()))
+    }
+}
+
+fn list_dir<'a>(
+    dir: &Dir<'a, Part>,
+    limit: usize,
+    here: &str,
+    f: &mut dyn FnMut(&Entry, &dyn Opener) -> Result<()>,
+) -> Result<()> {
+    let damaged =
+        |e: &dyn std::fmt::Display| FilesError::damaged("FAT filesystem", format!("{here}: {e}"));
+    let mut n = 0;
+    for item in dir.iter() {
+        let e = item.map_err(|x| damaged(&x))?;
+        let name = e.file_name();
+        if name == "." || name == ".." {
+            continue;
+        }
+        n += 1;
+        if n > limit {
+            return Err(damaged(
+                &"more entries than a folder can hold (its clusters loop)",
+            ));
+        }
+        let child = format!("{}/{name}", here.trim_end_matches('/'));
+        f(
+            &entry(&e),
+            &FatOpener {
+                e,
+                limit,
+                path: child,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+struct FatOpener<'a> {
+    e: DirEntry<'a, Part>,
+    limit: usize,
+    path: String,
+}
+
+impl Opener for FatOpener<'_> {
+    fn open(&self) -> Result<Box<dyn ReadSeek + '_>> {
+        if !self.e.is_file() {
+            return Err(FilesError::BadPath(format!(
+                "{}: not a regular file",
+                self.path
+            )));
+        }
+        Ok(Box::new(self.e.to_file()))
+    }
+
+    fn list_with(&self, f: &mut dyn FnMut(&Entry, &dyn Opener) -> Result<()>) -> Result<()> {
+        if !self.e.is_dir() {
+            return Err(FilesError::NotADirectory(self.path.clone()));
+        }
+        list_dir(&self.e.to_dir(), self.limit, &self.path, f)
     }
 }
 

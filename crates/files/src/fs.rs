@@ -12,6 +12,13 @@ use crate::error::{FilesError, Result};
 /// allocate without bound.
 pub const MAX_DIR_ENTRIES: usize = 1_000_000;
 
+/// The most entries a filesystem of `bytes` can hold when each takes at least `per_entry`
+/// bytes on it (at least 1,024, at most [`crate::MAX_ENTRIES`]). No folder and no walk lists
+/// more: past it, folders loop or the filesystem is damaged.
+pub fn entry_limit(bytes: u64, per_entry: u64) -> usize {
+    (bytes / per_entry).clamp(1024, crate::walk::MAX_ENTRIES) as usize
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -83,6 +90,29 @@ impl Entry {
 pub trait ReadSeek: Read + Seek {}
 impl<T: Read + Seek> ReadSeek for T {}
 
+/// One listed entry, reached without a second lookup: a file's content, a folder's entries.
+pub trait Opener {
+    fn open(&self) -> Result<Box<dyn ReadSeek + '_>>;
+    /// As [`Filesystem::list_with`], for this folder.
+    fn list_with(&self, f: &mut dyn FnMut(&Entry, &dyn Opener) -> Result<()>) -> Result<()>;
+}
+
+/// Opens a file by its path: what `list_with` offers unless a filesystem does better.
+struct ByPath<'a, F: ?Sized> {
+    fs: &'a F,
+    path: Vec<String>,
+}
+
+impl<F: Filesystem + ?Sized> Opener for ByPath<'_, F> {
+    fn open(&self) -> Result<Box<dyn ReadSeek + '_>> {
+        self.fs.open(&self.path)
+    }
+
+    fn list_with(&self, f: &mut dyn FnMut(&Entry, &dyn Opener) -> Result<()>) -> Result<()> {
+        self.fs.list_with(&self.path, f)
+    }
+}
+
 /// A guest filesystem, read-only.
 pub trait Filesystem {
     /// `ext4` (also ext2 and ext3), `fat`, `ntfs`.
@@ -96,6 +126,39 @@ pub trait Filesystem {
     fn read_link(&self, path: &[String]) -> Result<String>;
     /// A regular file's content, with random access.
     fn open(&self, path: &[String]) -> Result<Box<dyn ReadSeek + '_>>;
+    /// A folder's entries, each handed to `f` with a way to open it, in the filesystem's
+    /// order. A filesystem that finds files by scanning folders (FAT) opens them from the
+    /// listing itself, so that extracting a folder of n files costs n, not n², lookups.
+    fn list_with(
+        &self,
+        path: &[String],
+        f: &mut dyn FnMut(&Entry, &dyn Opener) -> Result<()>,
+    ) -> Result<()> {
+        for e in self.list(path)? {
+            let mut child = path.to_vec();
+            child.push(e.name.clone());
+            f(
+                &e,
+                &ByPath {
+                    fs: self,
+                    path: child,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The filesystem's size in bytes. A file claiming more is sparse or damaged: reading it
+    /// whole could take forever, so extraction leaves it out and says so.
+    fn capacity(&self) -> u64 {
+        u64::MAX
+    }
+
+    /// The most entries this filesystem can hold (see [`entry_limit`]): a folder or a walk
+    /// listing more is cut.
+    fn max_entries(&self) -> usize {
+        MAX_DIR_ENTRIES
+    }
 
     /// Up to `buf.len()` bytes of a file from `offset`; fewer only at its end.
     fn read_range(&self, path: &[String], offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -157,10 +220,28 @@ pub fn probe(part: &Part) -> Option<FsType> {
 }
 
 /// Opens the filesystem of type `ty` on `part`.
+fn needs_lite(part: &Part) -> bool {
+    let mut b = [0u8; 4];
+    if part.read_exact_at(1024 + 96, &mut b).is_err() {
+        return false;
+    }
+    let incompat = u32::from_le_bytes(b);
+    incompat & (0x8000 | 0x4000) != 0 || incompat & 0x2 == 0
+}
+
+/// Every call into it is guarded: a panic in a filesystem crate becomes a `Damaged` error.
 pub fn open(ty: FsType, part: Part) -> Result<Box<dyn Filesystem>> {
-    Ok(match ty {
-        FsType::Ext4 => Box::new(crate::ext4::Ext4Fs::open(part)?),
-        FsType::Fat => Box::new(crate::fat::FatFs::open(part)?),
-        FsType::Ntfs => Box::new(crate::ntfs::NtfsFs::open(part)?),
-    })
+    let what = format!("{ty:?} filesystem").to_lowercase();
+    let fs: Box<dyn Filesystem> = crate::guard::guarded(&what, || {
+        let fs: Box<dyn Filesystem> = match ty {
+            // What ext4-view refuses (inline data, largedir, no file types in folder
+            // entries) goes to our own small reader.
+            FsType::Ext4 if needs_lite(&part) => Box::new(crate::ext4lite::Ext4Lite::open(part)?),
+            FsType::Ext4 => Box::new(crate::ext4::Ext4Fs::open(part)?),
+            FsType::Fat => Box::new(crate::fat::FatFs::open(part)?),
+            FsType::Ntfs => Box::new(crate::ntfs::NtfsFs::open(part)?),
+        };
+        Ok(fs)
+    })?;
+    Ok(Box::new(crate::guard::Guarded(fs)))
 }

@@ -13,9 +13,11 @@
 mod disk;
 mod error;
 mod ext4;
+mod ext4lite;
 mod extract;
 mod fat;
 mod fs;
+mod guard;
 mod lznt1;
 mod ntfs;
 mod partition;
@@ -27,9 +29,10 @@ pub use disk::{FileDisk, MemDisk, Part, PointDisk, ReadAt, DEFAULT_CACHE_BYTES};
 pub use error::{FilesError, Result};
 pub use extract::{extract, safe_name, Extracted, Output};
 pub use fs::{
-    display_path, open as open_filesystem, probe, Entry, Filesystem, FsType, Kind, Stream,
+    display_path, open as open_filesystem, probe, Entry, Filesystem, FsType, Kind, Opener, Stream,
     MAX_DIR_ENTRIES,
 };
+pub use guard::{quiet_caught_panics, Guarded};
 pub use partition::{partitions, Partition};
 pub use sandbox::{confine, Confinement};
 pub use volume::{GuestDisk, Located, Target, Volume, VolumeInfo};

@@ -20,6 +20,9 @@ pub struct NtfsFs {
     ntfs: Ntfs,
     part: Part,
     label: Option<String>,
+    /// An index entry with its file name takes at least 0x52 bytes: 64 is a safe floor.
+    limit: usize,
+    capacity: u64,
 }
 
 /// 100-ns intervals from 1601-01-01 to 1970-01-01.
@@ -43,7 +46,14 @@ impl NtfsFs {
             Some(Ok(n)) => Some(n.name().to_string_lossy()).filter(|l| !l.is_empty()),
             _ => None,
         };
-        Ok(NtfsFs { ntfs, part, label })
+        let limit = crate::fs::entry_limit(part.len(), 64).min(MAX_DIR_ENTRIES);
+        Ok(NtfsFs {
+            ntfs,
+            capacity: part.len(),
+            part,
+            label,
+            limit,
+        })
     }
 
     /// The file `path` names, and its name there.
@@ -178,10 +188,12 @@ impl Filesystem for NtfsFs {
         let mut seen = 0usize;
         while let Some(item) = iter.next(&mut fs) {
             seen += 1;
-            if seen > 2 * MAX_DIR_ENTRIES {
+            // Each name may come twice (its DOS twin).
+            if seen > 2 * self.limit {
                 return Err(FilesError::Limit(format!(
-                    "{}: more than {MAX_DIR_ENTRIES} entries",
-                    display_path(path)
+                    "{}: more than {} entries",
+                    display_path(path),
+                    self.limit
                 )));
             }
             let item = item.map_err(|e| damaged(path, e))?;
@@ -204,6 +216,14 @@ impl Filesystem for NtfsFs {
             out.push(self.entry(name, &file, &child)?);
         }
         Ok(out)
+    }
+
+    fn max_entries(&self) -> usize {
+        self.limit
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     fn read_link(&self, path: &[String]) -> Result<String> {

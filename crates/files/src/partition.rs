@@ -78,8 +78,10 @@ pub fn partitions(disk: &Arc<dyn ReadAt>) -> Result<Vec<Partition>> {
 
 fn mbr_partitions(whole: &Part) -> Result<Vec<Partition>> {
     let mut reader = whole.clone().with_budget(TABLE_READ_BUDGET);
-    let table = mbrman::MBR::read_from(&mut reader, SECTOR as u32)
-        .map_err(|e| FilesError::damaged("MBR partition table", e))?;
+    let table = crate::guard::guarded("MBR partition table", || {
+        mbrman::MBR::read_from(&mut reader, SECTOR as u32)
+            .map_err(|e| FilesError::damaged("MBR partition table", e))
+    })?;
     let mut out = Vec::new();
     for (number, p) in table.iter() {
         // Unused entries, and the extended partitions that only hold logical ones.

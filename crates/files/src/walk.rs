@@ -5,11 +5,12 @@
 use std::collections::HashSet;
 
 use crate::error::{FilesError, Result};
-use crate::fs::{Entry, Filesystem, Kind};
+use crate::fs::{Entry, Filesystem, Kind, Opener};
 
 /// Folders deeper than this below the walk's start are not entered.
 pub const MAX_DEPTH: usize = 128;
-/// A walk visits at most this many entries.
+/// A walk lists at most this many entries (fewer on a smaller filesystem: see
+/// [`crate::fs::entry_limit`]).
 pub const MAX_ENTRIES: u64 = 5_000_000;
 
 /// What the visitor wants after seeing a folder.
@@ -28,8 +29,9 @@ pub struct Skipped {
 
 pub trait Visitor {
     /// Called for every entry, `rel` being its path from the walk's start (its last component
-    /// is the entry's name). For a folder, says whether to enter it.
-    fn entry(&mut self, rel: &[String], e: &Entry) -> Result<Visit>;
+    /// is the entry's name), with a way to open a regular file's content found while listing
+    /// (`None` for the walk's start). For a folder, says whether to enter it.
+    fn entry(&mut self, rel: &[String], e: &Entry, content: Option<&dyn Opener>) -> Result<Visit>;
     /// Called after a folder's entries.
     fn leave(&mut self, _rel: &[String], _e: &Entry) -> Result<()> {
         Ok(())
@@ -39,7 +41,9 @@ pub trait Visitor {
 pub struct Walk<'a> {
     fs: &'a dyn Filesystem,
     visited: HashSet<u64>,
+    /// Entries listed so far, and the most the filesystem can hold.
     count: u64,
+    limit: u64,
     pub skipped: Vec<Skipped>,
 }
 
@@ -49,6 +53,7 @@ impl<'a> Walk<'a> {
             fs,
             visited: HashSet::new(),
             count: 0,
+            limit: (fs.max_entries() as u64).min(MAX_ENTRIES),
             skipped: Vec::new(),
         }
     }
@@ -62,13 +67,18 @@ impl<'a> Walk<'a> {
         rel: &mut Vec<String>,
         v: &mut dyn Visitor,
     ) -> Result<()> {
-        self.count += 1;
-        if self.count > MAX_ENTRIES {
-            return Err(FilesError::Limit(format!(
-                "more than {MAX_ENTRIES} entries in one walk"
-            )));
-        }
-        if v.entry(rel, top)? == Visit::Skip || top.kind != Kind::Dir {
+        self.visit(base, top, rel, v, None)
+    }
+
+    fn visit(
+        &mut self,
+        base: &[String],
+        top: &Entry,
+        rel: &mut Vec<String>,
+        v: &mut dyn Visitor,
+        content: Option<&dyn Opener>,
+    ) -> Result<()> {
+        if v.entry(rel, top, content)? == Visit::Skip || top.kind != Kind::Dir {
             return Ok(());
         }
         let here = || format!("/{}", base.join("/"));
@@ -88,25 +98,46 @@ impl<'a> Walk<'a> {
                 return Ok(());
             }
         }
-        let entries = match self.fs.list(base) {
-            Ok(list) => list,
-            Err(e) if e.is_guest_damage() => {
-                self.skipped.push(Skipped {
-                    path: here(),
-                    reason: e.to_string(),
-                });
-                return v.leave(rel, top);
-            }
-            Err(e) => return Err(e),
-        };
+        // The visitor's own errors stop the walk; the folder's damage only skips the folder.
+        let mut stopped = None;
+        let fs = self.fs;
         let mut child_base = base.to_vec();
-        for e in entries {
-            child_base.push(e.name.clone());
-            rel.push(e.name.clone());
-            let r = self.run(&child_base, &e, rel, v);
-            rel.pop();
-            child_base.pop();
-            r?;
+        let mut each = |e: &Entry, open: &dyn Opener| {
+            self.count += 1;
+            if self.count > self.limit {
+                stopped = Some(FilesError::Limit(format!(
+                    "more than {} entries: more than this filesystem can hold (its folders loop)",
+                    self.limit
+                )));
+            } else {
+                child_base.push(e.name.clone());
+                rel.push(e.name.clone());
+                if let Err(err) = self.visit(&child_base, e, rel, v, Some(open)) {
+                    stopped = Some(err);
+                }
+                rel.pop();
+                child_base.pop();
+            }
+            match stopped {
+                Some(_) => Err(FilesError::Limit("stopped".into())),
+                None => Ok(()),
+            }
+        };
+        // A folder reached through a listing is listed from it (no lookup by path).
+        let listed = match content {
+            Some(folder) => folder.list_with(&mut each),
+            None => fs.list_with(base, &mut each),
+        };
+        if let Some(err) = stopped {
+            return Err(err);
+        }
+        match listed {
+            Ok(()) => {}
+            Err(e) if e.is_guest_damage() => self.skipped.push(Skipped {
+                path: here(),
+                reason: e.to_string(),
+            }),
+            Err(e) => return Err(e),
         }
         v.leave(rel, top)
     }

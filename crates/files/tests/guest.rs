@@ -241,3 +241,50 @@ fn tar_and_zip_hold_the_tree() {
     let m = std::fs::symlink_metadata(out.join("home/user/docs/report.txt")).unwrap();
     assert!((m.mtime() - OLD_TIME as i64).abs() <= 2);
 }
+
+/// ext4 with inline data (small files and folders inside their inodes), which ext4-view
+/// refuses, read by vmvault's own small reader: hard links come back as links there.
+#[test]
+fn ext4_with_inline_data() {
+    if !guest::guest_tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let tree = guest::make_tree(&work.path().join("src"), true, 1 << 20);
+    for (i, extra) in [
+        &["-O", "inline_data"][..],
+        &[
+            "-O",
+            "inline_data,^extent,^64bit,^metadata_csum",
+            "-t",
+            "ext4",
+        ],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = work.path().join(format!("inline{i}.img"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(96 << 20)
+            .unwrap();
+        guest::run(
+            std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "inline"])
+                .args(*extra)
+                .arg("-d")
+                .arg(&tree.root)
+                .arg(&img),
+        );
+        let g = open(&img);
+        assert_eq!(g.volumes[0].label().as_deref(), Some("inline"));
+        let Target::In(root) = g.resolve("/").unwrap() else {
+            panic!()
+        };
+        let out = work.path().join(format!("out{i}"));
+        let done = extract(root.fs, &root.path, "root", Output::Dir(&out)).unwrap();
+        assert!(done.skipped.is_empty(), "{done:?}");
+        same_tree(&tree, &out.join("root"), true, true);
+        assert_eq!(done.hard_links, 1, "{done:?}");
+    }
+}

@@ -120,6 +120,11 @@ pub fn make_tree(root: &Path, links: bool, big_size: usize) -> Tree {
         b"worker_processes 4;\nhttp { server { listen 80; } }\n",
     );
     put("etc/hostname", b"web01\n");
+    // Past an inode's 60 bytes: with inline_data, the rest goes into an extended attribute.
+    put(
+        "etc/motd",
+        &b"Welcome to web01. Authorised use only; every session is logged.\n".repeat(2),
+    );
     put(
         "home/user/docs/report.txt",
         &b"quarterly report\n".repeat(300),

@@ -4,7 +4,11 @@
 
 use std::sync::Arc;
 
-use vmvault_files::{Entry, Filesystem, FsType, GuestDisk, Kind, MemDisk, Part, ReadAt, Visit, Visitor, Walk};
+use std::io::{Read, Seek, SeekFrom};
+
+use vmvault_files::{
+    Entry, Filesystem, FsType, GuestDisk, Kind, MemDisk, Opener, Part, ReadAt, Visit, Visitor, Walk,
+};
 
 /// Entries visited per input: enough to reach deep structures, few enough to stay fast.
 const BUDGET: usize = 2000;
@@ -16,7 +20,12 @@ struct Reader<'a> {
 }
 
 impl Visitor for Reader<'_> {
-    fn entry(&mut self, rel: &[String], e: &Entry) -> vmvault_files::Result<Visit> {
+    fn entry(
+        &mut self,
+        rel: &[String],
+        e: &Entry,
+        content: Option<&dyn Opener>,
+    ) -> vmvault_files::Result<Visit> {
         self.seen += 1;
         if self.seen > BUDGET {
             return Err(vmvault_files::FilesError::Limit("fuzz budget".into()));
@@ -26,8 +35,18 @@ impl Visitor for Reader<'_> {
         match e.kind {
             Kind::File => {
                 let mut buf = vec![0u8; 65536];
-                let _ = self.fs.read_range(&path, 0, &mut buf);
-                let _ = self.fs.read_range(&path, e.size.saturating_sub(100), &mut buf[..100]);
+                match content.map(|c| c.open()) {
+                    Some(Ok(mut f)) => {
+                        let _ = f.read(&mut buf);
+                        if f.seek(SeekFrom::Start(e.size.saturating_sub(100))).is_ok() {
+                            let _ = f.read(&mut buf[..100]);
+                        }
+                    }
+                    Some(Err(_)) => {}
+                    None => {
+                        let _ = self.fs.read_range(&path, 0, &mut buf);
+                    }
+                }
             }
             Kind::Symlink => {
                 let _ = self.fs.read_link(&path);
@@ -41,13 +60,19 @@ impl Visitor for Reader<'_> {
 fn walk(fs: &dyn Filesystem) {
     let _ = fs.label();
     let Ok(top) = fs.stat(&[]) else { return };
-    let mut r = Reader { fs, base: Vec::new(), seen: 0 };
+    let mut r = Reader {
+        fs,
+        base: Vec::new(),
+        seen: 0,
+    };
     let _ = Walk::new(fs).run(&[], &top, &mut vec![String::new()], &mut r);
     let _ = fs.stat(&["a".to_string(), "b".to_string()]);
 }
 
 /// One filesystem of type `ty` on the whole input.
 pub fn filesystem(data: &[u8], ty: FsType) {
+    // Panics that vmvault catches (and reports as damage) are not crashes; any other is.
+    vmvault_files::quiet_caught_panics();
     let disk: Arc<dyn ReadAt> = Arc::new(MemDisk(data.to_vec()));
     if let Ok(fs) = vmvault_files::open_filesystem(ty, Part::whole(disk)) {
         walk(&*fs);
@@ -56,6 +81,7 @@ pub fn filesystem(data: &[u8], ty: FsType) {
 
 /// The input as a whole disk: partition table, then every filesystem found.
 pub fn disk(data: &[u8]) {
+    vmvault_files::quiet_caught_panics();
     let disk: Arc<dyn ReadAt> = Arc::new(MemDisk(data.to_vec()));
     let Ok(g) = GuestDisk::open(disk) else { return };
     for v in &g.volumes {
