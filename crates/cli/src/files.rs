@@ -108,23 +108,7 @@ impl Opened {
         let (points, _) = vault.points()?;
         let manifest = select_point(&points, &c.point)?.clone();
         let record = match &c.disk {
-            Some(name) => manifest
-                .disks
-                .iter()
-                .find(|d| &d.name == name)
-                .ok_or_else(|| {
-                    InputError(format!(
-                        "recovery point {} of {} has no disk {name:?} (it has: {})",
-                        manifest.id.short(),
-                        manifest.vm,
-                        manifest
-                            .disks
-                            .iter()
-                            .map(|d| d.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                })?,
+            Some(name) => vmvault_engine::select_disk(&manifest, name)?,
             None => manifest
                 .disks
                 .first()

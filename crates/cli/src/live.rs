@@ -20,7 +20,6 @@ use vmvault_nbd::{Export, Server};
 use vmvault_qemu::{live, Qmp};
 use vmvault_store::Vault;
 
-use crate::exit::InputError;
 use crate::output::{print_json, Bar};
 use crate::Global;
 
@@ -73,17 +72,7 @@ pub struct LiveArgs<'a> {
 
 pub fn run(g: &Global, vault: Vault, m: &Manifest, args: LiveArgs) -> Result<()> {
     let started = *crate::STARTED.get_or_init(Instant::now);
-    let record = m
-        .disks
-        .iter()
-        .find(|d| d.name == args.disk)
-        .ok_or_else(|| {
-            InputError(format!(
-                "recovery point {} has no disk {:?}",
-                m.id.short(),
-                args.disk
-            ))
-        })?;
+    let record = vmvault_engine::select_disk(m, args.disk)?;
     // The overlay: an empty qcow2 of the disk's size (QEMU gives it its backing at run time).
     let overlay = vmvault_disk::create(&args.to, "qcow2", record.size, args.overwrite)?;
     overlay.finish()?;

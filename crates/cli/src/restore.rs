@@ -7,7 +7,6 @@ use clap::Args;
 use serde::Serialize;
 use vmvault_engine::{restore_disk, restore_vm, select_point, RestoreOptions};
 
-use crate::exit::InputError;
 use crate::output::{bytes, print_json, Bar};
 use crate::Global;
 
@@ -78,18 +77,7 @@ pub fn run(g: &Global, args: RestoreArgs) -> Result<()> {
     let bar = Bar::new();
     let (files, size) = match &args.disk {
         Some(name) => {
-            let disk = m.disks.iter().find(|d| &d.name == name).ok_or_else(|| {
-                InputError(format!(
-                    "recovery point {} of {} has no disk {name:?} (it has: {})",
-                    m.id.short(),
-                    m.vm,
-                    m.disks
-                        .iter()
-                        .map(|d| d.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
+            let disk = vmvault_engine::select_disk(m, name)?;
             restore_disk(&vault, m, disk, &args.to, &opts, &bar)?;
             (vec![args.to.display().to_string()], disk.size)
         }

@@ -13,7 +13,7 @@ use vmvault_format::{DiskIndex, DiskRecord, Manifest};
 use vmvault_nbd::Export;
 use vmvault_store::Vault;
 
-use crate::{EngineError, Result};
+use crate::Result;
 
 /// Decoded chunks kept, in bytes (at least two chunks).
 const CACHE_BYTES: usize = 32 << 20;
@@ -54,24 +54,7 @@ impl Lru {
 impl PointExport {
     /// Opens disk `disk` of recovery point `manifest`, loading (and checking) its index.
     pub fn open(vault: Arc<Vault>, manifest: &Manifest, disk: &str) -> Result<PointExport> {
-        let record = manifest
-            .disks
-            .iter()
-            .find(|d| d.name == disk)
-            .ok_or_else(|| {
-                EngineError::Input(format!(
-                    "recovery point {} of {} has no disk {disk:?} (it has: {})",
-                    manifest.id.short(),
-                    manifest.vm,
-                    manifest
-                        .disks
-                        .iter()
-                        .map(|d| d.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?
-            .clone();
+        let record = crate::select_disk(manifest, disk)?.clone();
         let index = vault.load_index(&record.index, record.size)?;
         let capacity = (CACHE_BYTES / index.chunk_size as usize).max(2);
         Ok(PointExport {
@@ -282,7 +265,7 @@ mod tests {
         assert_eq!(e.fetches(), 0);
         assert!(matches!(
             PointExport::open(e.vault.clone(), &m, "data"),
-            Err(EngineError::Input(_))
+            Err(crate::EngineError::Input(_))
         ));
     }
 }

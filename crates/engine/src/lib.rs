@@ -20,7 +20,7 @@ pub use export::PointExport;
 pub use progress::{NoProgress, Progress};
 pub use prune::{plan_prune, prune, PruneDecision, Retention};
 pub use restore::{restore_disk, restore_vm, RestoreOptions};
-pub use select::select_point;
+pub use select::{select_disk, select_point};
 pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
 
 /// How many threads hash, compress and encrypt: one per core.

@@ -1,7 +1,7 @@
 //! Naming a recovery point: `VM@latest`, `VM@ID-PREFIX`, `VM@RFC3339-TIME` (the newest point at
 //! or before that time), or just `VM` for its latest.
 
-use vmvault_format::Manifest;
+use vmvault_format::{DiskRecord, Manifest};
 
 use crate::{EngineError, Result};
 
@@ -60,4 +60,25 @@ pub(crate) fn point_time(m: &Manifest) -> Option<chrono::DateTime<chrono::Utc>> 
     chrono::DateTime::parse_from_rfc3339(&m.time)
         .ok()
         .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// The disk named `name` of a recovery point; bad input naming the disks it has otherwise.
+pub fn select_disk<'a>(manifest: &'a Manifest, name: &str) -> Result<&'a DiskRecord> {
+    manifest
+        .disks
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or_else(|| {
+            EngineError::Input(format!(
+                "recovery point {} of {} has no disk {name:?} (it has: {})",
+                manifest.id.short(),
+                manifest.vm,
+                manifest
+                    .disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
 }
