@@ -278,6 +278,11 @@ fn twenty_gib_disk_ls_and_get_fetch_under_one_percent() {
     ]);
     let seconds = started.elapsed().as_secs_f64();
     same_file(&out.join("big.bin"), &tree.root.join(&tree.big));
+    assert!(
+        ls.stderr.contains("fetched") && ls.stderr.contains("parsers confined"),
+        "{}",
+        ls.stderr
+    );
     let (ls, get) = (ls.json(), get.json());
     assert_eq!(ls["partitions"].as_array().unwrap().len(), 3);
     let total = ls["chunks"]["total"].as_u64().unwrap();
