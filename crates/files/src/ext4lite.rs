@@ -429,12 +429,7 @@ impl Read for LiteReader<'_> {
 
 impl Seek for LiteReader<'_> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let new = match to {
-            SeekFrom::Start(n) => Some(n),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        self.pos = new.ok_or_else(|| io::Error::other("seek before the start"))?;
+        self.pos = crate::fs::seek_target(self.pos, self.len, to)?;
         Ok(self.pos)
     }
 }

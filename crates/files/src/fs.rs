@@ -245,3 +245,16 @@ pub fn open(ty: FsType, part: Part) -> Result<Box<dyn Filesystem>> {
     })?;
     Ok(Box::new(crate::guard::Guarded(fs)))
 }
+
+/// Where a seek lands in a stream of `len` bytes now at `pos`; seeking before the start is an
+/// error, past the end is allowed (reads there return nothing).
+pub(crate) fn seek_target(pos: u64, len: u64, to: std::io::SeekFrom) -> std::io::Result<u64> {
+    let new = match to {
+        std::io::SeekFrom::Start(n) => Some(n),
+        std::io::SeekFrom::End(d) => len.checked_add_signed(d),
+        std::io::SeekFrom::Current(d) => pos.checked_add_signed(d),
+    };
+    new.ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start")
+    })
+}
