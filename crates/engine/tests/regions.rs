@@ -369,8 +369,11 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 fn retries_ride_out_transient_failures() {
     let s = Setup::new();
     let faulty = Arc::new(Faulty::new(local(&s.path("p"))));
+    // Backup threads share Faulty's call counter, so a retry can land on the
+    // next failing call again; a third of calls fail, and 12 attempts make a
+    // run of 12 failures (3^-11 per fault) too rare to flake on.
     let policy = RetryPolicy {
-        attempts: 4,
+        attempts: 12,
         first_delay: Duration::from_millis(1),
         max_delay: Duration::from_millis(5),
     };
