@@ -40,6 +40,19 @@ pub fn backup_image_vm(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<Manifest> {
+    let reason = "offline VM: backed up from its disk image files";
+    backup_image_vm_as(vault, desc, opts, progress, "image", reason)
+}
+
+/// [`backup_image_vm`], with the source and the consistency's reason the point records.
+pub(crate) fn backup_image_vm_as(
+    vault: &Vault,
+    desc: &VmDescription,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    source: &str,
+    reason: &str,
+) -> Result<Manifest> {
     // Every disk is opened before anything is written, so a missing one fails cleanly.
     let mut readers = Vec::new();
     for d in &desc.disks {
@@ -53,7 +66,7 @@ pub fn backup_image_vm(
     let mut total = TransferStats::default();
     for (d, reader) in desc.disks.iter().zip(&readers) {
         progress.start(&format!("{} disk {}", desc.name, d.name), reader.size());
-        let (index, stats) = back_up_disk(vault, &**reader, opts, progress)?;
+        let (index, stats) = back_up_disk(vault, &**reader, opts, None, progress)?;
         progress.finish();
         let digest = vault.save_index(&index)?;
         total.add(&stats);
@@ -72,9 +85,9 @@ pub fn backup_image_vm(
         id: PointId::generate(),
         vm: desc.name.clone(),
         time: time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-        source: "image".into(),
+        source: source.into(),
         consistency: Consistency::Crash,
-        consistency_reason: "offline VM: backed up from its disk image files".into(),
+        consistency_reason: reason.into(),
         host: hostname(),
         program: format!("vmvault {}", env!("CARGO_PKG_VERSION")),
         chunk_size: vault.config().chunk_size,
@@ -94,6 +107,8 @@ enum Outcome {
     Zero,
     Reused(Digest),
     New(Digest, u64),
+    /// A kept chunk the vault no longer has.
+    Missing,
 }
 
 struct Done {
@@ -103,11 +118,30 @@ struct Done {
     outcome: Result<Outcome>,
 }
 
-/// Backs up one disk; returns its index and what was moved.
-fn back_up_disk(
+/// What changed since a previous point of the same disk: chunks not marked changed keep the
+/// previous index's digest and are not read.
+pub(crate) struct Unchanged<'a> {
+    pub previous: &'a DiskIndex,
+    pub changed: Vec<bool>,
+}
+
+/// What to do with one chunk.
+#[derive(Clone, Copy)]
+enum Action {
+    Read,
+    /// Unchanged since the previous point: keep its digest (touched, so GC keeps it).
+    Keep(Digest),
+    /// Already settled in an earlier pass.
+    Skip,
+}
+
+/// Backs up one disk; returns its index and what was moved. With `unchanged`, only changed
+/// chunks are read; a kept chunk the vault has lost is read after all, in a second pass.
+pub(crate) fn back_up_disk(
     vault: &Vault,
     reader: &dyn DiskReader,
     opts: &BackupOptions,
+    unchanged: Option<Unchanged<'_>>,
     progress: &dyn Progress,
 ) -> Result<(DiskIndex, TransferStats)> {
     let chunk_size = vault.config().chunk_size;
@@ -118,6 +152,47 @@ fn back_up_disk(
         chunk_size,
         chunks: vec![Digest::ZERO_CHUNK; count],
     };
+    let actions: Vec<Action> = match &unchanged {
+        Some(u) if u.previous.chunks.len() == count && u.changed.len() == count => (0..count)
+            .map(|i| match (u.changed[i], u.previous.chunks[i]) {
+                (true, _) => Action::Read,
+                (false, d) => Action::Keep(d),
+            })
+            .collect(),
+        _ => vec![Action::Read; count],
+    };
+    let mut stats = TransferStats::default();
+    let missing = run_pipeline(
+        vault, reader, opts, &actions, &mut index, &mut stats, progress,
+    )?;
+    if !missing.is_empty() {
+        progress.message(&format!(
+            "{} unchanged chunks are missing from the vault: reading them from the disk",
+            missing.len()
+        ));
+        let mut again = vec![Action::Skip; count];
+        for i in missing {
+            again[i] = Action::Read;
+        }
+        let left = run_pipeline(
+            vault, reader, opts, &again, &mut index, &mut stats, progress,
+        )?;
+        debug_assert!(left.is_empty(), "a read chunk is never missing");
+    }
+    Ok((index, stats))
+}
+
+/// One pass of the pipeline over `actions`; returns the kept chunks the vault lacked.
+fn run_pipeline(
+    vault: &Vault,
+    reader: &dyn DiskReader,
+    opts: &BackupOptions,
+    actions: &[Action],
+    index: &mut DiskIndex,
+    stats: &mut TransferStats,
+    progress: &dyn Progress,
+) -> Result<Vec<usize>> {
+    let chunk_size = index.chunk_size;
     // An object store's latency, not the CPU, bounds one upload: more requests in flight.
     let workers = opts.workers.max(vault.backend().concurrency()).max(1);
     let pool = 2 * workers + 2;
@@ -127,22 +202,22 @@ fn back_up_disk(
             .send(Vec::with_capacity(chunk_size as usize))
             .expect("pool channel has room");
     }
-    let (work_tx, work_rx) = bounded::<(usize, Vec<u8>)>(pool);
+    let (work_tx, work_rx) = bounded::<Work>(pool);
     let (done_tx, done_rx) = unbounded::<Done>();
     let stop = AtomicBool::new(false);
     // Chunks this backup has already stored or touched: a repeated chunk costs one lookup.
     let seen = Mutex::new(HashSet::<Digest>::new());
 
-    let mut stats = TransferStats::default();
     let mut first_error = None;
+    let mut missing = Vec::new();
     std::thread::scope(|s| {
         {
             let layout = DiskIndex {
                 chunks: Vec::new(),
-                ..index
+                ..*index
             };
             let (done_tx, stop) = (done_tx.clone(), &stop);
-            s.spawn(move || read_chunks(reader, &layout, count, free_rx, work_tx, done_tx, stop));
+            s.spawn(move || read_chunks(reader, &layout, actions, free_rx, work_tx, done_tx, stop));
         }
         for _ in 0..workers {
             let (work_rx, free_tx, done_tx) = (work_rx.clone(), free_tx.clone(), done_tx.clone());
@@ -166,6 +241,7 @@ fn back_up_disk(
             }
             match done.outcome {
                 Ok(Outcome::Zero) => stats.chunks_zero += 1,
+                Ok(Outcome::Missing) => missing.push(done.i),
                 Ok(Outcome::Reused(d)) => {
                     stats.chunks_reused += 1;
                     index.chunks[done.i] = d;
@@ -192,20 +268,25 @@ fn back_up_disk(
     });
     match first_error {
         Some(e) => Err(e),
-        None => Ok((index, stats)),
+        None => Ok(missing),
     }
+}
+
+enum Work {
+    Data(usize, Vec<u8>),
+    Keep(usize, Digest, usize),
 }
 
 fn read_chunks(
     reader: &dyn DiskReader,
     layout: &DiskIndex,
-    count: usize,
+    actions: &[Action],
     free: Receiver<Vec<u8>>,
-    work: Sender<(usize, Vec<u8>)>,
+    work: Sender<Work>,
     done: Sender<Done>,
     stop: &AtomicBool,
 ) {
-    for i in 0..count {
+    for (i, action) in actions.iter().enumerate() {
         if stop.load(Ordering::Relaxed) {
             return;
         }
@@ -218,6 +299,20 @@ fn read_chunks(
                 outcome,
             });
         };
+        match *action {
+            Action::Skip => continue,
+            Action::Keep(d) if d == Digest::ZERO_CHUNK => {
+                send(false, Ok(Outcome::Zero));
+                continue;
+            }
+            Action::Keep(d) => {
+                if work.send(Work::Keep(i, d, len)).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Action::Read => {}
+        }
         let failed = |e| Err(EngineError::io(format!("reading disk at {offset}"), e));
         match reader.may_have_data(offset, len as u64) {
             Ok(true) => {}
@@ -232,7 +327,7 @@ fn read_chunks(
         if let Err(e) = reader.read_at(&mut buf, offset) {
             return send(false, failed(e));
         }
-        if work.send((i, buf)).is_err() {
+        if work.send(Work::Data(i, buf)).is_err() {
             return;
         }
     }
@@ -240,7 +335,7 @@ fn read_chunks(
 
 fn store_chunks(
     vault: &Vault,
-    work: Receiver<(usize, Vec<u8>)>,
+    work: Receiver<Work>,
     free: Sender<Vec<u8>>,
     done: Sender<Done>,
     seen: &Mutex<HashSet<Digest>>,
@@ -249,7 +344,31 @@ fn store_chunks(
     let codec = vault.codec();
     let mut sealer = codec.sealer();
     let mut sealed = Vec::new();
-    for (i, buf) in work.iter() {
+    for item in work.iter() {
+        let (i, buf) = match item {
+            Work::Data(i, buf) => (i, buf),
+            Work::Keep(i, digest, len) => {
+                let outcome = if stop.load(Ordering::Relaxed) {
+                    Ok(Outcome::Zero)
+                } else {
+                    match vault.touch_chunk(&digest) {
+                        Ok(true) => Ok(Outcome::Reused(digest)),
+                        Ok(false) => Ok(Outcome::Missing),
+                        Err(e) => Err(e.into()),
+                    }
+                };
+                let done_item = Done {
+                    i,
+                    len,
+                    read: false,
+                    outcome,
+                };
+                if done.send(done_item).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
         let len = buf.len();
         // After a failure elsewhere, chunks are drained unprocessed: the backup is abandoned.
         let outcome = if stop.load(Ordering::Relaxed) || is_zero(&buf) {

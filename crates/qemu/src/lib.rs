@@ -1,10 +1,14 @@
 //! Talking to QEMU: a QMP client ([`Qmp`]), and the block-layer steps vmvault drives through it.
 //!
-//! The live restore ([`live`]) lives here; the live backup of running VMs (point in time,
-//! dirty bitmaps, guest agent) will build on the same client.
+//! The live restore ([`live`]) and the QEMU side of a running VM's backup: what the VM has
+//! ([`block`]), its disks held at an instant ([`snapshot`]) and their changed-block tracking
+//! ([`bitmap`]).
 
+pub mod bitmap;
+pub mod block;
 pub mod live;
 mod qmp;
+pub mod snapshot;
 
 pub use qmp::{Event, Qmp, DEFAULT_TIMEOUT};
 
