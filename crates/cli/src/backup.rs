@@ -1,4 +1,4 @@
-//! `vmvault backup DESCRIPTION`.
+//! `vmvault backup DESCRIPTION` and `vmvault backup --qmp SOCKET`.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -15,8 +15,20 @@ use crate::Global;
 
 #[derive(Args)]
 pub struct BackupArgs {
-    /// The VM description (TOML) naming the VM's disk images.
-    description: PathBuf,
+    /// The VM description (TOML): its disk images (source = "image"), or its QEMU sockets
+    /// (source = "qemu").
+    #[arg(required_unless_present = "qmp")]
+    description: Option<PathBuf>,
+    /// A QEMU VM's monitor socket (QMP): back up the running VM at one instant; a VM that is
+    /// not running is backed up from its image files.
+    #[arg(long, value_name = "SOCKET")]
+    qmp: Option<PathBuf>,
+    /// The VM's name in the vault (default: QEMU's -name, or the description's).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where QEMU keeps the point in time's copy-before-write images during the backup.
+    #[arg(long, value_name = "DIR", env = "VMVAULT_SCRATCH")]
+    scratch: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -93,7 +105,11 @@ fn finish_replication(
 
 pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
     // The description is checked before the vault is opened: bad input fails fast.
-    let desc = VmDescription::load(&args.description)?;
+    let desc = args
+        .description
+        .as_deref()
+        .map(VmDescription::load)
+        .transpose()?;
     let vault = crate::regions::open(g, crate::regions::Use::Backup)?;
     if vault.failed_over() {
         return Err(anyhow::anyhow!(
@@ -102,7 +118,12 @@ pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
         ));
     }
     let started = Instant::now();
-    let m = backup_image_vm(&vault, &desc, &BackupOptions::default(), &Bar::new())?;
+    let m = match desc {
+        Some(desc) if desc.source == "image" && args.qmp.is_none() => {
+            backup_image_vm(&vault, &desc, &BackupOptions::default(), &Bar::new())?
+        }
+        desc => crate::qemu::backup(&vault, desc, &args.qmp, args.name, args.scratch)?,
+    };
     let seconds = started.elapsed().as_secs_f64();
     let replication = finish_replication(&vault, Duration::from_secs(g.replication_wait))?;
     let result = BackupResult {

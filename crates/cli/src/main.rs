@@ -10,6 +10,7 @@ mod maintenance;
 mod output;
 mod password;
 mod points;
+mod qemu;
 mod regions;
 mod replicate;
 mod restore;

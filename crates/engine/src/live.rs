@@ -78,7 +78,6 @@ pub fn backup_running_vm(
             vm.qmp.display()
         )));
     }
-    let config = vm_config(&mut qmp, &name, &info, &disks);
     let (consistency, reason) = match vm.quiesce {
         Some(_) => (Consistency::Crash, String::new()),
         None if info.running => (
@@ -98,7 +97,7 @@ pub fn backup_running_vm(
         vault,
         name,
         disks,
-        config,
+        config: Config::FromQemu(info),
         scratch: vm.scratch,
         consistency,
         reason,
@@ -176,7 +175,7 @@ pub fn backup_stopped_vm(
         vault,
         name: name.to_string(),
         disks: found,
-        config,
+        config: Config::Given(config),
         scratch: dir.path().to_path_buf(),
         consistency: Consistency::Crash,
         reason,
@@ -187,11 +186,17 @@ pub fn backup_stopped_vm(
     result
 }
 
+/// The VM's configuration for the point: given, or read from QEMU once its disks are known.
+enum Config {
+    Given(VmConfig),
+    FromQemu(block::VmInfo),
+}
+
 struct Job<'v> {
     vault: &'v Vault,
     name: String,
     disks: Vec<BlockDisk>,
-    config: VmConfig,
+    config: Config,
     scratch: PathBuf,
     consistency: Consistency,
     reason: String,
@@ -215,6 +220,10 @@ impl Job<'_> {
         }
         // Bitmaps were listed before the leftovers went: list them again.
         let disks = refresh(qmp, &self.disks)?;
+        let config = match &self.config {
+            Config::Given(c) => c.clone(),
+            Config::FromQemu(info) => vm_config(qmp, &self.name, info, &disks),
+        };
         let (points, _) = vault.points()?;
         let points: Vec<Manifest> = points.into_iter().filter(|m| m.vm == self.name).collect();
         let prefix = tracking::bitmap_prefix(&vault.config().vault_id);
@@ -300,7 +309,7 @@ impl Job<'_> {
                 host: hostname(),
                 program: format!("vmvault {}", env!("CARGO_PKG_VERSION")),
                 chunk_size: vault.config().chunk_size,
-                vm_config: self.config.clone(),
+                vm_config: config,
                 disks: records,
                 stats: total,
             };
@@ -396,16 +405,14 @@ impl Job<'_> {
     }
 }
 
-/// The disks again, with their bitmaps as they are now.
+/// The disks again, with their nodes and bitmaps as they are now (a leftover job's filter
+/// node sat on top of a disk until the leftovers went).
 fn refresh(qmp: &mut Qmp, disks: &[BlockDisk]) -> Result<Vec<BlockDisk>> {
     let now = block::disks(qmp)?;
     let mut out = Vec::new();
     for d in disks {
-        let fresh = match now.iter().find(|n| n.node == d.node) {
-            Some(n) => BlockDisk {
-                name: d.name.clone(),
-                ..n.clone()
-            },
+        let fresh = match now.iter().find(|n| n.name == d.name) {
+            Some(n) => n.clone(),
             None => block::node_disk(qmp, &d.node, &d.name)?,
         };
         out.push(fresh);
