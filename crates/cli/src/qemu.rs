@@ -75,6 +75,16 @@ pub fn backup(
 /// Whether a QEMU answers at `socket`: a missing socket or a refused connection is a stopped
 /// VM; anything else is an error worth seeing.
 fn running(socket: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::metadata(socket) {
+        if !meta.file_type().is_socket() {
+            return Err(InputError(format!(
+                "{} is not a socket: --qmp takes QEMU's monitor socket (-qmp unix:PATH,server=on)",
+                socket.display()
+            ))
+            .into());
+        }
+    }
     match UnixStream::connect(socket) {
         Ok(_) => Ok(true),
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {

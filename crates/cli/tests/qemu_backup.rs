@@ -193,3 +193,48 @@ fn a_running_vm_is_backed_up_killed_mid_backup_and_backed_up_stopped() {
     let restored = restore(&env, "web01@latest", "third.qcow2");
     assert!(same_disk(&restored, &env.path("os.qcow2")));
 }
+
+#[test]
+fn a_qemu_description_backs_up_a_stopped_vm_from_the_disks_it_lists() {
+    let env = Env::with_vault();
+    common::make_image(&env.path("os.raw"), 8 << 20, 12);
+    let desc = env.path("web02.toml");
+    std::fs::write(
+        &desc,
+        "name = \"web02\"\nsource = \"qemu\"\nqmp = \"gone.sock\"\n\
+         [[disks]]\nname = \"os\"\npath = \"os.raw\"\n",
+    )
+    .unwrap();
+    let o = env.ok(&["backup", desc.to_str().unwrap(), "--json"]);
+    assert!(o.stderr.contains("is not running"), "{}", o.stderr);
+    let point = o.json();
+    assert_eq!(point["vm"], "web02");
+    assert!(point["consistency_reason"]
+        .as_str()
+        .unwrap()
+        .contains("stopped"));
+    let out = env.path("os.out");
+    env.ok(&[
+        "restore",
+        "web02@latest",
+        "--disk",
+        "os",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert!(common::same_bytes(&out, &env.path("os.raw")));
+
+    // A QMP path that is not a socket, and an image description given --qmp, are refused.
+    std::fs::write(env.path("not-a-socket"), "x").unwrap();
+    let o = env.run(&[
+        "backup",
+        "--qmp",
+        env.path("not-a-socket").to_str().unwrap(),
+    ]);
+    common::assert_error(&o, 2, &["backup"]);
+    assert!(o.stderr.contains("is not a socket"), "{}", o.stderr);
+    let image = common::write_vm(env.dir.path(), "img.toml", "img", &[("os", "os.raw")]);
+    let o = env.run(&["backup", image.to_str().unwrap(), "--qmp", "x.sock"]);
+    common::assert_error(&o, 2, &["backup"]);
+    assert!(o.stderr.contains("source = \"image\""), "{}", o.stderr);
+}
