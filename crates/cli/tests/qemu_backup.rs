@@ -55,6 +55,14 @@ fn guest_write(env: &Env, pattern: u8, offset: u64, len: u64) {
     assert!(!out.to_string().contains("error"), "{out}");
 }
 
+/// Writes QEMU's cached qcow2 metadata out, so that another reader sees what the guest wrote.
+fn flush(env: &Env) {
+    let cmd = "qemu-io -d vblk0/virtio-backend flush";
+    monitor(env)
+        .execute("human-monitor-command", json!({ "command-line": cmd }))
+        .unwrap();
+}
+
 /// `qemu-img compare` of two images (`-U`: the VM still has one open).
 fn same_disk(a: &Path, b: &Path) -> bool {
     Command::new("qemu-img")
@@ -119,6 +127,7 @@ fn a_running_vm_is_backed_up_killed_mid_backup_and_backed_up_stopped() {
         String::from_utf8_lossy(&kind.stdout).contains("file format: qcow2"),
         "restored in the source format"
     );
+    flush(&env);
     assert!(same_disk(&restored, &env.path("os.qcow2")));
 
     // A backup killed once QEMU holds its instant and exports it.
@@ -168,6 +177,7 @@ fn a_running_vm_is_backed_up_killed_mid_backup_and_backed_up_stopped() {
         "read {read} bytes for two 64 KiB writes"
     );
     let restored = restore(&env, "web01@latest", "second.qcow2");
+    flush(&env);
     assert!(same_disk(&restored, &env.path("os.qcow2")));
 
     // Stopped: the same command backs it up from the image files the last point names.

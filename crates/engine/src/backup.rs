@@ -107,30 +107,34 @@ enum Outcome {
     Zero,
     Reused(Digest),
     New(Digest, u64),
-    /// A kept chunk the vault no longer has.
+    /// A chunk of the previous point the vault no longer has (or cannot read).
     Missing,
 }
 
 struct Done {
     i: usize,
     len: usize,
-    read: bool,
+    /// Bytes read from the source for this chunk.
+    read: u64,
     outcome: Result<Outcome>,
 }
 
-/// What changed since a previous point of the same disk: chunks not marked changed keep the
-/// previous index's digest and are not read.
+/// What changed since a previous point of the same disk, per chunk: the changed ranges
+/// (offset in the chunk, length), sorted; none for an unchanged chunk.
 pub(crate) struct Unchanged<'a> {
     pub previous: &'a DiskIndex,
-    pub changed: Vec<bool>,
+    pub dirty: Vec<Vec<(u32, u32)>>,
 }
 
 /// What to do with one chunk.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Action {
     Read,
     /// Unchanged since the previous point: keep its digest (touched, so GC keeps it).
     Keep(Digest),
+    /// A little of it changed: read those ranges from the source and the rest from the
+    /// previous point's chunk, so that the source is read about as much as it was written.
+    Patch(Digest, Vec<(u32, u32)>),
     /// Already settled in an earlier pass.
     Skip,
 }
@@ -152,11 +156,20 @@ pub(crate) fn back_up_disk(
         chunk_size,
         chunks: vec![Digest::ZERO_CHUNK; count],
     };
-    let actions: Vec<Action> = match &unchanged {
-        Some(u) if u.previous.chunks.len() == count && u.changed.len() == count => (0..count)
-            .map(|i| match (u.changed[i], u.previous.chunks[i]) {
-                (true, _) => Action::Read,
-                (false, d) => Action::Keep(d),
+    let actions: Vec<Action> = match unchanged {
+        Some(u) if u.previous.chunks.len() == count && u.dirty.len() == count => u
+            .dirty
+            .into_iter()
+            .zip(&u.previous.chunks)
+            .map(|(ranges, &d)| {
+                let dirty: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+                if ranges.is_empty() {
+                    Action::Keep(d)
+                } else if dirty * 2 < chunk_size as u64 {
+                    Action::Patch(d, ranges)
+                } else {
+                    Action::Read
+                }
             })
             .collect(),
         _ => vec![Action::Read; count],
@@ -167,7 +180,8 @@ pub(crate) fn back_up_disk(
     )?;
     if !missing.is_empty() {
         progress.message(&format!(
-            "{} unchanged chunks are missing from the vault: reading them from the disk",
+            "{} chunks of the previous point are missing from the vault or unreadable: \
+             reading them whole from the disk",
             missing.len()
         ));
         let mut again = vec![Action::Skip; count];
@@ -236,9 +250,7 @@ fn run_pipeline(
         let mut stored_at_last_flush = 0;
         for done in done_rx.iter() {
             let len = done.len as u64;
-            if done.read {
-                stats.bytes_read += len;
-            }
+            stats.bytes_read += done.read;
             match done.outcome {
                 Ok(Outcome::Zero) => stats.chunks_zero += 1,
                 Ok(Outcome::Missing) => missing.push(done.i),
@@ -275,6 +287,8 @@ fn run_pipeline(
 enum Work {
     Data(usize, Vec<u8>),
     Keep(usize, Digest, usize),
+    /// The chunk's changed ranges are in the buffer; the rest comes from the old chunk.
+    Patch(usize, Vec<u8>, Digest, Vec<(u32, u32)>),
 }
 
 fn read_chunks(
@@ -299,37 +313,88 @@ fn read_chunks(
                 outcome,
             });
         };
-        match *action {
+        let failed = |e| Err(EngineError::io(format!("reading disk at {offset}"), e));
+        match action {
             Action::Skip => continue,
-            Action::Keep(d) if d == Digest::ZERO_CHUNK => {
-                send(false, Ok(Outcome::Zero));
+            Action::Keep(d) if *d == Digest::ZERO_CHUNK => {
+                send(0, Ok(Outcome::Zero));
                 continue;
             }
             Action::Keep(d) => {
-                if work.send(Work::Keep(i, d, len)).is_err() {
+                if work.send(Work::Keep(i, *d, len)).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Action::Patch(d, ranges) => {
+                let Ok(mut buf) = free.recv() else { return };
+                buf.resize(len, 0);
+                let mut read = 0;
+                for &(at, n) in ranges {
+                    let (at, n) = (at as usize, (n as usize).min(len - at as usize));
+                    if let Err(e) = reader.read_at(&mut buf[at..at + n], offset + at as u64) {
+                        return send(read, failed(e));
+                    }
+                    read += n as u64;
+                }
+                if work.send(Work::Patch(i, buf, *d, ranges.clone())).is_err() {
                     return;
                 }
                 continue;
             }
             Action::Read => {}
         }
-        let failed = |e| Err(EngineError::io(format!("reading disk at {offset}"), e));
         match reader.may_have_data(offset, len as u64) {
             Ok(true) => {}
             Ok(false) => {
-                send(false, Ok(Outcome::Zero));
+                send(0, Ok(Outcome::Zero));
                 continue;
             }
-            Err(e) => return send(false, failed(e)),
+            Err(e) => return send(0, failed(e)),
         }
         let Ok(mut buf) = free.recv() else { return };
         buf.resize(len, 0);
         if let Err(e) = reader.read_at(&mut buf, offset) {
-            return send(false, failed(e));
+            return send(0, failed(e));
         }
         if work.send(Work::Data(i, buf)).is_err() {
             return;
         }
+    }
+}
+
+/// What a zero chunk holds (chunks are at most 16 MiB).
+static ZEROS: [u8; vmvault_format::MAX_CHUNK_SIZE as usize] =
+    [0; vmvault_format::MAX_CHUNK_SIZE as usize];
+
+/// Fills `buf` outside `ranges` from the chunk `old`; `false` when the vault cannot give it.
+fn patch(
+    reader: &mut vmvault_store::ChunkReader<'_>,
+    buf: &mut [u8],
+    old: &Digest,
+    ranges: &[(u32, u32)],
+) -> bool {
+    let len = buf.len();
+    let mut fill = |from: &[u8]| {
+        let mut at = 0;
+        for &(start, n) in ranges.iter().chain(std::iter::once(&(len as u32, 0))) {
+            let start = (start as usize).min(len);
+            if start > at {
+                buf[at..start].copy_from_slice(&from[at..start]);
+            }
+            at = at.max(start + n as usize).min(len);
+        }
+    };
+    if *old == Digest::ZERO_CHUNK {
+        fill(&ZEROS[..len]);
+        return true;
+    }
+    match reader.read(old, len) {
+        Ok(from) => {
+            fill(from);
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -344,9 +409,34 @@ fn store_chunks(
     let codec = vault.codec();
     let mut sealer = codec.sealer();
     let mut sealed = Vec::new();
+    let mut old_chunks = vault.chunk_reader();
     for item in work.iter() {
-        let (i, buf) = match item {
-            Work::Data(i, buf) => (i, buf),
+        let (i, buf, read) = match item {
+            Work::Data(i, buf) => {
+                let read = buf.len() as u64;
+                (i, buf, read)
+            }
+            Work::Patch(i, mut buf, old, ranges) => {
+                let read: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+                let len = buf.len();
+                let patched =
+                    stop.load(Ordering::Relaxed) || patch(&mut old_chunks, &mut buf, &old, &ranges);
+                if patched {
+                    (i, buf, read)
+                } else {
+                    let _ = free.send(buf);
+                    let missing = Done {
+                        i,
+                        len,
+                        read,
+                        outcome: Ok(Outcome::Missing),
+                    };
+                    if done.send(missing).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
             Work::Keep(i, digest, len) => {
                 let outcome = if stop.load(Ordering::Relaxed) {
                     Ok(Outcome::Zero)
@@ -360,7 +450,7 @@ fn store_chunks(
                 let done_item = Done {
                     i,
                     len,
-                    read: false,
+                    read: 0,
                     outcome,
                 };
                 if done.send(done_item).is_err() {
@@ -400,7 +490,7 @@ fn store_chunks(
             .send(Done {
                 i,
                 len,
-                read: true,
+                read,
                 outcome,
             })
             .is_err()

@@ -386,7 +386,7 @@ impl Job<'_> {
             let unchanged = match (&previous, base) {
                 (Some(previous), Some((bitmap, _, _))) => Some(Unchanged {
                     previous,
-                    changed: source.changed_chunks(bitmap, chunk_size as u64)?,
+                    dirty: source.dirty_ranges(bitmap, chunk_size as u64)?,
                 }),
                 _ => None,
             };

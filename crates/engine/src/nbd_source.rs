@@ -61,22 +61,34 @@ impl NbdSource {
         })
     }
 
-    /// Which of the disk's `chunk_size` chunks the bitmap `bitmap` marks dirty.
-    pub fn changed_chunks(&self, bitmap: &str, chunk_size: u64) -> Result<Vec<bool>> {
+    /// The ranges the bitmap `bitmap` marks dirty, per `chunk_size` chunk: (offset in the
+    /// chunk, length), in order.
+    pub fn dirty_ranges(&self, bitmap: &str, chunk_size: u64) -> Result<Vec<Vec<(u32, u32)>>> {
         let count = self.size.div_ceil(chunk_size) as usize;
-        let mut changed = vec![false; count];
+        let mut dirty: Vec<Vec<(u32, u32)>> = vec![Vec::new(); count];
         let context = format!("qemu:dirty-bitmap:{bitmap}");
         let mut client = self.client.lock().unwrap_or_else(|e| e.into_inner());
         let mut at = 0;
         for e in extents(&mut client, self.size, &context)? {
-            if e.flags & STATE_DIRTY != 0 && e.len > 0 {
-                let first = (at / chunk_size) as usize;
-                let last = ((at + e.len - 1) / chunk_size) as usize;
-                changed[first..=last.min(count - 1)].fill(true);
+            if e.flags & STATE_DIRTY != 0 {
+                // Split the extent at chunk boundaries.
+                let (mut from, end) = (at, (at + e.len).min(self.size));
+                while from < end {
+                    let chunk = from / chunk_size;
+                    let stop = ((chunk + 1) * chunk_size).min(end);
+                    let ranges = &mut dirty[chunk as usize];
+                    let start = (from - chunk * chunk_size) as u32;
+                    let len = (stop - from) as u32;
+                    match ranges.last_mut() {
+                        Some(last) if last.0 + last.1 == start => last.1 += len,
+                        _ => ranges.push((start, len)),
+                    }
+                    from = stop;
+                }
             }
             at += e.len;
         }
-        Ok(changed)
+        Ok(dirty)
     }
 }
 
