@@ -141,7 +141,7 @@ pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
         print_json(&result);
         return Ok(());
     }
-    println!("{}", result.id);
+    outln!("{}", result.id);
     let s = &m.stats;
     eprintln!(
         "{}: recovery point {} ({}-consistent) of {} in {:.1} s: read {}, new {}, stored {} \

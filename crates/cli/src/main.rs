@@ -1,5 +1,17 @@
 //! The `vmvault` command.
 
+/// `println!` for what a command prints on stdout: a reader that went away
+/// (`vmvault points | head -1`) ends the command quietly, as SIGPIPE ends a Unix tool, where
+/// `println!` would panic.
+macro_rules! outln {
+    () => {
+        $crate::output::stdout_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::stdout_line(format_args!($($arg)*))
+    };
+}
+
 mod backup;
 mod disk;
 mod exit;
