@@ -20,7 +20,7 @@ pub use backup::{backup_image_vm, BackupOptions};
 pub use description::{DiskDescription, NicDescription, VmDescription};
 pub use error::{EngineError, Result};
 pub use export::PointExport;
-pub use live::{backup_running_vm, backup_stopped_vm, Quiesce, RunningVm};
+pub use live::{backup_running_vm, backup_stopped_vm, Quiesce, QuiesceEnd, RunningVm};
 pub use progress::{NoProgress, Progress};
 pub use prune::{plan_prune, prune, PruneDecision, Retention};
 pub use restore::{restore_disk, restore_vm, RestoreOptions};

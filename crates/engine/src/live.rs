@@ -35,8 +35,20 @@ pub trait Quiesce {
     /// Quiesces; returns the consistency the point will have and why it is not higher. An
     /// error fails the backup (and must leave the guest running normally).
     fn begin(&mut self) -> Result<(Consistency, String)>;
-    /// Lets the guest go on; what went wrong doing so, as warnings.
-    fn end(&mut self) -> Vec<String>;
+    /// Lets the guest go on, right after the instant. An error fails the backup (a
+    /// post-script that failed without continue-on-failure).
+    fn end(&mut self) -> Result<QuiesceEnd>;
+}
+
+/// How a quiesce ended.
+#[derive(Debug, Default)]
+pub struct QuiesceEnd {
+    /// How long the guest was frozen.
+    pub frozen_for: Duration,
+    pub warnings: Vec<String>,
+    /// A lower consistency than `begin` promised, and why (the guest was thawed before the
+    /// instant, a post-script failed with continue-on-failure).
+    pub downgrade: Option<(Consistency, String)>,
 }
 
 /// A running QEMU VM to back up.
@@ -274,50 +286,45 @@ impl Job<'_> {
             (consistency, reason) = q.begin()?;
         }
         let time = chrono::Utc::now();
-        let frozen = Instant::now();
         let taken = snapshot::take(qmp, &plans, held.path(), &socket);
-        if let Some(q) = &mut quiesce {
-            for w in q.end() {
-                progress.message(&format!("warning: {w}"));
+        let ended = quiesce.as_mut().map(|q| q.end());
+        let (pit, written) = match taken {
+            Err(e) => (None, Err(e.into())),
+            Ok(pit) => {
+                let ended = match ended {
+                    Some(Err(e)) => Err(e),
+                    Some(Ok(end)) => {
+                        for w in &end.warnings {
+                            progress.message(&format!("warning: {w}"));
+                        }
+                        progress.message(&format!(
+                            "guest quiesced for {:.0} ms around the instant",
+                            end.frozen_for.as_secs_f64() * 1000.0
+                        ));
+                        if let Some(lower) = end.downgrade {
+                            (consistency, reason) = lower;
+                        }
+                        Ok(())
+                    }
+                    None => Ok(()),
+                };
+                let point = Point {
+                    id,
+                    time,
+                    consistency,
+                    reason: reason.clone(),
+                    config: config.clone(),
+                };
+                let written = ended.and_then(|()| {
+                    self.write_point(&pit, &disks, &decisions, point, opts, progress)
+                });
+                (Some(pit), written)
             }
-            progress.message(&format!(
-                "guest quiesced for {:.0} ms around the instant",
-                frozen.elapsed().as_secs_f64() * 1000.0
-            ));
+        };
+        let released = pit.map_or(Ok(()), |pit| snapshot::release(qmp, pit));
+        if let Err(e) = released {
+            progress.message(&format!("warning: letting QEMU's instant go: {e}"));
         }
-        let pit = taken?;
-
-        let read = self.read_disks(&pit, &disks, &decisions, opts, progress);
-        let written = read.and_then(|records| {
-            let total = records.iter().fold(TransferStats::default(), |mut t, r| {
-                t.add(&r.stats);
-                t
-            });
-            vault.backend().sync()?;
-            let manifest = Manifest {
-                version: MANIFEST_VERSION,
-                id,
-                vm: self.name.clone(),
-                time: time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-                source: "qemu".into(),
-                consistency,
-                consistency_reason: if consistency == Consistency::Application {
-                    String::new()
-                } else {
-                    reason
-                },
-                host: hostname(),
-                program: format!("vmvault {}", env!("CARGO_PKG_VERSION")),
-                chunk_size: vault.config().chunk_size,
-                vm_config: config,
-                disks: records,
-                stats: total,
-            };
-            vault.save_manifest(&manifest)?;
-            vault.backend().sync()?;
-            Ok(manifest)
-        });
-        let released = snapshot::release(qmp, pit);
         match written {
             Ok(manifest) => {
                 // The point is in the vault: the old bitmaps have done their work.
@@ -332,32 +339,56 @@ impl Job<'_> {
                         }
                     }
                 }
-                if let Err(e) = released {
-                    progress.message(&format!("warning: letting QEMU's instant go: {e}"));
-                }
                 Ok(manifest)
             }
             Err(e) => {
-                // Every change since the last point must be read again next time.
-                for (disk, plan) in disks.iter().zip(&plans) {
-                    let (Some(new), base) = (&plan.new_bitmap, &plan.base_bitmap) else {
-                        continue;
-                    };
-                    let undone = match base {
-                        Some(old) => bitmap::fold(qmp, &disk.node, old, &new.name),
-                        None => bitmap::remove(qmp, &disk.node, &new.name),
-                    };
-                    if let Err(u) = undone {
-                        progress.message(&format!(
-                            "warning: disk {}: the tracking bitmaps stay as they are and are \
-                             sorted out at the next backup: {u}",
-                            disk.name
-                        ));
-                    }
-                }
+                roll_back(qmp, &disks, &plans, progress);
                 Err(e)
             }
         }
+    }
+
+    /// Reads the disks from QEMU's exports and writes the point: indexes, then the manifest.
+    fn write_point(
+        &self,
+        pit: &snapshot::PointInTime,
+        disks: &[BlockDisk],
+        decisions: &[Decision],
+        point: Point,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+    ) -> Result<Manifest> {
+        let vault = self.vault;
+        let records = self.read_disks(pit, disks, decisions, opts, progress)?;
+        let total = records.iter().fold(TransferStats::default(), |mut t, r| {
+            t.add(&r.stats);
+            t
+        });
+        vault.backend().sync()?;
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            id: point.id,
+            vm: self.name.clone(),
+            time: point
+                .time
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            source: "qemu".into(),
+            consistency: point.consistency,
+            consistency_reason: if point.consistency == Consistency::Application {
+                String::new()
+            } else {
+                point.reason
+            },
+            host: hostname(),
+            program: format!("vmvault {}", env!("CARGO_PKG_VERSION")),
+            chunk_size: vault.config().chunk_size,
+            vm_config: point.config,
+            disks: records,
+            stats: total,
+        };
+        vault.save_manifest(&manifest)?;
+        vault.backend().sync()?;
+        Ok(manifest)
     }
 
     fn read_disks(
@@ -402,6 +433,44 @@ impl Job<'_> {
             });
         }
         Ok(records)
+    }
+}
+
+/// What the manifest says besides the disks.
+struct Point {
+    id: PointId,
+    time: chrono::DateTime<chrono::Utc>,
+    consistency: Consistency,
+    reason: String,
+    config: VmConfig,
+}
+
+/// After a failure: every change since the last point must be read again next time, so the
+/// new bitmap (if the instant was taken) goes back into the old one.
+fn roll_back(qmp: &mut Qmp, disks: &[BlockDisk], plans: &[DiskPlan], progress: &dyn Progress) {
+    let now = block::disks(qmp).unwrap_or_default();
+    for (disk, plan) in disks.iter().zip(plans) {
+        let (Some(new), base) = (&plan.new_bitmap, &plan.base_bitmap) else {
+            continue;
+        };
+        let present = now
+            .iter()
+            .find(|d| d.node == disk.node)
+            .is_none_or(|d| d.bitmap(&new.name).is_some());
+        if !present {
+            continue;
+        }
+        let undone = match base {
+            Some(old) => bitmap::fold(qmp, &disk.node, old, &new.name),
+            None => bitmap::remove(qmp, &disk.node, &new.name),
+        };
+        if let Err(u) = undone {
+            progress.message(&format!(
+                "warning: disk {}: the tracking bitmaps stay as they are and are sorted out at \
+                 the next backup: {u}",
+                disk.name
+            ));
+        }
     }
 }
 

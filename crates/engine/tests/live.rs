@@ -450,3 +450,97 @@ fn a_failed_backup_loses_no_change_and_a_gone_point_means_a_full_read() {
     assert!(s.restored(&after, "vblk0") == os);
     let _ = first;
 }
+
+/// The engine's side of quiescing, with a `Quiesce` of the test's own (the guest agent itself
+/// is tested in vmvault-qemu and end to end): what the guest writes while quiesced is in the
+/// point, what it writes after `end` is not; a failing `begin` or `end` fails the backup
+/// without losing a change; a downgrade from `end` is what the point says.
+#[test]
+fn quiescing_brackets_the_instant_and_its_failures_fail_the_backup() {
+    use vmvault_engine::{Quiesce, QuiesceEnd};
+
+    struct Scripted {
+        monitor: PathBuf,
+        fail_begin: bool,
+        fail_end: bool,
+        downgrade: bool,
+    }
+    impl Quiesce for Scripted {
+        fn begin(&mut self) -> vmvault_engine::Result<(Consistency, String)> {
+            if self.fail_begin {
+                return Err(vmvault_engine::EngineError::Input(
+                    "pre-script failed".into(),
+                ));
+            }
+            // The application's last words before the instant.
+            guest_write(&self.monitor, "vblk0", 0x77, 13 << 20, 4096);
+            Ok((Consistency::Application, String::new()))
+        }
+        fn end(&mut self) -> vmvault_engine::Result<QuiesceEnd> {
+            guest_write(&self.monitor, "vblk0", 0x88, 14 << 20, 4096);
+            if self.fail_end {
+                return Err(vmvault_engine::EngineError::Input(
+                    "post-script failed".into(),
+                ));
+            }
+            Ok(QuiesceEnd {
+                downgrade: self.downgrade.then(|| {
+                    (
+                        Consistency::Filesystem,
+                        "the post-script failed".to_string(),
+                    )
+                }),
+                ..QuiesceEnd::default()
+            })
+        }
+    }
+
+    let s = Setup::new();
+    let (mut os, _) = s.make_disks();
+    let Some(vm) = s.start_vm() else { return };
+    let monitor = s.path("monitor2.sock");
+    let run = |q: &mut Scripted| {
+        let running = RunningVm {
+            qmp: vm.qmp_socket(),
+            name: None,
+            scratch: s.dir.path().to_path_buf(),
+            quiesce: Some(q),
+        };
+        backup_running_vm(
+            &s.vault,
+            running,
+            &BackupOptions::default(),
+            &Recorder::default(),
+        )
+    };
+    let mut q = Scripted {
+        monitor: monitor.clone(),
+        fail_begin: false,
+        fail_end: false,
+        downgrade: false,
+    };
+    let first = run(&mut q).unwrap();
+    assert_eq!(first.consistency, Consistency::Application);
+    assert_eq!(first.consistency_reason, "");
+    let mut at_instant = os.clone();
+    apply(&mut at_instant, 0x77, 13 << 20, 4096);
+    assert!(
+        s.restored(&first, "vblk0") == at_instant,
+        "begin's write in, end's out"
+    );
+    apply(&mut os, 0x77, 13 << 20, 4096);
+    apply(&mut os, 0x88, 14 << 20, 4096);
+
+    q.fail_begin = true;
+    assert!(run(&mut q).is_err());
+    q.fail_begin = false;
+    q.fail_end = true;
+    assert!(run(&mut q).is_err());
+    q.fail_end = false;
+    q.downgrade = true;
+    let next = run(&mut q).unwrap();
+    assert_eq!(next.consistency, Consistency::Filesystem);
+    assert_eq!(next.consistency_reason, "the post-script failed");
+    // The failed backups lost nothing: every write before this instant is in.
+    assert!(s.restored(&next, "vblk0") == os);
+}
