@@ -267,6 +267,21 @@ fn remove_node(qmp: &mut Qmp, node: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `name` is a leftover: ours (by its prefix), and its backup's process (named in it)
+/// is gone, or is this process, which backs up one VM at a time. Another live process's
+/// backup is running and is left alone.
+fn leftover(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(PREFIX) else {
+        return false;
+    };
+    let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+    match pid {
+        Some(pid) if pid == std::process::id() => true,
+        Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+        None => true,
+    }
+}
+
 /// Removes what a backup that did not end (killed, or QEMU's connection lost) left in QEMU:
 /// its exports, the NBD server when nothing else is exported, its jobs, its nodes and their
 /// files. Returns how many things were removed.
@@ -274,8 +289,8 @@ pub fn remove_leftovers(qmp: &mut Qmp) -> Result<usize> {
     let mut removed = 0;
     let exports = qmp.execute("query-block-exports", json!({}))?;
     let exports: Vec<String> = ids(&exports, "id");
-    let others = exports.iter().filter(|e| !e.starts_with(PREFIX)).count();
-    for id in exports.iter().filter(|e| e.starts_with(PREFIX)) {
+    let others = exports.iter().filter(|e| !leftover(e)).count();
+    for id in exports.iter().filter(|e| leftover(e)) {
         remove_export(qmp, id)?;
         removed += 1;
     }
@@ -285,7 +300,7 @@ pub fn remove_leftovers(qmp: &mut Qmp) -> Result<usize> {
     }
     let jobs = qmp.execute("query-block-jobs", json!({}))?;
     for job in ids(&jobs, "device") {
-        if job.starts_with(PREFIX) {
+        if leftover(&job) {
             cancel_job(qmp, &job)?;
             removed += 1;
         }
@@ -297,7 +312,7 @@ pub fn remove_leftovers(qmp: &mut Qmp) -> Result<usize> {
         .flatten()
         .filter_map(|n| {
             let name = n["node-name"].as_str()?;
-            name.starts_with(PREFIX).then(|| {
+            leftover(name).then(|| {
                 let file = n["image"]["filename"].as_str().map(str::to_string);
                 (name.to_string(), file)
             })
@@ -321,4 +336,19 @@ fn ids(list: &Value, key: &str) -> Vec<String> {
         .flatten()
         .filter_map(|x| x[key].as_str().map(str::to_string))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_gone_process_or_this_one_leaves_leftovers() {
+        let me = std::process::id();
+        assert!(leftover(&format!("{PREFIX}{me}-0")));
+        assert!(!leftover("drive0"));
+        // PID 1 runs as long as the machine does: its backup would be running.
+        assert!(!leftover(&format!("{PREFIX}1-0-job")));
+        assert!(leftover(&format!("{PREFIX}4194304999-0-file")));
+    }
 }
