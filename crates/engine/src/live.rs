@@ -130,6 +130,18 @@ pub fn backup_stopped_vm(
     progress: &dyn Progress,
 ) -> Result<Manifest> {
     let reason = "the VM was stopped: its disks were read from their image files".to_string();
+    let desc = crate::VmDescription {
+        name: name.to_string(),
+        cpus: 0,
+        memory_mib: 0,
+        firmware: "bios".into(),
+        source: "qemu".into(),
+        qmp: None,
+        qga: None,
+        scripts: None,
+        disks: disks.to_vec(),
+        nics: Vec::new(),
+    };
     let tracked = disks.iter().any(|d| d.format == "qcow2");
     let qemu = if tracked { own_qemu() } else { None };
     let Some(exe) = qemu else {
@@ -139,18 +151,6 @@ pub fn backup_stopped_vm(
                  tracking is not used, every disk is read whole",
             );
         }
-        let desc = crate::VmDescription {
-            name: name.to_string(),
-            cpus: 0,
-            memory_mib: 0,
-            firmware: "bios".into(),
-            source: "qemu".into(),
-            qmp: None,
-            qga: None,
-            scripts: None,
-            disks: disks.to_vec(),
-            nics: Vec::new(),
-        };
         return crate::backup::backup_image_vm_as(vault, &desc, opts, progress, "qemu", &reason);
     };
     let dir = tempfile::Builder::new()
@@ -167,27 +167,11 @@ pub fn backup_stopped_vm(
             &d.name,
         )?);
     }
-    let config = VmConfig {
-        name: name.to_string(),
-        cpus: 0,
-        memory_mib: 0,
-        firmware: "bios".into(),
-        disks: disks
-            .iter()
-            .map(|d| VmDisk {
-                name: d.name.clone(),
-                path: d.path.display().to_string(),
-                format: d.format.clone(),
-                bus: d.bus.clone(),
-            })
-            .collect(),
-        nics: Vec::new(),
-    };
     let job = Job {
         vault,
         name: name.to_string(),
         disks: found,
-        config: Config::Given(config),
+        config: Config::Given(desc.to_config()),
         scratch: dir.path().to_path_buf(),
         consistency: Consistency::Crash,
         reason,

@@ -15,22 +15,11 @@ use vmvault_format::{Consistency, Manifest};
 use vmvault_qemu::Qmp;
 use vmvault_store::faulty::{Faults, Faulty};
 use vmvault_store::{CreateOptions, Kind, LocalBackend, Vault, WriteBackend};
+use vmvault_testkit::random_bytes;
 use vmvault_testkit::QemuVm;
 
 const QCOW2_SIZE: usize = 24 << 20;
 const RAW_SIZE: usize = 12 << 20;
-
-fn random_bytes(size: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn vault(faulty: Arc<Faulty>) -> Vault {
     let backend: Arc<dyn WriteBackend> = faulty;

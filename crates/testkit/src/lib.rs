@@ -31,6 +31,19 @@ use vmvault_cloud::{Credentials, RemoteOptions};
 pub use garage::{Garage, GarageCluster};
 pub use qemu::QemuVm;
 
+/// Deterministic bytes that neither compress nor dedup (xorshift64), for disk images.
+pub fn random_bytes(size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Whether tests must run against real servers rather than skip when a tool is missing.
 pub fn servers_required() -> bool {
     std::env::var("VMVAULT_REQUIRE_SERVERS").is_ok_and(|v| v == "1")
