@@ -10,6 +10,7 @@ mod maintenance;
 mod output;
 mod password;
 mod points;
+mod quiesce;
 mod regions;
 mod replicate;
 mod restore;
@@ -104,6 +105,7 @@ enum Command {
 pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 fn main() {
+    quiesce::intercept();
     STARTED.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     let g = &cli.global;
