@@ -29,6 +29,22 @@ pub const QGA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the first sync may take: an agent that is running answers in milliseconds.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Kills process `$1` and its descendants in a Linux guest: stopped first so that it starts
+/// no more children, then its children (found through /proc with one `grep`: `pkill -P` is
+/// missing from minimal guests such as busybox ones), then itself.
+const KILL_TREE: &str = r#"t() {
+  kill -STOP "$1" 2>/dev/null
+  for s in $(grep -l "^PPid:[[:space:]]*$1\$" /proc/[0-9]*/status 2>/dev/null); do
+    c=${s#/proc/}
+    t "${c%/status}"
+  done
+  kill -KILL "$1" 2>/dev/null
+}
+t "$1""#;
+
+/// How long to wait for the kill of a script that timed out to be done.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
 /// What `guest-fsfreeze-status` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FreezeStatus {
@@ -259,28 +275,34 @@ impl Qga {
         }
     }
 
-    /// Kills a process `guest-exec` started, with a second `guest-exec` (the agent has no
-    /// kill command). Its children first: a script's `sleep` would otherwise live on.
+    /// Kills a process `guest-exec` started, and its descendants (a script's `sleep` would
+    /// otherwise live on), with a second `guest-exec`: the agent has no kill command.
     fn kill(&mut self, pid: i64, windows: bool) -> Result<()> {
-        let (path, args) = if windows {
-            (
-                "taskkill",
-                vec!["/F".into(), "/T".into(), "/PID".into(), pid.to_string()],
-            )
+        let pid = pid.to_string();
+        let args: Vec<&str> = if windows {
+            vec!["/F", "/T", "/PID", &pid]
         } else {
-            (
-                "/bin/sh",
-                vec![
-                    "-c".into(),
-                    format!("pkill -KILL -P {pid}; kill -KILL {pid}"),
-                ],
-            )
+            vec!["-c", KILL_TREE, "kill-tree", &pid]
         };
-        self.execute(
+        let path = if windows { "taskkill" } else { "/bin/sh" };
+        let killer = self.execute(
             "guest-exec",
             json!({"path": path, "arg": args, "capture-output": false}),
-        )
-        .map(drop)
+        )?;
+        // Wait (briefly) for the kill to be done: what runs next (the freeze, the next try of
+        // the script) must not race with the process being killed.
+        let Some(killer) = killer.get("pid").and_then(Value::as_i64) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + KILL_WAIT;
+        while Instant::now() < deadline {
+            let status = self.execute("guest-exec-status", json!({"pid": killer}))?;
+            if status.get("exited").and_then(Value::as_bool) == Some(true) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Runs a command; its `return` value, or [`QemuError::Command`] with the agent's class

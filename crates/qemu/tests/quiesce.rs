@@ -103,7 +103,7 @@ fn data_dir() -> tempfile::TempDir {
     );
     write_script(d, "pre.sh", "echo \"pre $*\" >> /run/order.log");
     write_script(d, "post.sh", "echo post >> /run/order.log");
-    write_script(d, "hang.sh", "echo hang >> /run/order.log\nsleep 1000");
+    write_script(d, "hang.sh", "echo hang >> /run/order.log\nsleep 997");
     write_script(d, "fail.sh", "echo 'cannot reach the database' >&2\nexit 3");
     dir
 }
@@ -207,7 +207,7 @@ fn a_hanging_pre_script_times_out_and_falls_back(guest: &QgaGuest) {
     let (found, ps) = guest_run(
         guest,
         "/bin/sh",
-        &["-c", "ps | grep -v grep | grep -E 'hang|sleep 1000'"],
+        &["-c", "ps | grep -v grep | grep -E 'hang.sh|sleep 997'"],
     );
     assert!(!found, "still running in the guest:\n{ps}");
 }
