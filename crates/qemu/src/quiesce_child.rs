@@ -121,7 +121,11 @@ impl Helper {
             Ok(()) => None,
         };
         if let Wake::ParentGone = wake {
-            eprintln!("vmvault quiesce helper: vmvault went away; the guest is thawed");
+            // Nobody to tell but the log: what went wrong, if anything, goes to stderr.
+            eprintln!("vmvault quiesce helper: vmvault went away; thawed and done");
+            for w in self.warnings.iter().chain(&error) {
+                eprintln!("vmvault quiesce helper: {w}");
+            }
             return 0;
         }
         say(
