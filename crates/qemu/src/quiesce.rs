@@ -95,7 +95,8 @@ pub struct Quiesced {
 /// How the quiesce ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Released {
-    /// From sending the freeze to the thaw's answer (zero when nothing was frozen).
+    /// From sending the freeze to the thaw's answer (zero when the freeze failed or was not
+    /// asked for: a freeze that timed out may still have held briefly, until its thaw).
     pub frozen_for: Duration,
     /// Things that went wrong without failing the job (a slow thaw, a failed post-script
     /// with `continue_on_failure`).

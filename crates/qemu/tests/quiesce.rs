@@ -101,6 +101,12 @@ fn data_dir() -> tempfile::TempDir {
         "log",
         "echo \"hook $1\" >> /run/order.log",
     );
+    // A freeze that hangs (in the guest's own hook) when the test asks for it.
+    write_script(
+        &d.join("fsfreeze-hook.d"),
+        "slow",
+        "[ \"$1\" = freeze ] && [ -e /run/slow-freeze ] && sleep 4\nexit 0",
+    );
     write_script(d, "pre.sh", "echo \"pre $*\" >> /run/order.log");
     write_script(d, "post.sh", "echo post >> /run/order.log");
     write_script(d, "hang.sh", "echo hang >> /run/order.log\nsleep 997");
@@ -122,6 +128,7 @@ fn quiesce_a_real_guest() {
     a_failing_post_script_fails_the_job_after_the_thaw(&guest);
     skip_freeze_relies_on_the_pre_script(&guest);
     the_freeze_limit_thaws_without_a_release(&guest);
+    a_freeze_that_hangs_is_crash_level_and_still_thawed(&guest);
     a_killed_vmvault_still_thaws(&guest);
     eprintln!(
         "all quiesce steps on the guest: {:.1} s",
@@ -275,6 +282,30 @@ fn the_freeze_limit_thaws_without_a_release(guest: &QgaGuest) {
         "{f:?}"
     );
     assert_eq!(status(guest), FreezeStatus::Thawed);
+    assert_eq!(take_order(guest), ["hook freeze", "hook thaw"]);
+}
+
+fn a_freeze_that_hangs_is_crash_level_and_still_thawed(guest: &QgaGuest) {
+    guest_run(guest, "/bin/touch", &["/run/slow-freeze"]);
+    let mut opts = QuiesceOptions::new(guest.qga_socket());
+    opts.freeze_limit = Duration::from_secs(2);
+    let t = Instant::now();
+    let session = quiesce(&opts, helper()).unwrap();
+    let state = session.state().clone();
+    assert_eq!(state.level, Level::Crash, "{state:?}");
+    let reason = state.reason.unwrap();
+    assert!(
+        reason.contains("freeze failed") && reason.contains("did not answer"),
+        "{reason}"
+    );
+    let released = session.release().unwrap();
+    eprintln!(
+        "a freeze hanging 4 s with a 2 s limit: crash level after {:.1} s, {released:?}",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(released.frozen_for, Duration::ZERO);
+    assert_eq!(status(guest), FreezeStatus::Thawed);
+    guest_run(guest, "/bin/rm", &["/run/slow-freeze"]);
     assert_eq!(take_order(guest), ["hook freeze", "hook thaw"]);
 }
 
