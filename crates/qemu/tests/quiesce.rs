@@ -278,7 +278,7 @@ fn the_freeze_limit_thaws_without_a_release(guest: &QgaGuest) {
     );
     let f = released.frozen_for;
     assert!(
-        f >= Duration::from_millis(1500) && f < Duration::from_millis(2500),
+        f >= Duration::from_millis(1500) && f < Duration::from_millis(2900),
         "{f:?}"
     );
     assert_eq!(status(guest), FreezeStatus::Thawed);
@@ -391,9 +391,11 @@ fn a_helper_that_breaks_is_an_error_not_a_hang() {
         .err()
         .expect("an error");
     assert!(matches!(err, QemuError::Helper(_)), "{err:?}");
+    // `true` may exit before or after the options are written to it.
+    let msg = err.to_string();
     assert!(
-        err.to_string().contains("exited without answering"),
-        "{err}"
+        msg.contains("exited without answering") || msg.contains("could not be written to"),
+        "{msg}"
     );
     let err = quiesce(&opts, Command::new("/nonexistent/vmvault"))
         .err()
