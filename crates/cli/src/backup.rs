@@ -18,17 +18,27 @@ pub struct BackupArgs {
     /// The VM description (TOML): its disk images (source = "image"), or its QEMU sockets
     /// (source = "qemu").
     #[arg(required_unless_present = "qmp")]
-    description: Option<PathBuf>,
+    pub(crate) description: Option<PathBuf>,
     /// A QEMU VM's monitor socket (QMP): back up the running VM at one instant; a VM that is
     /// not running is backed up from its image files.
     #[arg(long, value_name = "SOCKET")]
-    qmp: Option<PathBuf>,
+    pub(crate) qmp: Option<PathBuf>,
+    /// The VM's guest agent socket (QEMU's chardev for org.qemu.guest_agent.0): freeze the
+    /// guest's file systems (and run its scripts) around the instant.
+    #[arg(long, value_name = "SOCKET")]
+    pub(crate) qga: Option<PathBuf>,
+    /// The VM's pre/post scripts file (TOML; see the README), run in the guest by its agent.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) scripts: Option<PathBuf>,
+    /// The longest the guest stays frozen: the helper thaws it then, whatever happens.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub(crate) freeze_limit: u64,
     /// The VM's name in the vault (default: QEMU's -name, or the description's).
     #[arg(long)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// Where QEMU keeps the point in time's copy-before-write images during the backup.
     #[arg(long, value_name = "DIR", env = "VMVAULT_SCRATCH")]
-    scratch: Option<PathBuf>,
+    pub(crate) scratch: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -122,7 +132,7 @@ pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
         Some(desc) if desc.source == "image" && args.qmp.is_none() => {
             backup_image_vm(&vault, &desc, &BackupOptions::default(), &Bar::new())?
         }
-        desc => crate::qemu::backup(&vault, desc, &args.qmp, args.name, args.scratch)?,
+        desc => crate::qemu::backup(&vault, desc, &args)?,
     };
     let seconds = started.elapsed().as_secs_f64();
     let replication = finish_replication(&vault, Duration::from_secs(g.replication_wait))?;

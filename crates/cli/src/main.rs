@@ -23,6 +23,7 @@ mod output;
 mod password;
 mod points;
 mod qemu;
+mod quiesce;
 mod regions;
 mod replicate;
 mod restore;
@@ -117,6 +118,7 @@ enum Command {
 pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 fn main() {
+    quiesce::intercept();
     STARTED.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     let g = &cli.global;
