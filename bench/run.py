@@ -606,7 +606,7 @@ def mutation_runs(size, percent, seed):
     return runs
 
 
-def measure_running(binary, image, work):
+def measure_running(binary, image, work, chunk_size=None):
     """A running QEMU VM (TCG; a qcow2 disk made from the benchmark's image): `backup --qmp`
     full, then 1% of the disk changed by guest writes (mkimage.py mutate's runs, written
     through the guest's device), then the incremental backup, which reads only the chunks the
@@ -621,7 +621,8 @@ def measure_running(binary, image, work):
     run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", image, disk])
     size = os.path.getsize(image)
     vault = folder / "vault"
-    run([binary, "vault", "create", vault], env=env)
+    run([binary, "vault", "create", vault] + (["--chunk-size", chunk_size] if chunk_size else []),
+        env=env)
     qmp, mon = folder / "qmp.sock", folder / "mon.sock"
     vm = subprocess.Popen([qemu, "-L", fw, "-accel", "tcg", "-machine", "q35", "-m", "128",
                            "-display", "none", "-nodefaults", "-serial", "none",
@@ -664,6 +665,7 @@ def measure_running(binary, image, work):
         vm.wait()
     changed = sum(length for _, length in runs)
     result = {"disk_bytes": size, "changed_bytes": changed, "dirty_bytes": dirty,
+              "chunk_size": chunk_size or "1M",
               "full_seconds": round(full_s, 3), "full_cpu_seconds": round(full_cpu, 3),
               "full_bytes_read": full["stats"]["bytes_read"],
               "incremental_seconds": round(incr_s, 3),
@@ -675,12 +677,102 @@ def measure_running(binary, image, work):
     return result
 
 
+def measure_quiesce(binary, work, runs=5):
+    """How long `backup --qmp --qga --scripts` keeps a real Linux guest (the quiesce tests'
+    guest, scripts/make-qga-guest; TCG) frozen, with a quick pre- and post-script: the
+    helper's freeze-to-thaw time the backup reports, over a few backups."""
+    import re
+    import socket
+    qemu = output([REPO / "scripts" / "install-qemu"]).strip()
+    fw = Path(qemu).parents[3] / "fw"
+    guest = Path.home() / ".cache" / "vmvault" / "tools" / "qga-guest"
+    run([REPO / "scripts" / "make-qga-guest", guest])
+    env = {"VMVAULT_PASSWORD": PASSWORD, "VMVAULT_STATE_DIR": str(work / "state")}
+    folder = work / "quiesce"
+    (folder / "data").mkdir(parents=True)
+    for name in ("pre.sh", "post.sh"):
+        script = folder / "data" / name
+        script.write_text("#!/bin/sh\nsync\n")
+        script.chmod(0o755)
+    disk = folder / "data.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+    run(["mkfs.ext4", "-q", "-F", "-d", folder / "data", disk])
+    (folder / "scripts.toml").write_text('[pre]\npath = "/mnt/pre.sh"\n'
+                                         '[post]\npath = "/mnt/post.sh"\n')
+    qmp, qga = folder / "qmp.sock", folder / "qga.sock"
+    vm = subprocess.Popen([qemu, "-L", fw, "-accel", "tcg", "-machine", "q35", "-m", "512",
+                           "-display", "none", "-nodefaults", "-name", "guest",
+                           "-kernel", guest / "vmlinuz", "-initrd", guest / "initrd.gz",
+                           "-append", "console=ttyS0 quiet",
+                           "-blockdev", f"file,node-name=f0,filename={disk}",
+                           "-blockdev", "raw,node-name=drive0,file=f0",
+                           "-device", "virtio-blk-pci,drive=drive0,id=vda",
+                           "-device", "virtio-serial-pci",
+                           "-chardev", f"socket,path={qga},server=on,wait=off,id=qga0",
+                           "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                           "-qmp", f"unix:{qmp},server=on,wait=off"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    frozen = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the agent answers a guest-ping
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(1)
+                    s.connect(str(qga))
+                    s.sendall(b'{"execute":"guest-ping"}\n')
+                    if b"return" in s.recv(4096):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError("the test guest's agent never answered")
+            time.sleep(0.5)
+        vault = folder / "vault"
+        run([binary, "vault", "create", vault], env=env)
+        for _ in range(runs):
+            done = subprocess.run([str(c) for c in [
+                binary, "backup", "--vault", vault, "--qmp", qmp, "--qga", qga, "--scripts",
+                folder / "scripts.toml", "--scratch", folder, "--json"]],
+                env={**os.environ, **env}, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise BenchError(f"backup failed: {tail(done.stderr)}")
+            point = json.loads(done.stdout)
+            if point["consistency"] != "application":
+                raise BenchError(f"the guest was not quiesced: {point}")
+            m = re.search(r"guest quiesced for (\d+) ms", done.stderr)
+            if m:
+                frozen.append(int(m.group(1)))
+    finally:
+        vm.kill()
+        vm.wait()
+    if not frozen:
+        raise BenchError("no freeze time reported")
+    frozen.sort()
+    result = {"frozen_ms": frozen, "median_ms": frozen[len(frozen) // 2], "max_ms": frozen[-1]}
+    log(f"quiesce: guest frozen {result['median_ms']} ms (median of {len(frozen)}), "
+        f"at most {result['max_ms']} ms")
+    return result
+
+
+def quiesce_markdown(r):
+    return "\n".join([
+        "### Guest frozen during a backup", "",
+        "`backup --qmp --qga --scripts` of the quiesce tests' Linux guest (TCG) with a quick "
+        "pre- and post-script (`sync`): from the freeze to the thaw, as the backup reports it, "
+        f"over {len(r['frozen_ms'])} backups.", "",
+        "| median | max |", "|---:|---:|",
+        f"| {r['median_ms']} ms | {r['max_ms']} ms |", ""])
+
+
 def running_markdown(r):
     size = r["disk_bytes"]
     return "\n".join([
         "### Running VM: full and incremental backup", "",
         f"A running QEMU 7.2 VM (TCG) with a {size / 2**30:.0f} GiB qcow2 disk made from the "
-        "benchmark's image; `backup --qmp` at one instant (image fleecing, NBD). Between the two "
+        f"benchmark's image, vault chunk size {r['chunk_size']}; `backup --qmp` at one instant "
+        "(image fleecing, NBD), each a whole command (vault opening included). Between the two "
         f"backups the guest writes {r['changed_bytes'] / size:.2%} of the disk in mkimage.py "
         "mutate's runs.", "",
         "| | seconds | read from the disk |", "|---|---:|---:|",
@@ -689,7 +781,8 @@ def running_markdown(r):
         f"{r['incremental_bytes_read'] / size:.1%} |",
         f"| incremental / full | **{r['time_ratio']:.3f}** | |", "",
         f"The dirty bitmap (64 KiB granularity) marked {r['dirty_bytes'] / size:.2%} of the disk; "
-        "the backup reads whole chunks (the vault's chunk size) that hold a dirty range.", ""])
+        "the backup reads those ranges, and takes the rest of each changed chunk from the "
+        "previous point.", ""])
 
 
 def measure_files(binary, work):
@@ -1038,6 +1131,9 @@ def main():
     ap.add_argument("--running", action="store_true",
                     help="also measure full and incremental backups of a running QEMU VM "
                          "(installs QEMU with scripts/install-qemu)")
+    ap.add_argument("--quiesce", action="store_true",
+                    help="also measure how long a backup keeps a real Linux guest frozen "
+                         "(builds the test guest with scripts/make-qga-guest)")
     ap.add_argument("--files", action="store_true",
                     help="also measure single-file restore from a 20 GiB three-partition disk "
                          "(needs sfdisk, mkfs.ext4, mkfs.fat, mkntfs)")
@@ -1115,13 +1211,18 @@ def main():
             result["files"] = measure_files(vmvault_bin, work)
         if args.live and vmvault_bin:
             result["live"] = measure_live(vmvault_bin, images["full"], work)
+        if args.quiesce and vmvault_bin:
+            result["quiesce"] = measure_quiesce(vmvault_bin, work)
         if args.running and vmvault_bin:
-            result["running"] = measure_running(vmvault_bin, images["full"], work)
+            result["running"] = measure_running(vmvault_bin, images["full"], work,
+                                                args.chunk_size)
         print(report_markdown(result))
         if "live" in result:
             print(live_markdown(result["live"]))
         if "running" in result:
             print(running_markdown(result["running"]))
+        if "quiesce" in result:
+            print(quiesce_markdown(result["quiesce"]))
         if "files" in result:
             print(files_markdown(result["files"]))
         if "formats" in result:
