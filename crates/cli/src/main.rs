@@ -11,9 +11,12 @@ mod output;
 mod password;
 mod points;
 mod regions;
+mod remote;
+mod remote_cmd;
 mod replicate;
 mod restore;
 mod serve;
+mod server_cmd;
 mod vault;
 
 use std::path::PathBuf;
@@ -98,6 +101,8 @@ enum Command {
     /// Single files from a recovery point: list, extract (to a folder, tar or zip), find.
     #[command(subcommand)]
     Files(files::FilesCommand),
+    /// Run the vault server: REST API, schedules, jobs (`--server URL` talks to one).
+    Server(server_cmd::ServerArgs),
 }
 
 /// When this command started, for figures that count from it (live restore's first read).
@@ -105,6 +110,15 @@ pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLoc
 
 fn main() {
     STARTED.get_or_init(std::time::Instant::now);
+    let args: Vec<String> = std::env::args().collect();
+    if remote_cmd::wanted(&args) {
+        let cli = <remote_cmd::RemoteCli as clap::Parser>::parse();
+        if let Err(e) = remote_cmd::run(cli) {
+            eprintln!("vmvault: error: {}", exit::message(&e));
+            std::process::exit(exit::code(&e));
+        }
+        return;
+    }
     let cli = Cli::parse();
     let g = &cli.global;
     let result = match cli.command {
@@ -119,6 +133,7 @@ fn main() {
         Command::Disk(c) => disk::run(g, c),
         Command::Serve(c) => serve::run(g, c),
         Command::Files(c) => files::run(g, c),
+        Command::Server(a) => server_cmd::run(g, a),
     };
     if let Err(e) = result {
         eprintln!("vmvault: error: {}", exit::message(&e));
