@@ -236,3 +236,89 @@ fn plain_http_only_on_loopback() {
     );
     assert!(!o.stderr.contains("panicked"));
 }
+
+/// Schemathesis generates requests from the served OpenAPI document (with the admin token) and
+/// checks that none gets a server error. scripts/test installs it; elsewhere the test skips
+/// unless VMVAULT_REQUIRE_SERVERS is set.
+#[test]
+fn schemathesis_finds_no_server_error() {
+    let found = Command::new("schemathesis")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("VMVAULT_REQUIRE_SERVERS").is_none(),
+            "schemathesis is not installed (pip install schemathesis)"
+        );
+        eprintln!("skipped: schemathesis is not installed");
+        return;
+    }
+    let env = Env::new();
+    // Plain HTTP on loopback: schemathesis has no way to pin a self-signed certificate.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmvault"))
+        .args([
+            "server",
+            "--insecure-http",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("VMVAULT_SERVER_STATE", env.path("server"))
+        .env("VMVAULT_VAULT", &env.vault)
+        .env("VMVAULT_PASSWORD", common::PASS)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(lines.by_ref().any(|l| l.unwrap().contains("listening on")));
+    std::thread::spawn(move || for _ in lines {});
+    let token = std::fs::read_to_string(env.path("server/admin-token")).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut st = Command::new("schemathesis")
+        .args([
+            "run",
+            &format!("{base}/api/v1/openapi.json"),
+            "--url",
+            &base,
+        ])
+        .args([
+            "--header",
+            &format!("Authorization: Bearer {}", token.trim()),
+        ])
+        .args([
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "15",
+            "--request-timeout",
+            "20",
+        ])
+        .current_dir(env.dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a run that goes on past two minutes is stopped and fails the test.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = st.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = st.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut report = String::new();
+    std::io::Read::read_to_string(&mut st.stdout.take().unwrap(), &mut report).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = status.expect("schemathesis ran past two minutes");
+    assert!(status.success(), "schemathesis found failures:\n{report}");
+    assert!(report.contains("passed"), "{report}");
+}
