@@ -57,8 +57,20 @@ pub fn run(g: &Global, args: ServerArgs) -> Result<()> {
             eprintln!("vmvault server: certificate fingerprint (SHA-256) {fp}");
         }
         let app = started.app.clone();
+        // Ctrl-C or SIGTERM (systemd's stop): stop accepting, leave the rest to the
+        // restart's recovery (a job cut off is marked failed then).
         let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         };
         let r = vmvault_server::serve::serve(started.app, listener, tls, shutdown).await;
         app.stop();

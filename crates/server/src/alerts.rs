@@ -23,6 +23,29 @@ pub struct Alert {
     pub time: String,
 }
 
+fn send_mail(m: &crate::config::SmtpAlerts, a: &Alert) -> Result<(), String> {
+    use lettre::Transport;
+    let mut msg = lettre::Message::builder()
+        .from(m.from.parse().map_err(|e| format!("{e}"))?)
+        .subject(format!("vmvault: {} {} ({})", a.kind, a.item, a.vault));
+    for to in &m.to {
+        msg = msg.to(to.parse().map_err(|e| format!("{e}"))?);
+    }
+    let msg = msg
+        .body(format!(
+            "{}\n\nvault: {}\nitem: {}\nkind: {}\ntime: {}\n",
+            a.message, a.vault, a.item, a.kind, a.time
+        ))
+        .map_err(|e| e.to_string())?;
+    lettre::SmtpTransport::builder_dangerous(&m.host)
+        .port(m.port)
+        .timeout(Some(Duration::from_secs(20)))
+        .build()
+        .send(&msg)
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Overdue VMs already alerted, so an overdue VM is reported once until it recovers.
 #[derive(Default)]
 pub struct Overdue(Mutex<HashSet<String>>);
@@ -38,6 +61,16 @@ impl App {
         };
         eprintln!("vmvault server: ALERT {kind} {item}: {message}");
         crate::auth::audit(&self.db, "server", &format!("alert.{kind}"), item, message);
+        if let Some(m) = self.cfg.alert_smtp.clone() {
+            let body = a.clone();
+            let _ = std::thread::Builder::new()
+                .name("alert-mail".into())
+                .spawn(move || {
+                    if let Err(e) = send_mail(&m, &body) {
+                        eprintln!("vmvault server: alert mail via {}:{}: {e}", m.host, m.port);
+                    }
+                });
+        }
         for url in &self.cfg.alert_webhooks {
             let url = url.clone();
             let body = a.clone();

@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub tick_secs: u64,
     /// URLs that get every alert as a JSON POST.
     pub alert_webhooks: Vec<String>,
+    /// Mail every alert through this SMTP relay.
+    pub alert_smtp: Option<SmtpAlerts>,
 }
 
 impl Default for ServerConfig {
@@ -61,8 +63,24 @@ impl Default for ServerConfig {
             soft_delete_days: 14,
             tick_secs: 5,
             alert_webhooks: Vec::new(),
+            alert_smtp: None,
         }
     }
+}
+
+/// Where alert mail goes: a relay (a local MTA, typically) that takes plain SMTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpAlerts {
+    pub host: String,
+    #[serde(default = "smtp_port")]
+    pub port: u16,
+    pub from: String,
+    pub to: Vec<String>,
+}
+
+fn smtp_port() -> u16 {
+    25
 }
 
 /// `VMVAULT_SERVER_STATE`, else `~/.local/share/vmvault-server`.
@@ -141,6 +159,16 @@ impl ServerConfig {
             return Err(Error::Config("backup_attempts must be at least 1".into()));
         }
         crate::schedule::Schedule::parse(&self.gc_schedule, &self.timezone)?;
+        if let Some(m) = &self.alert_smtp {
+            for a in m.to.iter().chain([&m.from]) {
+                a.parse::<lettre::message::Mailbox>().map_err(|e| {
+                    Error::Config(format!("alert_smtp: '{a}' is not a mail address: {e}"))
+                })?;
+            }
+            if m.to.is_empty() {
+                return Err(Error::Config("alert_smtp.to names no recipient".into()));
+            }
+        }
         Ok(())
     }
 

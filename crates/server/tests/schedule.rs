@@ -176,3 +176,76 @@ fn a_vm_without_a_recent_backup_is_alerted_to_a_webhook() {
         .unwrap()
         .contains("vmvault_recovery_points{vault=\"default\"} 0"));
 }
+
+/// A tiny SMTP sink: answers what a client needs and returns the first message's text.
+fn smtp_sink() -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        c.write_all(b"220 sink ESMTP\r\n").unwrap();
+        let mut data = String::new();
+        let mut in_data = false;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap() == 0 {
+                return data;
+            }
+            if in_data {
+                if line == ".\r\n" {
+                    in_data = false;
+                    c.write_all(b"250 queued\r\n").unwrap();
+                } else {
+                    data.push_str(&line);
+                }
+                continue;
+            }
+            let cmd = line.to_ascii_uppercase();
+            if cmd.starts_with("EHLO") || cmd.starts_with("HELO") {
+                c.write_all(b"250-sink\r\n250 8BITMIME\r\n").unwrap();
+            } else if cmd.starts_with("DATA") {
+                in_data = true;
+                c.write_all(b"354 go on\r\n").unwrap();
+            } else if cmd.starts_with("QUIT") {
+                c.write_all(b"221 bye\r\n").unwrap();
+                return data;
+            } else {
+                c.write_all(b"250 ok\r\n").unwrap();
+            }
+        }
+    });
+    (port, h)
+}
+
+#[test]
+fn a_failed_backup_is_mailed() {
+    let (port, mail) = smtp_sink();
+    let s = Server::start_with(Arc::new(vmvault_server::SystemClock), |c| {
+        c.backup_attempts = 1;
+        c.alert_smtp = Some(vmvault_server::config::SmtpAlerts {
+            host: "127.0.0.1".into(),
+            port,
+            from: "vmvault@backup01.test".into(),
+            to: vec!["ops@example.test".into()],
+        });
+    });
+    s.policy("daily", "daily 02:00", json!({}));
+    s.protect("web01", "daily");
+    std::fs::remove_file(s.path("web01.raw")).unwrap();
+    let j = s
+        .admin(
+            "POST",
+            "/api/v1/protected-items/web01/backup",
+            Some(json!({})),
+        )
+        .body;
+    assert_eq!(s.wait_job(j["job"].as_i64().unwrap())["state"], "failed");
+    let text = mail.join().unwrap();
+    assert!(
+        text.contains("Subject: vmvault: backup_failed web01 (default)"),
+        "{text}"
+    );
+    assert!(text.contains("To: ops@example.test"), "{text}");
+}
