@@ -13,6 +13,7 @@ mod points;
 mod regions;
 mod remote;
 mod remote_cmd;
+mod remote_show;
 mod replicate;
 mod restore;
 mod serve;

@@ -72,7 +72,7 @@ pub fn run(g: &Global, args: ServerArgs) -> Result<()> {
                 }
             }
         };
-        let r = vmvault_server::serve::serve(started.app, listener, tls, shutdown).await;
+        let r = vmvault_server::tls::serve(started.app, listener, tls, shutdown).await;
         app.stop();
         eprintln!("vmvault server: stopped");
         r

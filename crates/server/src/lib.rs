@@ -5,7 +5,6 @@ pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;
-mod cancel;
 pub mod catalog;
 pub mod config;
 pub mod db;
@@ -13,7 +12,6 @@ mod error;
 pub mod jobs;
 pub mod metrics;
 pub mod schedule;
-pub mod serve;
 pub mod softdelete;
 pub mod tls;
 mod work;
@@ -34,7 +32,7 @@ pub struct Started {
 }
 
 /// Opens the state, binds the listener and starts the scheduler and job runner; the caller
-/// then awaits [`serve::serve`] with `listener`.
+/// then awaits [`tls::serve`] with `listener`.
 pub async fn start(
     cfg: ServerConfig,
     clock: Arc<dyn Clock>,

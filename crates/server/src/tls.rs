@@ -1,11 +1,19 @@
-//! The server's certificate: self-signed, made with rcgen on first start, kept in the state
+//! TLS: the server's certificate, and accepting connections (plain HTTP only on loopback and
+//! only when asked: the config check refuses anything else).
+//!
+//! The certificate is self-signed, made with rcgen on first start, kept in the state
 //! dir; clients pin its SHA-256 fingerprint on first use (as Proxmox Backup Server does).
 
 use std::path::Path;
 use std::sync::Arc;
 
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use crate::app::App;
 use crate::{Error, Result};
 
 pub struct Identity {
@@ -73,4 +81,41 @@ pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>> {
         .map_err(|e| Error::Tls(e.to_string()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let router = crate::api::router(app);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => r.map_err(|e| Error::io("accepting a connection", e))?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client that fails the handshake (an untrusted certificate, a port scan) is
+            // its own business: nothing to report.
+            match acceptor {
+                Some(acc) => {
+                    if let Ok(tls) = acc.accept(stream).await {
+                        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                    }
+                }
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
+        });
+    }
 }

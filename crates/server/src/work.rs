@@ -2,17 +2,20 @@
 //! restore to a folder on the server host, and garbage collection.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use vmvault_engine::{
     backup_image_vm, plan_prune, restore_vm, BackupOptions, RestoreOptions, Retention,
     VmDescription,
 };
-use vmvault_store::{LocalBackend, Regions, Vault, WriteBackend};
+use vmvault_store::{
+    Kind, LocalBackend, ObjectInfo, ReadBackend, Regions, StoreError, Vault, WriteBackend,
+};
 
 use crate::app::App;
-use crate::cancel::Cancellable;
 use crate::jobs::{JobProgress, Live, Params};
 use crate::{catalog, Error, Result};
 
@@ -202,5 +205,83 @@ pub fn retention(p: &crate::api::policies::Policy) -> Retention {
         weekly: p.keep_weekly,
         monthly: p.keep_monthly,
         yearly: p.keep_yearly,
+    }
+}
+
+/// A region wrapper that fails every read and write once its job is cancelled: the engine's
+/// backup and restore then stop at the next chunk with an error, and a backup never writes
+/// its manifest, so a cancelled backup leaves no recovery point (its chunks go at gc).
+pub struct Cancellable {
+    pub inner: Arc<dyn WriteBackend>,
+    pub cancelled: Arc<AtomicBool>,
+}
+
+impl Cancellable {
+    fn check(&self) -> vmvault_store::Result<()> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(StoreError::Invalid("the job was cancelled".into()));
+        }
+        Ok(())
+    }
+}
+
+impl ReadBackend for Cancellable {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn read(&self, kind: Kind, name: &str) -> vmvault_store::Result<Vec<u8>> {
+        self.check()?;
+        self.inner.read(kind, name)
+    }
+    fn read_into(&self, kind: Kind, name: &str, buf: &mut Vec<u8>) -> vmvault_store::Result<()> {
+        self.check()?;
+        self.inner.read_into(kind, name, buf)
+    }
+    fn stat(&self, kind: Kind, name: &str) -> vmvault_store::Result<Option<ObjectInfo>> {
+        self.inner.stat(kind, name)
+    }
+    fn list(&self, kind: Kind) -> vmvault_store::Result<Vec<ObjectInfo>> {
+        self.inner.list(kind)
+    }
+    fn concurrency(&self) -> usize {
+        self.inner.concurrency()
+    }
+}
+
+impl WriteBackend for Cancellable {
+    fn create(&self) -> vmvault_store::Result<()> {
+        self.inner.create()
+    }
+    fn write(&self, kind: Kind, name: &str, data: &[u8]) -> vmvault_store::Result<()> {
+        // Lock objects pass: releasing the backup lock must work after a cancel.
+        if kind != Kind::Lock {
+            self.check()?;
+        }
+        self.inner.write(kind, name, data)
+    }
+    fn remove(&self, kind: Kind, name: &str) -> vmvault_store::Result<()> {
+        self.inner.remove(kind, name)
+    }
+    fn touch(&self, kind: Kind, name: &str) -> vmvault_store::Result<bool> {
+        self.check()?;
+        self.inner.touch(kind, name)
+    }
+    fn remove_unless_touched(
+        &self,
+        kind: Kind,
+        name: &str,
+        cutoff: SystemTime,
+    ) -> vmvault_store::Result<bool> {
+        self.check()?;
+        self.inner.remove_unless_touched(kind, name, cutoff)
+    }
+    fn sync(&self) -> vmvault_store::Result<()> {
+        self.inner.sync()
+    }
+    fn remove_temporaries(&self, older_than: SystemTime) -> vmvault_store::Result<u64> {
+        self.inner.remove_temporaries(older_than)
+    }
+    fn atomic_touch(&self) -> bool {
+        self.inner.atomic_touch()
     }
 }

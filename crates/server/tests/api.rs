@@ -63,6 +63,12 @@ fn authorization_matrix() {
             Some(json!({"point": point, "target": restore_to})),
             "operator",
         ),
+        (
+            "POST",
+            "/api/v1/restores".into(),
+            Some(json!({"point": point, "target": restore_to, "overwrite": true})),
+            "admin",
+        ),
         ("POST", "/api/v1/jobs/1/cancel".into(), None, "operator"),
         (
             "POST",

@@ -227,7 +227,14 @@ pub async fn restore(
     h: HeaderMap,
     Json(req): Json<RestoreRequest>,
 ) -> Result<(StatusCode, Json<crate::api::items::JobRef>)> {
-    let actor = app.guard(&h, Role::Operator, "restore.start", &req.point)?;
+    // Overwriting files on the server's host is an admin's call; an operator restores into
+    // places that do not exist yet.
+    let need = if req.overwrite {
+        Role::Admin
+    } else {
+        Role::Operator
+    };
+    let actor = app.guard(&h, need, "restore.start", &req.point)?;
     let job = app.audited(&actor, "restore.start", &req.point, || {
         let p = catalog::find(&app.db, &app.vault_name, None, &req.point)?;
         if !std::path::Path::new(&req.target).is_absolute() {

@@ -48,7 +48,7 @@ impl Server {
             .block_on(vmvault_server::start(cfg, clock, &|_| {}))
             .unwrap();
         let app = started.app.clone();
-        rt.spawn(vmvault_server::serve::serve(
+        rt.spawn(vmvault_server::tls::serve(
             started.app,
             listener,
             tls,
