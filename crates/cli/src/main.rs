@@ -102,7 +102,8 @@ enum Command {
     /// Single files from a recovery point: list, extract (to a folder, tar or zip), find.
     #[command(subcommand)]
     Files(files::FilesCommand),
-    /// Run the vault server: REST API, schedules, jobs (`--server URL` talks to one).
+    /// Run the vault server: REST API, schedules, jobs. `vmvault --server URL --help` lists the
+    /// commands that talk to one (policy, protect, backup NAME, jobs, job, points, point, ...).
     Server(server_cmd::ServerArgs),
 }
 

@@ -183,6 +183,14 @@ enum UserCommand {
         role: String,
     },
     List,
+    /// A new token for a user (shown once).
+    Token {
+        name: String,
+    },
+    /// Revoke every token of a user.
+    Revoke {
+        name: String,
+    },
 }
 
 /// Whether this command line is meant for a server: `--server` given, or VMVAULT_SERVER
@@ -466,6 +474,14 @@ fn run_command(cli: RemoteCli) -> Result<()> {
                 println!("{}", v["token"].as_str().unwrap_or(""));
                 eprintln!("the token of {name} ({role}): shown this once");
             }
+        }
+        RemoteCommand::User(UserCommand::Token { name }) => {
+            let v: Value = c.send("POST", &format!("/users/{name}/tokens"), &json!({}))?;
+            println!("{}", v["token"].as_str().unwrap_or(""));
+        }
+        RemoteCommand::User(UserCommand::Revoke { name }) => {
+            let _: Value = c.delete(&format!("/users/{name}/tokens"))?;
+            eprintln!("every token of {name} is revoked");
         }
         RemoteCommand::User(UserCommand::List) => show(&c.get::<Value>("/users")?),
         RemoteCommand::Audit { limit } => {

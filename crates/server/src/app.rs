@@ -34,6 +34,8 @@ pub struct App {
     pub runner: Runner,
     pub stats: Mutex<HashMap<String, VmStats>>,
     pub(crate) overdue: crate::alerts::Overdue,
+    /// When the catalog was last made to match the vault.
+    rebuilt: Mutex<std::time::Instant>,
     /// Where the first admin token was written, on the start that made it.
     pub admin_token_file: std::path::PathBuf,
 }
@@ -80,6 +82,7 @@ impl App {
             runner: Runner::default(),
             stats: Mutex::new(HashMap::new()),
             overdue: Default::default(),
+            rebuilt: Mutex::new(std::time::Instant::now()),
             admin_token_file,
         });
         let n = app.recover_jobs()?;
@@ -185,7 +188,25 @@ impl App {
         }
         self.tick_gc(now)?;
         self.purge_expired(now)?;
+        self.refresh_catalog()?;
         Ok(queued)
+    }
+
+    /// Every ten minutes the catalog is made to match the vault again, so that points made
+    /// or pruned by the local CLI on the same vault show up without a restart.
+    fn refresh_catalog(&self) -> Result<()> {
+        let due = {
+            let mut last = self.rebuilt.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.elapsed() >= std::time::Duration::from_secs(600);
+            if due {
+                *last = std::time::Instant::now();
+            }
+            due
+        };
+        if due {
+            catalog::rebuild(&self.db, &self.vault_name, &self.vault)?;
+        }
+        Ok(())
     }
 
     fn set_next_run(&self, item: &str, at: DateTime<Utc>) -> Result<()> {

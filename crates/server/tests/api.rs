@@ -114,6 +114,18 @@ fn authorization_matrix() {
             Some(json!({"name": "new-user", "role": "reader"})),
             "admin",
         ),
+        (
+            "POST",
+            "/api/v1/users/new-user/tokens".into(),
+            None,
+            "admin",
+        ),
+        (
+            "DELETE",
+            "/api/v1/users/new-user/tokens".into(),
+            None,
+            "admin",
+        ),
         ("GET", "/api/v1/audit".into(), None, "admin"),
         ("GET", "/api/v1/approvals".into(), None, "admin"),
         (

@@ -222,6 +222,48 @@ pub async fn create_user(
     ))
 }
 
+fn user_id(app: &App, name: &str) -> Result<i64> {
+    app.db
+        .conn()
+        .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| Error::NotFound(format!("no user '{name}'")))
+}
+
+#[utoipa::path(post, path = "/api/v1/users/{name}/tokens", tag = "users", params(("name" = String, Path)),
+    responses((status = 201, body = NewToken), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn new_token(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<NewToken>)> {
+    let actor = app.guard(&h, Role::Admin, "token.create", &name)?;
+    let token = app.audited(&actor, "token.create", &name, || {
+        auth::new_token(&app.db, user_id(&app, &name)?)
+    })?;
+    Ok((StatusCode::CREATED, Json(NewToken { user: name, token })))
+}
+
+#[utoipa::path(delete, path = "/api/v1/users/{name}/tokens", tag = "users", params(("name" = String, Path)),
+    responses((status = 204, description = "every token of the user revoked"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn revoke_tokens(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode> {
+    let actor = app.guard(&h, Role::Admin, "token.revoke", &name)?;
+    app.audited(&actor, "token.revoke", &name, || {
+        let id = user_id(&app, &name)?;
+        app.db
+            .conn()
+            .execute("DELETE FROM tokens WHERE user_id = ?1", [id])?;
+        Ok(())
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct User {
     pub name: String,

@@ -168,7 +168,7 @@ impl Modify for TokenAuth {
     info(title = "vmvault server", description = "Vaults, policies, protected items, recovery points, jobs and restores."),
     paths(
         admin::list, admin::show, admin::settings, admin::lock,
-        admin::create_user, admin::users, admin::audit, admin::approvals, admin::decide,
+        admin::create_user, admin::users, admin::new_token, admin::revoke_tokens, admin::audit, admin::approvals, admin::decide,
         policies::list, policies::show, policies::create, policies::update, policies::delete,
         items::list, items::show, items::protect, items::unprotect, items::backup,
         points::list, points::show, points::delete, points::undelete, points::restore,
@@ -196,6 +196,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/v1/vaults/{name}/lock", post(admin::lock))
         .route("/api/v1/users", get(admin::users).post(admin::create_user))
+        .route(
+            "/api/v1/users/{name}/tokens",
+            post(admin::new_token).delete(admin::revoke_tokens),
+        )
         .route("/api/v1/audit", get(admin::audit))
         .route("/api/v1/approvals", get(admin::approvals))
         .route("/api/v1/approvals/{id}", post(admin::decide))
