@@ -193,6 +193,25 @@ pub fn find(db: &Db, vault: &str, vm: Option<&str>, id: &str) -> Result<PointRow
     }
 }
 
+/// The manifests of one VM's points (soft-deleted ones too), from the catalog: what retention
+/// plans over, without reading every manifest in the vault.
+pub fn manifests_of(db: &Db, vault: &str, vm: &str) -> Result<Vec<Manifest>> {
+    let conn = db.conn();
+    let mut stmt = conn.prepare_cached(
+        "SELECT manifest FROM points WHERE vault = ?1 AND vm = ?2 ORDER BY time, id",
+    )?;
+    let texts = stmt
+        .query_map(params![vault, vm], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    texts
+        .iter()
+        .map(|t| {
+            serde_json::from_str(t)
+                .map_err(|e| Error::Input(format!("a manifest in the catalog: {e}")))
+        })
+        .collect()
+}
+
 pub fn set_keep_until(db: &Db, id: &str, until: Option<&str>) -> Result<()> {
     db.conn().execute(
         "UPDATE points SET keep_until = ?2 WHERE id = ?1",

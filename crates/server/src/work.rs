@@ -138,8 +138,7 @@ impl App {
             return Ok(0);
         }
         let tz = crate::schedule::parse_tz(&p.timezone)?;
-        let (points, _) = self.vault.points()?;
-        let points: Vec<_> = points.into_iter().filter(|m| m.vm == item).collect();
+        let points = catalog::manifests_of(&self.db, &self.vault_name, item)?;
         let mut plan = plan_prune(&points, &retention, Some(item), |t| {
             t.with_timezone(&tz).naive_local()
         })?;

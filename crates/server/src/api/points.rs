@@ -170,7 +170,7 @@ impl App {
         };
         let pol = crate::api::policies::load(&self.db, &policy)?;
         let tz = crate::schedule::parse_tz(&pol.timezone)?;
-        let (points, _) = self.vault.points()?;
+        let points = catalog::manifests_of(&self.db, &self.vault_name, &p.vm)?;
         let plan = vmvault_engine::plan_prune(&points, &pol.retention(), Some(&p.vm), |t| {
             t.with_timezone(&tz).naive_local()
         })?;
