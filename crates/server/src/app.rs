@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, OptionalExtension};
-use vmvault_store::{CreateOptions, LocalBackend, Regions, Vault, WriteBackend};
+use vmvault_store::{CreateOptions, LocalBackend, Vault, WriteBackend};
 
 use crate::config::ServerConfig;
 use crate::db::{parse_ts, ts, Db};
@@ -341,9 +341,13 @@ fn open_vault(cfg: &ServerConfig, say: &dyn Fn(&str)) -> Result<(Vault, Vec<u8>)
         (None, None) => None,
     };
     let backend: Arc<dyn WriteBackend> = Arc::new(LocalBackend::new(&path));
+    if let Some(s) = &cfg.secondary {
+        std::fs::create_dir_all(s)
+            .map_err(|e| Error::io(format!("creating {}", s.display()), e))?;
+    }
     if Vault::read_config(&*backend).is_ok() {
         let pass = configured.clone().unwrap_or_default();
-        let vault = Vault::open(Regions::single(backend), move || {
+        let vault = Vault::open(cfg.regions(true), move || {
             configured.ok_or_else(|| {
                 "the vault is encrypted: give its passphrase (passphrase_file, VMVAULT_PASSWORD)"
                     .to_string()
@@ -368,7 +372,7 @@ fn open_vault(cfg: &ServerConfig, say: &dyn Fn(&str)) -> Result<(Vault, Vec<u8>)
     std::fs::create_dir_all(&path)
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
     let vault = Vault::create(
-        Regions::single(backend),
+        cfg.regions(true),
         CreateOptions {
             passphrase: Some(pass.clone()),
             ..Default::default()

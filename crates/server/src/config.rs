@@ -19,6 +19,11 @@ pub struct ServerConfig {
     pub insecure_http: bool,
     /// The vault the server works on: a directory, created when missing.
     pub vault: Option<PathBuf>,
+    /// A second region the vault is replicated to (a directory, e.g. on another disk or a
+    /// mounted remote filesystem). Jobs write both regions before a write returns; the
+    /// server's own writes (markers, prunes) go through a journaled queue whose length is
+    /// the replication lag in /metrics.
+    pub secondary: Option<PathBuf>,
     /// Its name in the API.
     pub vault_name: String,
     /// The vault's passphrase, from a file (else VMVAULT_PASSWORD, else one generated into
@@ -52,6 +57,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             insecure_http: false,
             vault: None,
+            secondary: None,
             vault_name: "default".into(),
             passphrase_file: None,
             passphrase: None,
@@ -170,6 +176,32 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    /// The vault's regions: the primary directory, and the secondary when there is one,
+    /// replicated synchronously (`journal: None`) or through a journal in the state dir.
+    pub fn regions(&self, journal: bool) -> vmvault_store::Regions {
+        use std::sync::Arc;
+        use vmvault_store::{LocalBackend, Regions, Replication, WriteBackend};
+        let primary: Arc<dyn WriteBackend> = Arc::new(LocalBackend::new(self.vault_path()));
+        let secondary = self.secondary.as_ref().map(|p| {
+            let b: Arc<dyn WriteBackend> = Arc::new(LocalBackend::new(p));
+            b
+        });
+        let replication = if journal {
+            Replication::Async {
+                state_dir: self.state_dir.clone(),
+                capacity: 1_000_000,
+            }
+        } else {
+            Replication::Sync
+        };
+        Regions {
+            primary,
+            secondary,
+            replication,
+            notify: Arc::new(|m: &str| eprintln!("vmvault server: replication: {m}")),
+        }
     }
 
     pub fn vault_path(&self) -> PathBuf {

@@ -11,9 +11,7 @@ use vmvault_engine::{
     backup_image_vm, plan_prune, restore_vm, BackupOptions, RestoreOptions, Retention,
     VmDescription,
 };
-use vmvault_store::{
-    Kind, LocalBackend, ObjectInfo, ReadBackend, Regions, StoreError, Vault, WriteBackend,
-};
+use vmvault_store::{Kind, ObjectInfo, ReadBackend, StoreError, Vault, WriteBackend};
 
 use crate::app::App;
 use crate::jobs::{JobProgress, Live, Params};
@@ -32,13 +30,12 @@ pub fn parse_keep_until(s: &str) -> Result<DateTime<Utc>> {
 impl App {
     /// The vault opened for one job, its regions wrapped so that a cancel stops the job.
     fn job_vault(&self, live: &Live) -> Result<Vault> {
-        let local: Arc<dyn WriteBackend> = Arc::new(LocalBackend::new(self.cfg.vault_path()));
-        let backend: Arc<dyn WriteBackend> = Arc::new(Cancellable {
-            inner: local,
-            cancelled: live.cancel.clone(),
-        });
+        let mut regions = self.cfg.regions(false);
+        let flag = &live.cancel;
+        regions.primary = Cancellable::wrap(regions.primary, flag);
+        regions.secondary = regions.secondary.map(|b| Cancellable::wrap(b, flag));
         let pass = self.passphrase.clone();
-        Ok(Vault::open(Regions::single(backend), move || Ok(pass))?)
+        Ok(Vault::open(regions, move || Ok(pass))?)
     }
 
     fn job_params(&self, id: i64) -> Result<(Option<String>, Params)> {
@@ -216,6 +213,13 @@ pub struct Cancellable {
 }
 
 impl Cancellable {
+    fn wrap(inner: Arc<dyn WriteBackend>, cancelled: &Arc<AtomicBool>) -> Arc<dyn WriteBackend> {
+        Arc::new(Cancellable {
+            inner,
+            cancelled: cancelled.clone(),
+        })
+    }
+
     fn check(&self) -> vmvault_store::Result<()> {
         if self.cancelled.load(Ordering::Relaxed) {
             return Err(StoreError::Invalid("the job was cancelled".into()));

@@ -249,3 +249,34 @@ fn a_failed_backup_is_mailed() {
     );
     assert!(text.contains("To: ops@example.test"), "{text}");
 }
+
+#[test]
+fn a_vault_with_a_secondary_region_replicates_and_reports_its_lag() {
+    let s = Server::start_with(Arc::new(vmvault_server::SystemClock), |c| {
+        c.secondary = Some(c.state_dir.parent().unwrap().join("secondary"));
+    });
+    s.policy("daily", "daily 02:00", json!({}));
+    s.protect("web01", "daily");
+    let p = s.backup("web01");
+    assert!(
+        s.path("secondary/points").join(&p).exists(),
+        "the point is in the secondary"
+    );
+    let m = s.call(None, "GET", "/metrics", None).body;
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("vmvault_replication_lag_objects{vault=\"default\"}"),
+        "{m}"
+    );
+    // A deleted point's marker reaches the secondary through the queue.
+    s.admin("DELETE", &format!("/api/v1/recovery-points/{p}"), None);
+    let marker = s.path("secondary").join(format!("deleted.{p}"));
+    for _ in 0..100 {
+        if marker.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the soft-delete marker did not reach the secondary");
+}
