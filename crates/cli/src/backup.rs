@@ -1,4 +1,4 @@
-//! `vmvault backup DESCRIPTION`.
+//! `vmvault backup DESCRIPTION` and `vmvault backup --qmp SOCKET`.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -15,8 +15,30 @@ use crate::Global;
 
 #[derive(Args)]
 pub struct BackupArgs {
-    /// The VM description (TOML) naming the VM's disk images.
-    description: PathBuf,
+    /// The VM description (TOML): its disk images (source = "image"), or its QEMU sockets
+    /// (source = "qemu").
+    #[arg(required_unless_present = "qmp")]
+    pub(crate) description: Option<PathBuf>,
+    /// A QEMU VM's monitor socket (QMP): back up the running VM at one instant; a VM that is
+    /// not running is backed up from its image files.
+    #[arg(long, value_name = "SOCKET")]
+    pub(crate) qmp: Option<PathBuf>,
+    /// The VM's guest agent socket (QEMU's chardev for org.qemu.guest_agent.0): freeze the
+    /// guest's file systems (and run its scripts) around the instant.
+    #[arg(long, value_name = "SOCKET")]
+    pub(crate) qga: Option<PathBuf>,
+    /// The VM's pre/post scripts file (TOML; see the README), run in the guest by its agent.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) scripts: Option<PathBuf>,
+    /// The longest the guest stays frozen: the helper thaws it then, whatever happens.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub(crate) freeze_limit: u64,
+    /// The VM's name in the vault (default: QEMU's -name, or the description's).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Where QEMU keeps the point in time's copy-before-write images during the backup.
+    #[arg(long, value_name = "DIR", env = "VMVAULT_SCRATCH")]
+    pub(crate) scratch: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -93,7 +115,11 @@ fn finish_replication(
 
 pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
     // The description is checked before the vault is opened: bad input fails fast.
-    let desc = VmDescription::load(&args.description)?;
+    let desc = args
+        .description
+        .as_deref()
+        .map(VmDescription::load)
+        .transpose()?;
     let vault = crate::regions::open(g, crate::regions::Use::Backup)?;
     if vault.failed_over() {
         return Err(anyhow::anyhow!(
@@ -102,7 +128,12 @@ pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
         ));
     }
     let started = Instant::now();
-    let m = backup_image_vm(&vault, &desc, &BackupOptions::default(), &Bar::new())?;
+    let m = match desc {
+        Some(desc) if desc.source == "image" && args.qmp.is_none() => {
+            backup_image_vm(&vault, &desc, &BackupOptions::default(), &Bar::new())?
+        }
+        desc => crate::qemu::backup(&vault, desc, &args)?,
+    };
     let seconds = started.elapsed().as_secs_f64();
     let replication = finish_replication(&vault, Duration::from_secs(g.replication_wait))?;
     let result = BackupResult {
@@ -120,7 +151,7 @@ pub fn run(g: &Global, args: BackupArgs) -> Result<()> {
         print_json(&result);
         return Ok(());
     }
-    println!("{}", result.id);
+    outln!("{}", result.id);
     let s = &m.stats;
     eprintln!(
         "{}: recovery point {} ({}-consistent) of {} in {:.1} s: read {}, new {}, stored {} \

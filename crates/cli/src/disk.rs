@@ -69,18 +69,18 @@ pub fn run(g: &Global, cmd: DiskCommand) -> Result<()> {
                     None => i.format.to_string(),
                 };
                 if depth == 0 {
-                    println!("file          {}", i.path);
+                    outln!("file          {}", i.path);
                 } else {
-                    println!("{indent}backing file  {}", i.path);
+                    outln!("{indent}backing file  {}", i.path);
                 }
-                println!("{indent}format        {kind}");
-                println!(
+                outln!("{indent}format        {kind}");
+                outln!(
                     "{indent}virtual size  {} ({} bytes)",
                     bytes(i.virtual_size),
                     i.virtual_size
                 );
-                println!("{indent}allocated     {}", bytes(i.allocated_bytes));
-                println!("{indent}file size     {}", bytes(i.file_size));
+                outln!("{indent}allocated     {}", bytes(i.allocated_bytes));
+                outln!("{indent}file size     {}", bytes(i.file_size));
                 level = i.backing.as_deref();
                 depth += 1;
             }

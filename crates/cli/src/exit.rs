@@ -71,7 +71,7 @@ pub fn code(e: &anyhow::Error) -> i32 {
                 EngineError::Input(_) => INPUT,
                 // A disk that cannot be opened or read as its format is bad input to a backup.
                 EngineError::Disk(_) => INPUT,
-                EngineError::Io { .. } => FAILURE,
+                EngineError::Io { .. } | EngineError::Qemu(_) | EngineError::Nbd(_) => FAILURE,
             };
         }
         if let Some(e) = cause.downcast_ref::<FilesError>() {

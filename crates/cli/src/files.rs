@@ -287,9 +287,9 @@ fn ls(g: &Global, a: LsArgs) -> Result<()> {
                 for s in &e.streams {
                     line.push_str(&format!(" [stream {}: {} bytes]", s.name, s.size));
                 }
-                println!("{line}");
+                outln!("{line}");
             } else {
-                println!("{name}");
+                outln!("{name}");
             }
         }
     }
@@ -366,7 +366,7 @@ fn get(g: &Global, a: GetArgs) -> Result<()> {
     if g.json {
         print_json(&out);
     } else if let Some(to) = &out.to {
-        println!("{to}");
+        outln!("{to}");
         eprintln!(
             "extracted {} file(s), {} folder(s), {} symlink(s), {}",
             out.files,
@@ -480,7 +480,7 @@ fn find(g: &Global, a: FindArgs) -> Result<()> {
         print_json(&out);
     } else {
         for m in &out.matches {
-            println!("{}", m.path);
+            outln!("{}", m.path);
         }
     }
     o.report(a.common.verbose);

@@ -1,5 +1,17 @@
 //! The `vmvault` command.
 
+/// `println!` for what a command prints on stdout: a reader that went away
+/// (`vmvault points | head -1`) ends the command quietly, as SIGPIPE ends a Unix tool, where
+/// `println!` would panic.
+macro_rules! outln {
+    () => {
+        $crate::output::stdout_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::stdout_line(format_args!($($arg)*))
+    };
+}
+
 mod backup;
 mod disk;
 mod exit;
@@ -10,6 +22,8 @@ mod maintenance;
 mod output;
 mod password;
 mod points;
+mod qemu;
+mod quiesce;
 mod regions;
 mod remote;
 mod remote_cmd;
@@ -111,6 +125,7 @@ enum Command {
 pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 fn main() {
+    quiesce::intercept();
     STARTED.get_or_init(std::time::Instant::now);
     let args: Vec<String> = std::env::args().collect();
     if remote_cmd::wanted(&args) {

@@ -57,10 +57,10 @@ pub fn verify(g: &Global, args: VerifyArgs) -> Result<()> {
             format!("{}: {}", at.join(", "), p.detail)
         };
         for p in &report.mended {
-            println!("REPAIRED {}", describe(p));
+            outln!("REPAIRED {}", describe(p));
         }
         for p in &report.problems {
-            println!("DAMAGED {}", describe(p));
+            outln!("DAMAGED {}", describe(p));
         }
         eprintln!(
             "checked {} recovery point(s), {} disk(s), {} chunk(s){}: {}",

@@ -7,6 +7,24 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vmvault_engine::Progress;
 
+/// Writes one line on stdout (see `outln!`): a closed pipe ends the process with the exit
+/// code a shell shows for SIGPIPE, any other failure with an error.
+pub fn stdout_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("vmvault: error: writing the output: {e}");
+        std::process::exit(crate::exit::FAILURE);
+    }
+}
+
 /// Sizes in binary units, as disk sizes are usually given.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -24,7 +42,7 @@ pub fn bytes(n: u64) -> String {
 }
 
 pub fn print_json<T: Serialize>(value: &T) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("output serialises")
     );
@@ -47,7 +65,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{c:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end());
     };
     line(header.to_vec());
     for row in rows {

@@ -295,7 +295,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             if json {
                 show(&v);
             } else {
-                println!(
+                outln!(
                     "{} is protected by policy {}",
                     v["name"].as_str().unwrap_or(""),
                     policy
@@ -322,7 +322,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
                 if json {
                     show(&j);
                 } else {
-                    println!("{id}");
+                    outln!("{id}");
                 }
                 if j["state"] != "succeeded" {
                     anyhow::bail!(
@@ -334,7 +334,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             } else if json {
                 show(&v);
             } else {
-                println!("{id}");
+                outln!("{id}");
                 eprintln!("backup job {id} queued; `vmvault job show {id}` follows it");
             }
         }
@@ -370,7 +370,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             if json {
                 show(&v);
             } else {
-                println!("job {id}: {}", v["state"].as_str().unwrap_or(""));
+                outln!("job {id}: {}", v["state"].as_str().unwrap_or(""));
             }
         }
         RemoteCommand::Points { vm, deleted } => points(&c, json, vm.as_deref(), deleted)?,
@@ -381,7 +381,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             if json {
                 show(&v);
             } else {
-                println!(
+                outln!(
                     "{}@{} deleted; restorable and undeletable until {}",
                     p["vm"].as_str().unwrap_or(""),
                     &id[..id.len().min(8)],
@@ -399,7 +399,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             if json {
                 show(&v);
             } else {
-                println!(
+                outln!(
                     "{}@{} is back",
                     v["vm"].as_str().unwrap_or(""),
                     &id[..id.len().min(8)]
@@ -420,7 +420,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             if json {
                 show(&v);
             } else {
-                println!("{}", v["job"]);
+                outln!("{}", v["job"]);
             }
         }
         RemoteCommand::Vault(cmd) => vault(&c, json, cmd)?,
@@ -471,13 +471,13 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             if json {
                 show(&v);
             } else {
-                println!("{}", v["token"].as_str().unwrap_or(""));
+                outln!("{}", v["token"].as_str().unwrap_or(""));
                 eprintln!("the token of {name} ({role}): shown this once");
             }
         }
         RemoteCommand::User(UserCommand::Token { name }) => {
             let v: Value = c.send("POST", &format!("/users/{name}/tokens"), &json!({}))?;
-            println!("{}", v["token"].as_str().unwrap_or(""));
+            outln!("{}", v["token"].as_str().unwrap_or(""));
         }
         RemoteCommand::User(UserCommand::Revoke { name }) => {
             let _: Value = c.delete(&format!("/users/{name}/tokens"))?;

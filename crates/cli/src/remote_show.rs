@@ -116,12 +116,12 @@ pub fn print_job(j: &Value) {
         "error",
     ] {
         if !j[k].is_null() {
-            println!("{k:<13}{}", cell(&j[k]));
+            outln!("{k:<13}{}", cell(&j[k]));
         }
     }
-    println!("{:<13}{}", "progress", progress(j));
+    outln!("{:<13}{}", "progress", progress(j));
     for l in j["log"].as_array().into_iter().flatten() {
-        println!("  {} {}", cell(&l["time"]), cell(&l["line"]));
+        outln!("  {} {}", cell(&l["time"]), cell(&l["line"]));
     }
 }
 
@@ -208,7 +208,7 @@ pub fn vault(c: &Client, json: bool, cmd: VaultCommand) -> Result<()> {
         print_json(&v);
     } else if let Some(o) = v.as_object() {
         for (k, val) in o {
-            println!("{k:<18}{}", cell(val));
+            outln!("{k:<18}{}", cell(val));
         }
     }
     Ok(())

@@ -163,7 +163,7 @@ pub fn status(g: &Global) -> Result<()> {
         return Ok(());
     }
     for r in &status.regions {
-        println!(
+        outln!(
             "{:<10} {}: {} objects, {}",
             r.name,
             r.location,
@@ -173,9 +173,9 @@ pub fn status(g: &Global) -> Result<()> {
     }
     if let Some(lag) = &status.replication_lag {
         if lag.objects == 0 {
-            println!("replication: the secondary holds everything the primary does");
+            outln!("replication: the secondary holds everything the primary does");
         } else {
-            println!(
+            outln!(
                 "replication lag: {} object(s), {}, oldest {} s old; `vmvault vault replicate` \
                  copies them",
                 lag.objects,
@@ -184,7 +184,7 @@ pub fn status(g: &Global) -> Result<()> {
             );
         }
         if lag.points_only_in_secondary > 0 {
-            println!(
+            outln!(
                 "{} recovery point(s) only in the secondary: pruned while it was unreachable, \
                  or lost from the primary (`vmvault verify --repair` restores lost ones)",
                 lag.points_only_in_secondary

@@ -99,7 +99,7 @@ pub fn run(g: &Global, args: RestoreArgs) -> Result<()> {
         print_json(&out);
     } else {
         for f in &out.files {
-            println!("{f}");
+            outln!("{f}");
         }
         eprintln!(
             "restored {} of {} from recovery point {} in {:.1} s",

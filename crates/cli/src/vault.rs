@@ -115,15 +115,15 @@ fn print_info(g: &Global, info: &Info) {
         print_json(info);
         return;
     }
-    println!("vault       {}", info.location);
+    outln!("vault       {}", info.location);
     if let Some(s) = &info.secondary {
-        println!("secondary   {s}");
+        outln!("secondary   {s}");
     }
-    println!("id          {}", info.vault_id);
-    println!("encryption  {}", encryption_words(info.encrypted));
-    println!("chunk size  {}", bytes(info.chunk_size as u64));
-    println!("compression zstd level {}", info.zstd_level);
-    println!("created     {}", info.created);
+    outln!("id          {}", info.vault_id);
+    outln!("encryption  {}", encryption_words(info.encrypted));
+    outln!("chunk size  {}", bytes(info.chunk_size as u64));
+    outln!("compression zstd level {}", info.zstd_level);
+    outln!("created     {}", info.created);
 }
 
 pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {

@@ -167,3 +167,21 @@ fn two_backups_of_one_vm_at_once() {
     drop(guard);
     env.backup(&desc);
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_command_without_a_panic() {
+    let env = Env::with_vault();
+    let desc = vm(&env);
+    env.backup(&desc);
+    // The pipe's reading end is closed before vmvault (busy opening the vault) writes.
+    let mut child = env
+        .command(&["points", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = out(child.wait_with_output().unwrap());
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+    assert_eq!(o.code, 141, "as SIGPIPE would end it: {}", o.stderr);
+}

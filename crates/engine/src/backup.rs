@@ -40,6 +40,19 @@ pub fn backup_image_vm(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<Manifest> {
+    let reason = "offline VM: backed up from its disk image files";
+    backup_image_vm_as(vault, desc, opts, progress, "image", reason)
+}
+
+/// [`backup_image_vm`], with the source and the consistency's reason the point records.
+pub(crate) fn backup_image_vm_as(
+    vault: &Vault,
+    desc: &VmDescription,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    source: &str,
+    reason: &str,
+) -> Result<Manifest> {
     // Every disk is opened before anything is written, so a missing one fails cleanly.
     let mut readers = Vec::new();
     for d in &desc.disks {
@@ -53,7 +66,7 @@ pub fn backup_image_vm(
     let mut total = TransferStats::default();
     for (d, reader) in desc.disks.iter().zip(&readers) {
         progress.start(&format!("{} disk {}", desc.name, d.name), reader.size());
-        let (index, stats) = back_up_disk(vault, &**reader, opts, progress)?;
+        let (index, stats) = back_up_disk(vault, &**reader, opts, None, progress)?;
         progress.finish();
         let digest = vault.save_index(&index)?;
         total.add(&stats);
@@ -72,9 +85,9 @@ pub fn backup_image_vm(
         id: PointId::generate(),
         vm: desc.name.clone(),
         time: time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-        source: "image".into(),
+        source: source.into(),
         consistency: Consistency::Crash,
-        consistency_reason: "offline VM: backed up from its disk image files".into(),
+        consistency_reason: reason.into(),
         host: hostname(),
         program: format!("vmvault {}", env!("CARGO_PKG_VERSION")),
         chunk_size: vault.config().chunk_size,
@@ -94,20 +107,45 @@ enum Outcome {
     Zero,
     Reused(Digest),
     New(Digest, u64),
+    /// A chunk of the previous point the vault no longer has (or cannot read).
+    Missing,
 }
 
 struct Done {
     i: usize,
     len: usize,
-    read: bool,
+    /// Bytes read from the source for this chunk.
+    read: u64,
     outcome: Result<Outcome>,
 }
 
-/// Backs up one disk; returns its index and what was moved.
-fn back_up_disk(
+/// What changed since a previous point of the same disk, per chunk: the changed ranges
+/// (offset in the chunk, length), sorted; none for an unchanged chunk.
+pub(crate) struct Unchanged<'a> {
+    pub previous: &'a DiskIndex,
+    pub dirty: Vec<Vec<(u32, u32)>>,
+}
+
+/// What to do with one chunk.
+#[derive(Clone)]
+enum Action {
+    Read,
+    /// Unchanged since the previous point: keep its digest (touched, so GC keeps it).
+    Keep(Digest),
+    /// A little of it changed: read those ranges from the source and the rest from the
+    /// previous point's chunk, so that the source is read about as much as it was written.
+    Patch(Digest, Vec<(u32, u32)>),
+    /// Already settled in an earlier pass.
+    Skip,
+}
+
+/// Backs up one disk; returns its index and what was moved. With `unchanged`, only changed
+/// chunks are read; a kept chunk the vault has lost is read after all, in a second pass.
+pub(crate) fn back_up_disk(
     vault: &Vault,
     reader: &dyn DiskReader,
     opts: &BackupOptions,
+    unchanged: Option<Unchanged<'_>>,
     progress: &dyn Progress,
 ) -> Result<(DiskIndex, TransferStats)> {
     let chunk_size = vault.config().chunk_size;
@@ -118,6 +156,57 @@ fn back_up_disk(
         chunk_size,
         chunks: vec![Digest::ZERO_CHUNK; count],
     };
+    let actions: Vec<Action> = match unchanged {
+        Some(u) if u.previous.chunks.len() == count && u.dirty.len() == count => u
+            .dirty
+            .into_iter()
+            .zip(&u.previous.chunks)
+            .map(|(ranges, &d)| {
+                let dirty: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+                if ranges.is_empty() {
+                    Action::Keep(d)
+                } else if dirty * 2 < chunk_size as u64 {
+                    Action::Patch(d, ranges)
+                } else {
+                    Action::Read
+                }
+            })
+            .collect(),
+        _ => vec![Action::Read; count],
+    };
+    let mut stats = TransferStats::default();
+    let missing = run_pipeline(
+        vault, reader, opts, &actions, &mut index, &mut stats, progress,
+    )?;
+    if !missing.is_empty() {
+        progress.message(&format!(
+            "{} chunks of the previous point are missing from the vault or unreadable: \
+             reading them whole from the disk",
+            missing.len()
+        ));
+        let mut again = vec![Action::Skip; count];
+        for i in missing {
+            again[i] = Action::Read;
+        }
+        let left = run_pipeline(
+            vault, reader, opts, &again, &mut index, &mut stats, progress,
+        )?;
+        debug_assert!(left.is_empty(), "a read chunk is never missing");
+    }
+    Ok((index, stats))
+}
+
+/// One pass of the pipeline over `actions`; returns the kept chunks the vault lacked.
+fn run_pipeline(
+    vault: &Vault,
+    reader: &dyn DiskReader,
+    opts: &BackupOptions,
+    actions: &[Action],
+    index: &mut DiskIndex,
+    stats: &mut TransferStats,
+    progress: &dyn Progress,
+) -> Result<Vec<usize>> {
+    let chunk_size = index.chunk_size;
     // An object store's latency, not the CPU, bounds one upload: more requests in flight.
     let workers = opts.workers.max(vault.backend().concurrency()).max(1);
     let pool = 2 * workers + 2;
@@ -127,22 +216,22 @@ fn back_up_disk(
             .send(Vec::with_capacity(chunk_size as usize))
             .expect("pool channel has room");
     }
-    let (work_tx, work_rx) = bounded::<(usize, Vec<u8>)>(pool);
+    let (work_tx, work_rx) = bounded::<Work>(pool);
     let (done_tx, done_rx) = unbounded::<Done>();
     let stop = AtomicBool::new(false);
     // Chunks this backup has already stored or touched: a repeated chunk costs one lookup.
     let seen = Mutex::new(HashSet::<Digest>::new());
 
-    let mut stats = TransferStats::default();
     let mut first_error = None;
+    let mut missing = Vec::new();
     std::thread::scope(|s| {
         {
             let layout = DiskIndex {
                 chunks: Vec::new(),
-                ..index
+                ..*index
             };
             let (done_tx, stop) = (done_tx.clone(), &stop);
-            s.spawn(move || read_chunks(reader, &layout, count, free_rx, work_tx, done_tx, stop));
+            s.spawn(move || read_chunks(reader, &layout, actions, free_rx, work_tx, done_tx, stop));
         }
         for _ in 0..workers {
             let (work_rx, free_tx, done_tx) = (work_rx.clone(), free_tx.clone(), done_tx.clone());
@@ -161,11 +250,10 @@ fn back_up_disk(
         let mut stored_at_last_flush = 0;
         for done in done_rx.iter() {
             let len = done.len as u64;
-            if done.read {
-                stats.bytes_read += len;
-            }
+            stats.bytes_read += done.read;
             match done.outcome {
                 Ok(Outcome::Zero) => stats.chunks_zero += 1,
+                Ok(Outcome::Missing) => missing.push(done.i),
                 Ok(Outcome::Reused(d)) => {
                     stats.chunks_reused += 1;
                     index.chunks[done.i] = d;
@@ -192,20 +280,27 @@ fn back_up_disk(
     });
     match first_error {
         Some(e) => Err(e),
-        None => Ok((index, stats)),
+        None => Ok(missing),
     }
+}
+
+enum Work {
+    Data(usize, Vec<u8>),
+    Keep(usize, Digest, usize),
+    /// The chunk's changed ranges are in the buffer; the rest comes from the old chunk.
+    Patch(usize, Vec<u8>, Digest, Vec<(u32, u32)>),
 }
 
 fn read_chunks(
     reader: &dyn DiskReader,
     layout: &DiskIndex,
-    count: usize,
+    actions: &[Action],
     free: Receiver<Vec<u8>>,
-    work: Sender<(usize, Vec<u8>)>,
+    work: Sender<Work>,
     done: Sender<Done>,
     stop: &AtomicBool,
 ) {
-    for i in 0..count {
+    for (i, action) in actions.iter().enumerate() {
         if stop.load(Ordering::Relaxed) {
             return;
         }
@@ -219,28 +314,93 @@ fn read_chunks(
             });
         };
         let failed = |e| Err(EngineError::io(format!("reading disk at {offset}"), e));
+        match action {
+            Action::Skip => continue,
+            Action::Keep(d) if *d == Digest::ZERO_CHUNK => {
+                send(0, Ok(Outcome::Zero));
+                continue;
+            }
+            Action::Keep(d) => {
+                if work.send(Work::Keep(i, *d, len)).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Action::Patch(d, ranges) => {
+                let Ok(mut buf) = free.recv() else { return };
+                buf.resize(len, 0);
+                let mut read = 0;
+                for &(at, n) in ranges {
+                    let (at, n) = (at as usize, (n as usize).min(len - at as usize));
+                    if let Err(e) = reader.read_at(&mut buf[at..at + n], offset + at as u64) {
+                        return send(read, failed(e));
+                    }
+                    read += n as u64;
+                }
+                if work.send(Work::Patch(i, buf, *d, ranges.clone())).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Action::Read => {}
+        }
         match reader.may_have_data(offset, len as u64) {
             Ok(true) => {}
             Ok(false) => {
-                send(false, Ok(Outcome::Zero));
+                send(0, Ok(Outcome::Zero));
                 continue;
             }
-            Err(e) => return send(false, failed(e)),
+            Err(e) => return send(0, failed(e)),
         }
         let Ok(mut buf) = free.recv() else { return };
         buf.resize(len, 0);
         if let Err(e) = reader.read_at(&mut buf, offset) {
-            return send(false, failed(e));
+            return send(0, failed(e));
         }
-        if work.send((i, buf)).is_err() {
+        if work.send(Work::Data(i, buf)).is_err() {
             return;
         }
     }
 }
 
+/// What a zero chunk holds (chunks are at most 16 MiB).
+static ZEROS: [u8; vmvault_format::MAX_CHUNK_SIZE as usize] =
+    [0; vmvault_format::MAX_CHUNK_SIZE as usize];
+
+/// Fills `buf` outside `ranges` from the chunk `old`; `false` when the vault cannot give it.
+fn patch(
+    reader: &mut vmvault_store::ChunkReader<'_>,
+    buf: &mut [u8],
+    old: &Digest,
+    ranges: &[(u32, u32)],
+) -> bool {
+    let len = buf.len();
+    let mut fill = |from: &[u8]| {
+        let mut at = 0;
+        for &(start, n) in ranges.iter().chain(std::iter::once(&(len as u32, 0))) {
+            let start = (start as usize).min(len);
+            if start > at {
+                buf[at..start].copy_from_slice(&from[at..start]);
+            }
+            at = at.max(start + n as usize).min(len);
+        }
+    };
+    if *old == Digest::ZERO_CHUNK {
+        fill(&ZEROS[..len]);
+        return true;
+    }
+    match reader.read(old, len) {
+        Ok(from) => {
+            fill(from);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 fn store_chunks(
     vault: &Vault,
-    work: Receiver<(usize, Vec<u8>)>,
+    work: Receiver<Work>,
     free: Sender<Vec<u8>>,
     done: Sender<Done>,
     seen: &Mutex<HashSet<Digest>>,
@@ -249,7 +409,56 @@ fn store_chunks(
     let codec = vault.codec();
     let mut sealer = codec.sealer();
     let mut sealed = Vec::new();
-    for (i, buf) in work.iter() {
+    let mut old_chunks = vault.chunk_reader();
+    for item in work.iter() {
+        let (i, buf, read) = match item {
+            Work::Data(i, buf) => {
+                let read = buf.len() as u64;
+                (i, buf, read)
+            }
+            Work::Patch(i, mut buf, old, ranges) => {
+                let read: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+                let len = buf.len();
+                let patched =
+                    stop.load(Ordering::Relaxed) || patch(&mut old_chunks, &mut buf, &old, &ranges);
+                if patched {
+                    (i, buf, read)
+                } else {
+                    let _ = free.send(buf);
+                    let missing = Done {
+                        i,
+                        len,
+                        read,
+                        outcome: Ok(Outcome::Missing),
+                    };
+                    if done.send(missing).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            Work::Keep(i, digest, len) => {
+                let outcome = if stop.load(Ordering::Relaxed) {
+                    Ok(Outcome::Zero)
+                } else {
+                    match vault.touch_chunk(&digest) {
+                        Ok(true) => Ok(Outcome::Reused(digest)),
+                        Ok(false) => Ok(Outcome::Missing),
+                        Err(e) => Err(e.into()),
+                    }
+                };
+                let done_item = Done {
+                    i,
+                    len,
+                    read: 0,
+                    outcome,
+                };
+                if done.send(done_item).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
         let len = buf.len();
         // After a failure elsewhere, chunks are drained unprocessed: the backup is abandoned.
         let outcome = if stop.load(Ordering::Relaxed) || is_zero(&buf) {
@@ -281,7 +490,7 @@ fn store_chunks(
             .send(Done {
                 i,
                 len,
-                read: true,
+                read,
                 outcome,
             })
             .is_err()

@@ -35,12 +35,25 @@ const NIC_MODELS: &[&str] = &["virtio", "e1000", "e1000e", "rtl8139", "vmxnet3"]
 #[serde(deny_unknown_fields)]
 pub struct VmDescription {
     pub name: String,
+    /// For a `qemu` VM, 0 (the default) means: as QEMU says.
+    #[serde(default)]
     pub cpus: u32,
+    #[serde(default)]
     pub memory_mib: u64,
     #[serde(default = "default_firmware")]
     pub firmware: String,
     #[serde(default = "default_source")]
     pub source: String,
+    /// `qemu` VMs: QEMU's monitor socket; its guest agent's socket; the pre/post scripts file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qga: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scripts: Option<PathBuf>,
+    /// For a `qemu` VM, the image files to read when the VM is stopped (else those QEMU had
+    /// open at the last backup).
+    #[serde(default)]
     pub disks: Vec<DiskDescription>,
     #[serde(default)]
     pub nics: Vec<NicDescription>,
@@ -105,6 +118,12 @@ impl VmDescription {
         for d in &mut desc.disks {
             d.path = base.join(&d.path);
         }
+        for p in [&mut desc.qmp, &mut desc.qga, &mut desc.scripts]
+            .into_iter()
+            .flatten()
+        {
+            *p = base.join(&*p);
+        }
         Ok(desc)
     }
 
@@ -131,7 +150,8 @@ impl VmDescription {
                 self.name
             ));
         }
-        if self.cpus == 0 || self.memory_mib == 0 {
+        let qemu = self.source == "qemu";
+        if !qemu && (self.cpus == 0 || self.memory_mib == 0) {
             return Err("cpus and memory_mib must be at least 1".into());
         }
         if !matches!(self.firmware.as_str(), "bios" | "uefi") {
@@ -140,13 +160,20 @@ impl VmDescription {
                 self.firmware
             ));
         }
-        if self.source != "image" {
+        if !matches!(self.source.as_str(), "image" | "qemu") {
             return Err(format!(
-                "source {:?} is not supported yet (this vmvault backs up \"image\" VMs)",
+                "source {:?} must be \"image\" (disk image files) or \"qemu\" (a QEMU VM, \
+                 running or not)",
                 self.source
             ));
         }
-        if self.disks.is_empty() {
+        if qemu && self.qmp.is_none() {
+            return Err("a VM with source = \"qemu\" needs qmp = \"/path/to/qmp.sock\"".into());
+        }
+        if !qemu && (self.qmp.is_some() || self.qga.is_some() || self.scripts.is_some()) {
+            return Err("qmp, qga and scripts are for source = \"qemu\"".into());
+        }
+        if !qemu && self.disks.is_empty() {
             return Err("a VM needs at least one [[disks]] entry".into());
         }
         let mut names = HashSet::new();
@@ -243,6 +270,9 @@ impl VmDescription {
             memory_mib: config.memory_mib,
             firmware: config.firmware.clone(),
             source: default_source(),
+            qmp: None,
+            qga: None,
+            scripts: None,
             disks: config
                 .disks
                 .iter()
@@ -306,6 +336,16 @@ network = "br0"
     }
 
     #[test]
+    fn a_qemu_vm_needs_only_its_sockets() {
+        let d = VmDescription::parse(
+            "name = \"web01\"\nsource = \"qemu\"\nqmp = \"/run/vm/web01.qmp\"\nqga = \"/run/vm/web01.qga\"",
+        )
+        .unwrap();
+        assert_eq!(d.qmp.as_deref(), Some(Path::new("/run/vm/web01.qmp")));
+        assert!(d.disks.is_empty() && d.cpus == 0);
+    }
+
+    #[test]
     fn rejects_bad_descriptions() {
         let cases = [
             (GOOD.replace("firmware", "firmwar"), "unknown field"),
@@ -320,7 +360,19 @@ network = "br0"
             ),
             (GOOD.replace("52:54:00:12:34:56", "nope"), "mac"),
             (GOOD.replace("cpus = 2", "cpus = 0"), "at least 1"),
-            (GOOD.replace("cpus = 2", ""), "missing field"),
+            (GOOD.replace("cpus = 2", ""), "at least 1"),
+            (
+                GOOD.replace("name = \"web01\"", "name = \"web01\"\nsource = \"qemu\""),
+                "needs qmp",
+            ),
+            (
+                GOOD.replace("name = \"web01\"", "name = \"web01\"\nqmp = \"q.sock\""),
+                "are for source",
+            ),
+            (
+                GOOD.replace("name = \"web01\"", "name = \"web01\"\nsource = \"xen\""),
+                "must be",
+            ),
             (
                 "name = \"x\"\ncpus = 1\nmemory_mib = 1\ndisks = []".to_string(),
                 "at least one",

@@ -17,6 +17,11 @@ pub enum EngineError {
     Input(String),
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
+    /// QEMU refused or failed a step of a running VM's backup.
+    #[error(transparent)]
+    Qemu(#[from] vmvault_qemu::QemuError),
+    #[error("reading the point in time over NBD: {0}")]
+    Nbd(#[from] vmvault_nbd::NbdError),
 }
 
 impl EngineError {

@@ -18,21 +18,10 @@ use vmvault_store::{
     CreateOptions, Kind, LocalBackend, ReadBackend, Regions, Replication, RetryPolicy, Retrying,
     StoreError, Vault, WriteBackend,
 };
+use vmvault_testkit::random_bytes;
 
 fn local(dir: &Path) -> Arc<dyn WriteBackend> {
     Arc::new(LocalBackend::new(dir))
-}
-
-fn random_bytes(size: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn description(dir: &Path, vm: &str, image: &Path) -> VmDescription {

@@ -1,12 +1,24 @@
 //! Talking to QEMU: a QMP client ([`Qmp`]), and the block-layer steps vmvault drives through it.
 //!
-//! The live restore ([`live`]) lives here; the live backup of running VMs (point in time,
-//! dirty bitmaps, guest agent) will build on the same client.
+//! The live restore ([`live`]) and the QEMU side of a running VM's backup: what the VM has
+//! ([`block`]), its disks held at an instant ([`snapshot`]) and their changed-block tracking
+//! ([`bitmap`]). The guest agent ([`Qga`]) quiesces guests for application-consistent points
+//! ([`quiesce`], with per-VM [`scripts`]).
 
+pub mod bitmap;
+pub mod block;
 pub mod live;
+pub mod qga;
 mod qmp;
+pub mod quiesce;
+mod quiesce_child;
+pub mod scripts;
+pub mod snapshot;
 
+pub use qga::Qga;
 pub use qmp::{Event, Qmp, DEFAULT_TIMEOUT};
+pub use quiesce::{child_main, quiesce, Level, QuiesceOptions, QuiesceSession, Quiesced, Released};
+pub use scripts::{Script, Scripts, ScriptsError};
 
 use thiserror::Error;
 
@@ -33,4 +45,16 @@ pub enum QemuError {
     Closed,
     #[error("{0}")]
     Job(String),
+    /// The guest agent answered something unexpected.
+    #[error("guest agent: {0}")]
+    GuestAgent(String),
+    /// The guest agent did not answer in time (none running, or stuck).
+    #[error("guest agent: {0}")]
+    AgentTimeout(String),
+    /// A pre- or post-script failed and `continue_on_failure` is off: the job fails.
+    #[error("{0}")]
+    Script(String),
+    /// The quiesce helper process broke (it is killed and the guest thawed).
+    #[error("{0}")]
+    Helper(String),
 }

@@ -1,4 +1,4 @@
-//! Real servers for tests: S3 (Garage, moto) and Azure Blob (Azurite).
+//! Real servers for tests: S3 (Garage, moto), Azure Blob (Azurite), QEMU VMs and a guest-agent guest.
 //!
 //! Every server binds 127.0.0.1 on free ports, keeps its data in a temporary directory, writes
 //! its output to a log file there, and is killed (with its children) when dropped. Startup
@@ -15,6 +15,7 @@
 
 mod garage;
 pub mod guest;
+mod guest_agent;
 mod process;
 mod qemu;
 
@@ -29,7 +30,21 @@ use process::{free_port, Process};
 use vmvault_cloud::{Credentials, RemoteOptions};
 
 pub use garage::{Garage, GarageCluster};
+pub use guest_agent::{write_script, QgaGuest};
 pub use qemu::QemuVm;
+
+/// Deterministic bytes that neither compress nor dedup (xorshift64), for disk images.
+pub fn random_bytes(size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
 
 /// Whether tests must run against real servers rather than skip when a tool is missing.
 pub fn servers_required() -> bool {

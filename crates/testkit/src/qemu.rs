@@ -18,7 +18,7 @@ pub struct QemuVm {
 impl QemuVm {
     /// `VMVAULT_QEMU`, else what `scripts/install-qemu` unpacked, else `PATH`; with its
     /// firmware folder.
-    fn exe() -> Option<(PathBuf, Option<PathBuf>)> {
+    pub(crate) fn exe() -> Option<(PathBuf, Option<PathBuf>)> {
         let installed = home().join(".cache/vmvault/tools/qemu");
         let mut candidates: Vec<PathBuf> = std::env::var_os("VMVAULT_QEMU")
             .map(PathBuf::from)
