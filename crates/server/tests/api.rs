@@ -465,6 +465,24 @@ fn errors_have_a_stable_shape_and_openapi_is_served() {
     assert_eq!(missing.status, 404);
     assert_eq!(missing.body["error"]["code"], "not_found");
     assert_eq!(s.admin("GET", "/api/v1/jobs?state=bogus", None).status, 400);
+    // What axum refuses itself has the same shape.
+    for (method, path, body) in [
+        ("GET", "/api/v1/jobs/abc", None),
+        ("POST", "/api/v1/policies", Some(json!({"name": 5}))),
+        ("PATCH", "/api/v1/jobs", None),
+    ] {
+        let a = s.admin(method, path, body);
+        assert!(
+            a.status >= 400 && a.status < 500,
+            "{method} {path}: {}",
+            a.status
+        );
+        assert!(
+            a.body["error"]["code"].is_string(),
+            "{method} {path}: {}",
+            a.body
+        );
+    }
     assert_eq!(
         s.admin("GET", "/api/v1/recovery-points?cursor=zzz", None)
             .status,

@@ -182,6 +182,44 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
+/// Answers that axum makes itself (a body that is not the JSON asked for, a path parameter
+/// that does not parse, a method the path does not have) get the same JSON error shape as
+/// the handlers' own.
+async fn json_errors(resp: axum::response::Response) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let code = match status.as_u16() {
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "too_large",
+        415 => "unsupported_media_type",
+        s if s >= 500 => "internal",
+        _ => "bad_request",
+    };
+    let body = crate::ErrorBody {
+        error: crate::ErrorDetail {
+            code: code.into(),
+            message: String::from_utf8_lossy(&body).trim().to_string(),
+            approval: None,
+        },
+    };
+    (status, Json(body)).into_response()
+}
+
 async fn not_found() -> Error {
     Error::NotFound("no such API path".into())
 }
@@ -237,5 +275,6 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/metrics", get(crate::metrics::metrics))
         .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(app)
 }
