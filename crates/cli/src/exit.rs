@@ -2,7 +2,8 @@
 //! 0 success; 1 failure (I/O, full storage, damage found while working); 2 bad input (usage,
 //! description file, point name, not a vault, a guest path that does not exist); 3 verify
 //! found damage, or a guest filesystem is damaged or uses what vmvault does not read;
-//! 4 wrong passphrase; 5 busy (another backup of the VM, or a garbage collection, is running).
+//! 4 wrong passphrase; 5 busy (another backup of the VM, or a garbage collection, is running);
+//! 6 the server refused (401: no or bad token; 403: the role does not allow it).
 
 use vmvault_disk::DiskError;
 use vmvault_engine::EngineError;
@@ -14,6 +15,8 @@ pub const INPUT: i32 = 2;
 pub const DAMAGE: i32 = 3;
 pub const PASSPHRASE: i32 = 4;
 pub const BUSY: i32 = 5;
+/// The server refused: no or a bad token (401), or a role that does not allow it (403).
+pub const REFUSED: i32 = 6;
 
 /// Verify's way of saying it found damage after printing its report.
 #[derive(Debug)]
@@ -80,6 +83,13 @@ pub fn code(e: &anyhow::Error) -> i32 {
                     DAMAGE
                 }
                 FilesError::Disk(_) | FilesError::Output { .. } => FAILURE,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<crate::remote::ApiError>() {
+            return match e.status {
+                401 | 403 => REFUSED,
+                400..=499 => INPUT,
+                _ => FAILURE,
             };
         }
         if let Some(e) = cause.downcast_ref::<DiskError>() {

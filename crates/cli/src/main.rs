@@ -25,9 +25,13 @@ mod points;
 mod qemu;
 mod quiesce;
 mod regions;
+mod remote;
+mod remote_cmd;
+mod remote_show;
 mod replicate;
 mod restore;
 mod serve;
+mod server_cmd;
 mod vault;
 
 use std::path::PathBuf;
@@ -112,6 +116,9 @@ enum Command {
     /// Single files from a recovery point: list, extract (to a folder, tar or zip), find.
     #[command(subcommand)]
     Files(files::FilesCommand),
+    /// Run the vault server: REST API, schedules, jobs. `vmvault --server URL --help` lists the
+    /// commands that talk to one (policy, protect, backup NAME, jobs, job, points, point, ...).
+    Server(server_cmd::ServerArgs),
 }
 
 /// When this command started, for figures that count from it (live restore's first read).
@@ -120,6 +127,15 @@ pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLoc
 fn main() {
     quiesce::intercept();
     STARTED.get_or_init(std::time::Instant::now);
+    let args: Vec<String> = std::env::args().collect();
+    if remote_cmd::wanted(&args) {
+        let cli = <remote_cmd::RemoteCli as clap::Parser>::parse();
+        if let Err(e) = remote_cmd::run(cli) {
+            eprintln!("vmvault: error: {}", exit::message(&e));
+            std::process::exit(exit::code(&e));
+        }
+        return;
+    }
     let cli = Cli::parse();
     let g = &cli.global;
     let result = match cli.command {
@@ -134,6 +150,7 @@ fn main() {
         Command::Disk(c) => disk::run(g, c),
         Command::Serve(c) => serve::run(g, c),
         Command::Files(c) => files::run(g, c),
+        Command::Server(a) => server_cmd::run(g, a),
     };
     if let Err(e) = result {
         eprintln!("vmvault: error: {}", exit::message(&e));

@@ -47,21 +47,42 @@ pub fn run(g: &Global, args: PointsArgs) -> Result<()> {
         .iter()
         .filter(|m| args.vm.as_deref().is_none_or(|v| m.vm == v))
         .collect();
-    let encrypted = vault.config().encrypted;
-    if g.json {
+    let bad: Vec<(String, String)> = bad
+        .iter()
+        .map(|(id, e)| (id.to_hex(), e.to_string()))
+        .collect();
+    show(
+        g.json,
+        vault.location(),
+        vault.config().encrypted,
+        shown,
+        &bad,
+    );
+    Ok(())
+}
+
+/// Prints points as a table (or JSON): the same for a local vault and a server's.
+pub fn show(
+    json: bool,
+    location: String,
+    encrypted: bool,
+    shown: Vec<&Manifest>,
+    bad: &[(String, String)],
+) {
+    if json {
         print_json(&PointsOutput {
-            vault: vault.location(),
+            vault: location,
             encrypted,
             points: shown,
             unreadable: bad
                 .iter()
                 .map(|(id, e)| Unreadable {
-                    id: id.to_hex(),
-                    error: e.to_string(),
+                    id: id.clone(),
+                    error: e.clone(),
                 })
                 .collect(),
         });
-        return Ok(());
+        return;
     }
     let rows: Vec<Vec<String>> = shown
         .iter()
@@ -104,7 +125,7 @@ pub fn run(g: &Global, args: PointsArgs) -> Result<()> {
             );
         }
     }
-    for (id, e) in &bad {
+    for (id, e) in bad {
         eprintln!("recovery point {id} cannot be read: {e}");
     }
     eprintln!(
@@ -112,5 +133,4 @@ pub fn run(g: &Global, args: PointsArgs) -> Result<()> {
         shown.len(),
         encryption_words(encrypted)
     );
-    Ok(())
 }

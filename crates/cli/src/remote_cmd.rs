@@ -1,0 +1,508 @@
+//! The commands that work against a vault server (`--server URL` or `VMVAULT_SERVER`):
+//! policies, protect/unprotect, on-demand backups, jobs, points, soft delete, restores, and
+//! the vault's admin settings. Output matches the local commands where both exist.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::exit::InputError;
+use crate::output::{print_json, table};
+use crate::remote::Client;
+use crate::remote_show::{cell, points, policy, print_job, print_jobs, vault, wait_job};
+
+#[derive(Parser)]
+#[command(name = "vmvault", version, about = "vmvault against a vault server")]
+pub struct RemoteCli {
+    /// The server: https://HOST:PORT.
+    #[arg(long, env = "VMVAULT_SERVER", value_name = "URL")]
+    server: String,
+    /// An API token (vmv_...), or @FILE to read it from a file.
+    #[arg(long, env = "VMVAULT_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Trust the server's certificate with this SHA-256 fingerprint (first use; then pinned).
+    #[arg(long, global = true, value_name = "SHA256")]
+    trust_fingerprint: Option<String>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: RemoteCommand,
+}
+
+#[derive(Subcommand)]
+enum RemoteCommand {
+    /// Schedules and retention.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Put a VM (its description, TOML) under a policy.
+    Protect {
+        description: PathBuf,
+        #[arg(long)]
+        policy: String,
+    },
+    /// Stop backing a VM up (its recovery points stay).
+    Unprotect { name: String },
+    /// Back a protected VM up now; prints the job id.
+    Backup {
+        name: String,
+        /// Keep this point at least until then (YYYY-MM-DD).
+        #[arg(long, value_name = "DATE")]
+        keep_until: Option<String>,
+        /// Wait for the job to end and say how it ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        #[arg(long, conflicts_with = "failed")]
+        running: bool,
+        #[arg(long)]
+        failed: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show or cancel a job.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// List recovery points (as the local `points` does).
+    Points {
+        vm: Option<String>,
+        /// Soft-deleted points instead.
+        #[arg(long)]
+        deleted: bool,
+    },
+    /// Delete (soft) or undelete a recovery point: NAME@ID.
+    #[command(subcommand)]
+    Point(PointCommand),
+    /// Restore NAME@ID into a folder on the server's host.
+    Restore {
+        point: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// The vault: show, settings, lock (irreversible).
+    #[command(subcommand, name = "vault")]
+    Vault(VaultCommand),
+    /// Requests waiting for a second administrator.
+    #[command(subcommand)]
+    Approval(ApprovalCommand),
+    /// Users and their tokens.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// The audit log, newest first (admins).
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    Create(PolicyArgs),
+    /// Change a policy's schedule or retention (shortening may need approval).
+    Update(PolicyArgs),
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Args)]
+pub struct PolicyArgs {
+    pub name: String,
+    /// `hourly`, `every N hours`, `daily HH:MM[,HH:MM]`, `weekly mon,thu HH:MM`.
+    #[arg(long)]
+    pub schedule: String,
+    #[arg(long, default_value = "UTC")]
+    pub timezone: String,
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_hourly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_yearly: u32,
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    Show { id: i64 },
+    Cancel { id: i64 },
+}
+
+#[derive(Subcommand)]
+enum PointCommand {
+    Delete { point: String },
+    Undelete { point: String },
+}
+
+#[derive(Subcommand)]
+pub enum VaultCommand {
+    Show,
+    /// Change soft delete days (1-180) or require a second admin for destructive actions.
+    Set {
+        #[arg(long)]
+        soft_delete_days: Option<u32>,
+        #[arg(long)]
+        require_approval: Option<bool>,
+    },
+    /// Make the vault immutable: no point deleted before its retention ends, no retention
+    /// shortened. Cannot be undone.
+    Lock {
+        #[arg(long)]
+        yes_i_understand_this_is_irreversible: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalCommand {
+    List,
+    Approve { id: i64 },
+    Reject { id: i64 },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Make a user with a role; prints their token (shown once).
+    Create {
+        name: String,
+        #[arg(long)]
+        role: String,
+    },
+    List,
+    /// A new token for a user (shown once).
+    Token {
+        name: String,
+    },
+    /// Revoke every token of a user.
+    Revoke {
+        name: String,
+    },
+}
+
+/// Whether this command line is meant for a server: `--server` given, or VMVAULT_SERVER
+/// set and the command not one that only exists locally.
+pub fn wanted(args: &[String]) -> bool {
+    let rest = &args[1.min(args.len())..];
+    const FLAGS: &[&str] = &["--server", "--token", "--trust-fingerprint"];
+    let is_flag = |a: &str| {
+        FLAGS
+            .iter()
+            .any(|f| a == *f || a.starts_with(&format!("{f}=")))
+    };
+    if rest.iter().any(|a| is_flag(a)) {
+        return true;
+    }
+    if std::env::var_os("VMVAULT_SERVER").is_none() {
+        return false;
+    }
+    const REMOTE: &[&str] = &[
+        "policy",
+        "protect",
+        "unprotect",
+        "backup",
+        "jobs",
+        "job",
+        "points",
+        "point",
+        "restore",
+        "approval",
+        "user",
+        "audit",
+    ];
+    rest.iter()
+        .find(|a| !a.starts_with('-'))
+        .is_some_and(|c| REMOTE.contains(&c.as_str()))
+}
+
+/// `NAME@ID` (or a bare id) to (VM, id).
+fn split_point(spec: &str) -> (Option<&str>, &str) {
+    match spec.split_once('@') {
+        Some((vm, id)) => (Some(vm), id),
+        None => (None, spec),
+    }
+}
+
+fn find_point(c: &Client, spec: &str) -> Result<Value> {
+    let (vm, id) = split_point(spec);
+    let p: Value = c.get(&format!("/recovery-points/{id}"))?;
+    if let Some(vm) = vm {
+        if p["vm"] != vm {
+            return Err(InputError(format!("recovery point {id} is not one of {vm}'s")).into());
+        }
+    }
+    Ok(p)
+}
+
+pub fn run(cli: RemoteCli) -> Result<()> {
+    match run_command(cli) {
+        // A request a second admin must approve was made: that is the expected outcome.
+        Err(e)
+            if e.downcast_ref::<crate::remote::ApiError>()
+                .is_some_and(|a| a.code == "approval_required") =>
+        {
+            eprintln!(
+                "vmvault: {}",
+                e.downcast_ref::<crate::remote::ApiError>()
+                    .map(|a| a.message.as_str())
+                    .unwrap_or("")
+            );
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn run_command(cli: RemoteCli) -> Result<()> {
+    let c = Client::connect(
+        &cli.server,
+        cli.token.clone(),
+        cli.trust_fingerprint.as_deref(),
+    )?;
+    let json = cli.json;
+    let show = |v: &Value| print_json(v);
+    match cli.command {
+        RemoteCommand::Policy(p) => policy(&c, json, p)?,
+        RemoteCommand::Protect {
+            description,
+            policy,
+        } => {
+            let desc = vmvault_engine::VmDescription::load(&description)?;
+            // Paths go to the server absolute: it reads the disks on its own host.
+            let mut desc = desc;
+            for d in &mut desc.disks {
+                d.path = std::path::absolute(&d.path)
+                    .with_context(|| format!("resolving {}", d.path.display()))?;
+            }
+            let v: Value = c.send(
+                "POST",
+                "/protected-items",
+                &json!({"description": desc.to_toml(), "policy": policy}),
+            )?;
+            if json {
+                show(&v);
+            } else {
+                outln!(
+                    "{} is protected by policy {}",
+                    v["name"].as_str().unwrap_or(""),
+                    policy
+                );
+            }
+        }
+        RemoteCommand::Unprotect { name } => {
+            let _: Value = c.delete(&format!("/protected-items/{name}"))?;
+            eprintln!("{name} is no longer protected; its recovery points stay");
+        }
+        RemoteCommand::Backup {
+            name,
+            keep_until,
+            wait,
+        } => {
+            let v: Value = c.send(
+                "POST",
+                &format!("/protected-items/{name}/backup"),
+                &json!({"keep_until": keep_until}),
+            )?;
+            let id = v["job"].as_i64().unwrap_or(0);
+            if wait {
+                let j = wait_job(&c, id)?;
+                if json {
+                    show(&j);
+                } else {
+                    outln!("{id}");
+                }
+                if j["state"] != "succeeded" {
+                    anyhow::bail!(
+                        "job {id} ended {}: {}",
+                        j["state"].as_str().unwrap_or("?"),
+                        j["error"].as_str().unwrap_or("")
+                    );
+                }
+            } else if json {
+                show(&v);
+            } else {
+                outln!("{id}");
+                eprintln!("backup job {id} queued; `vmvault job show {id}` follows it");
+            }
+        }
+        RemoteCommand::Jobs {
+            running,
+            failed,
+            limit,
+        } => {
+            let state = if running {
+                "&state=running"
+            } else if failed {
+                "&state=failed"
+            } else {
+                ""
+            };
+            let v: Value = c.get(&format!("/jobs?limit={limit}{state}"))?;
+            if json {
+                show(&v);
+            } else {
+                print_jobs(&v);
+            }
+        }
+        RemoteCommand::Job(JobCommand::Show { id }) => {
+            let v: Value = c.get(&format!("/jobs/{id}"))?;
+            if json {
+                show(&v);
+            } else {
+                print_job(&v);
+            }
+        }
+        RemoteCommand::Job(JobCommand::Cancel { id }) => {
+            let v: Value = c.send("POST", &format!("/jobs/{id}/cancel"), &json!({}))?;
+            if json {
+                show(&v);
+            } else {
+                outln!("job {id}: {}", v["state"].as_str().unwrap_or(""));
+            }
+        }
+        RemoteCommand::Points { vm, deleted } => points(&c, json, vm.as_deref(), deleted)?,
+        RemoteCommand::Point(PointCommand::Delete { point }) => {
+            let p = find_point(&c, &point)?;
+            let id = p["id"].as_str().unwrap_or("");
+            let v: Value = c.delete(&format!("/recovery-points/{id}"))?;
+            if json {
+                show(&v);
+            } else {
+                outln!(
+                    "{}@{} deleted; restorable and undeletable until {}",
+                    p["vm"].as_str().unwrap_or(""),
+                    &id[..id.len().min(8)],
+                    v["purge_after"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        RemoteCommand::Point(PointCommand::Undelete { point }) => {
+            let (_, id) = split_point(&point);
+            let v: Value = c.send(
+                "POST",
+                &format!("/recovery-points/{id}/undelete"),
+                &json!({}),
+            )?;
+            if json {
+                show(&v);
+            } else {
+                outln!(
+                    "{}@{} is back",
+                    v["vm"].as_str().unwrap_or(""),
+                    &id[..id.len().min(8)]
+                );
+            }
+        }
+        RemoteCommand::Restore {
+            point,
+            target,
+            force,
+        } => {
+            let p = find_point(&c, &point)?;
+            let v: Value = c.send(
+                "POST",
+                "/restores",
+                &json!({"point": p["id"], "target": target, "overwrite": force}),
+            )?;
+            if json {
+                show(&v);
+            } else {
+                outln!("{}", v["job"]);
+            }
+        }
+        RemoteCommand::Vault(cmd) => vault(&c, json, cmd)?,
+        RemoteCommand::Approval(cmd) => {
+            let v: Value = match cmd {
+                ApprovalCommand::List => c.get("/approvals")?,
+                ApprovalCommand::Approve { id } => c.send(
+                    "POST",
+                    &format!("/approvals/{id}"),
+                    &json!({"approve": true}),
+                )?,
+                ApprovalCommand::Reject { id } => c.send(
+                    "POST",
+                    &format!("/approvals/{id}"),
+                    &json!({"approve": false}),
+                )?,
+            };
+            if json || !v.is_array() {
+                show(&v);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        [
+                            "id",
+                            "state",
+                            "action",
+                            "target",
+                            "requested_by",
+                            "requested_at",
+                            "decided_by",
+                        ]
+                        .iter()
+                        .map(|k| cell(&a[*k]))
+                        .collect()
+                    })
+                    .collect();
+                table(
+                    &["ID", "STATE", "ACTION", "TARGET", "BY", "AT", "DECIDED BY"],
+                    &rows,
+                );
+            }
+        }
+        RemoteCommand::User(UserCommand::Create { name, role }) => {
+            let v: Value = c.send("POST", "/users", &json!({"name": name, "role": role}))?;
+            if json {
+                show(&v);
+            } else {
+                outln!("{}", v["token"].as_str().unwrap_or(""));
+                eprintln!("the token of {name} ({role}): shown this once");
+            }
+        }
+        RemoteCommand::User(UserCommand::Token { name }) => {
+            let v: Value = c.send("POST", &format!("/users/{name}/tokens"), &json!({}))?;
+            outln!("{}", v["token"].as_str().unwrap_or(""));
+        }
+        RemoteCommand::User(UserCommand::Revoke { name }) => {
+            let _: Value = c.delete(&format!("/users/{name}/tokens"))?;
+            eprintln!("every token of {name} is revoked");
+        }
+        RemoteCommand::User(UserCommand::List) => show(&c.get::<Value>("/users")?),
+        RemoteCommand::Audit { limit } => {
+            let v: Value = c.get(&format!("/audit?limit={limit}"))?;
+            if json {
+                show(&v);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        ["time", "user", "action", "target", "outcome"]
+                            .iter()
+                            .map(|k| cell(&a[*k]))
+                            .collect()
+                    })
+                    .collect();
+                table(&["TIME", "USER", "ACTION", "TARGET", "OUTCOME"], &rows);
+            }
+        }
+    }
+    Ok(())
+}

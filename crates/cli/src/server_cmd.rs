@@ -1,0 +1,81 @@
+//! `vmvault server`: runs the vault server (crates/server) in the foreground.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use vmvault_server::{Overrides, ServerConfig, SystemClock};
+
+use crate::Global;
+
+/// Flags and environment variables; each overrides the config file's value.
+#[derive(Args)]
+pub struct ServerArgs {
+    /// A TOML file with the server's settings (docs/design.md, "Server").
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the state database, TLS certificate and first admin token live.
+    #[arg(long, env = "VMVAULT_SERVER_STATE", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Address and port to listen on (default 127.0.0.1:8443).
+    #[arg(long, env = "VMVAULT_SERVER_LISTEN", value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Plain HTTP instead of TLS: only on a loopback address.
+    #[arg(long)]
+    insecure_http: bool,
+    /// Jobs that run at once.
+    #[arg(long, value_name = "N")]
+    max_jobs: Option<usize>,
+}
+
+pub fn run(g: &Global, args: ServerArgs) -> Result<()> {
+    // The vault is the global --vault (a local directory) when given.
+    let over = Overrides {
+        state_dir: args.state_dir,
+        listen: args.listen,
+        insecure_http: args.insecure_http,
+        vault: g.vault.as_ref().map(PathBuf::from),
+        passphrase_file: g.password_file.clone(),
+        passphrase: std::env::var("VMVAULT_PASSWORD").ok(),
+        max_jobs: args.max_jobs,
+    };
+    let cfg = ServerConfig::load(args.config.as_deref(), over)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let say = |m: &str| eprintln!("vmvault server: {m}");
+        let (started, listener, tls) =
+            vmvault_server::start(cfg, Arc::new(SystemClock), &say).await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        eprintln!("vmvault server: listening on {scheme}://{}", started.addr);
+        if let Some(fp) = &started.fingerprint {
+            eprintln!("vmvault server: certificate fingerprint (SHA-256) {fp}");
+        }
+        let app = started.app.clone();
+        // Ctrl-C or SIGTERM (systemd's stop): stop accepting, leave the rest to the
+        // restart's recovery (a job cut off is marked failed then).
+        let shutdown = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        let r = vmvault_server::tls::serve(started.app, listener, tls, shutdown).await;
+        app.stop();
+        eprintln!("vmvault server: stopped");
+        r
+    })?;
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! `/api/v1/protected-items`: VMs under a policy, and on-demand backups of them.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use vmvault_engine::VmDescription;
+
+use crate::app::{item_exists, App};
+use crate::auth::Role;
+use crate::db::ts;
+use crate::error::ErrorBody;
+use crate::jobs::Params;
+use crate::{Error, Result};
+
+#[derive(Deserialize, ToSchema)]
+pub struct ProtectRequest {
+    /// The VM description (the TOML `vmvault backup` reads), disk paths absolute on the
+    /// server's host.
+    pub description: String,
+    pub policy: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Item {
+    pub name: String,
+    pub policy: String,
+    pub next_run: Option<String>,
+    pub created: String,
+    /// The VM description (TOML).
+    pub description: String,
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+pub struct BackupRequest {
+    /// Keep the new point at least until this date (YYYY-MM-DD or RFC 3339).
+    #[serde(default)]
+    pub keep_until: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobRef {
+    pub job: i64,
+}
+
+fn item_row(r: &rusqlite::Row) -> rusqlite::Result<Item> {
+    Ok(Item {
+        name: r.get(0)?,
+        policy: r.get(1)?,
+        next_run: r.get(2)?,
+        created: r.get(3)?,
+        description: r.get(4)?,
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/protected-items", tag = "protected-items",
+    responses((status = 200, body = Vec<Item>), (status = 401, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn list(State(app): State<Arc<App>>, h: HeaderMap) -> Result<Json<Vec<Item>>> {
+    app.guard(&h, Role::Reader, "item.list", "-")?;
+    let conn = app.db.conn();
+    let mut stmt = conn.prepare(
+        "SELECT name, policy, next_run, created, description FROM protected_items ORDER BY name",
+    )?;
+    let rows = stmt
+        .query_map([], item_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Json(rows))
+}
+
+#[utoipa::path(get, path = "/api/v1/protected-items/{name}", tag = "protected-items",
+    params(("name" = String, Path)),
+    responses((status = 200, body = Item), (status = 404, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn show(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Item>> {
+    app.guard(&h, Role::Reader, "item.show", &name)?;
+    let conn = app.db.conn();
+    let r = conn.query_row(
+        "SELECT name, policy, next_run, created, description FROM protected_items WHERE name = ?1",
+        [&name],
+        item_row,
+    );
+    match r {
+        Ok(i) => Ok(Json(i)),
+        Err(rusqlite::Error::QueryReturnedNoRows) => {
+            Err(Error::NotFound(format!("'{name}' is not a protected item")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/protected-items", tag = "protected-items", request_body = ProtectRequest,
+    responses((status = 201, body = Item), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn protect(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Json(req): Json<ProtectRequest>,
+) -> Result<(StatusCode, Json<Item>)> {
+    let desc = VmDescription::parse(&req.description)
+        .map_err(|e| Error::Input(format!("the VM description: {e}")))?;
+    let actor = app.guard(&h, Role::Contributor, "item.protect", &desc.name)?;
+    let item = app.audited(&actor, "item.protect", &desc.name, || {
+        crate::api::policies::load(&app.db, &req.policy)?;
+        if item_exists(&app.db, &desc.name)? {
+            return Err(Error::Conflict(format!(
+                "'{}' is protected already",
+                desc.name
+            )));
+        }
+        let now = ts(app.now());
+        app.db.conn().execute(
+            "INSERT INTO protected_items (name, vault, policy, description, created)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![desc.name, app.vault_name, req.policy, req.description, now],
+        )?;
+        Ok(Item {
+            name: desc.name.clone(),
+            policy: req.policy.clone(),
+            next_run: None,
+            created: now,
+            description: req.description.clone(),
+        })
+    })?;
+    Ok((StatusCode::CREATED, Json(item)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/protected-items/{name}", tag = "protected-items",
+    params(("name" = String, Path)),
+    responses((status = 204, description = "unprotected; its recovery points stay"), (status = 202, body = ErrorBody, description = "waiting for a second admin"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn unprotect(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode> {
+    let actor = app.guard(&h, Role::Contributor, "item.unprotect", &name)?;
+    if !item_exists(&app.db, &name)? {
+        return Err(Error::NotFound(format!("'{name}' is not a protected item")));
+    }
+    app.destructive(&actor, "item.unprotect", &name, serde_json::Value::Null)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes an item (its points stay in the vault and the catalog).
+pub fn do_unprotect(app: &App, name: &str) -> Result<()> {
+    let n = app
+        .db
+        .conn()
+        .execute("DELETE FROM protected_items WHERE name = ?1", [name])?;
+    if n == 0 {
+        return Err(Error::NotFound(format!("'{name}' is not a protected item")));
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/api/v1/protected-items/{name}/backup", tag = "protected-items",
+    params(("name" = String, Path)), request_body = BackupRequest,
+    responses((status = 202, body = JobRef), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn backup(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    body: Option<Json<BackupRequest>>,
+) -> Result<(StatusCode, Json<JobRef>)> {
+    let actor = app.guard(&h, Role::Operator, "item.backup", &name)?;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let id = app.audited(&actor, "item.backup", &name, || {
+        if !item_exists(&app.db, &name)? {
+            return Err(Error::NotFound(format!("'{name}' is not a protected item")));
+        }
+        if let Some(k) = &req.keep_until {
+            let until = crate::work::parse_keep_until(k)?;
+            if until <= app.now() {
+                return Err(Error::Input(format!("--keep-until {k} is in the past")));
+            }
+        }
+        let p = Params {
+            keep_until: req.keep_until.clone(),
+            ..Default::default()
+        };
+        app.enqueue("backup", Some(&name), &p, &actor.user)
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(JobRef { job: id })))
+}

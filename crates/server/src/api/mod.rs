@@ -1,0 +1,280 @@
+//! The HTTP API under `/api/v1`, its OpenAPI document, and the checks every handler makes:
+//! who is asking (401), may they (403, with the reason), and the audit record.
+
+pub mod admin;
+pub mod items;
+pub mod jobs;
+pub mod points;
+pub mod policies;
+
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rusqlite::params;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::app::App;
+use crate::auth::{self, Actor, Role};
+use crate::db::ts;
+use crate::{Error, Result};
+
+/// Names of policies (and the like): what fits in a URL path segment and a table cell.
+pub fn check_name(name: &str, what: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Input(format!(
+            "'{name}' is not a {what} name (1-64 of letters, digits, - _ .)"
+        )))
+    }
+}
+
+impl App {
+    /// Authenticates the request and checks the role `action` needs; a refusal is audited.
+    pub fn guard(&self, h: &HeaderMap, need: Role, action: &str, target: &str) -> Result<Actor> {
+        let header = h
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let actor = match auth::authenticate(&self.db, header) {
+            Ok(a) => a,
+            Err(e) => {
+                auth::audit(&self.db, "-", action, target, &format!("denied: {e}"));
+                return Err(e);
+            }
+        };
+        if let Err(e) = auth::require(&self.db, &actor, &self.vault_name, need, action) {
+            auth::audit(
+                &self.db,
+                &actor.user,
+                action,
+                target,
+                &format!("denied: {e}"),
+            );
+            return Err(e);
+        }
+        Ok(actor)
+    }
+
+    /// Runs a change and records its outcome in the audit log.
+    pub fn audited<T>(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let r = f();
+        let outcome = match &r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        auth::audit(&self.db, &actor.user, action, target, &outcome);
+        r
+    }
+
+    /// A destructive action: run at once, or, on a vault that requires multi-user
+    /// authorization, recorded as a request a second admin must approve (202).
+    pub fn destructive(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let mua: bool = self.db.conn().query_row(
+            "SELECT require_approval FROM vaults WHERE name = ?1",
+            [&self.vault_name],
+            |r| r.get(0),
+        )?;
+        if !mua {
+            return self.audited(actor, action, target, || {
+                self.execute(action, target, &params, &actor.user)
+            });
+        }
+        let id = {
+            let conn = self.db.conn();
+            conn.execute(
+                "INSERT INTO approvals (vault, action, target, params, requested_by, requested_at, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
+                params![self.vault_name, action, target, params.to_string(), actor.user, ts(self.now())],
+            )?;
+            conn.last_insert_rowid()
+        };
+        auth::audit(
+            &self.db,
+            &actor.user,
+            action,
+            target,
+            &format!("pending approval {id}"),
+        );
+        Err(Error::PendingApproval {
+            message: format!(
+                "{action} {target} needs a second administrator's approval: request {id} \
+                 (POST /api/v1/approvals/{id})"
+            ),
+            approval: id,
+        })
+    }
+
+    /// Carries out a destructive action (directly, or once approved).
+    pub fn execute(
+        &self,
+        action: &str,
+        target: &str,
+        params: &serde_json::Value,
+        by: &str,
+    ) -> Result<serde_json::Value> {
+        match action {
+            "point.delete" => self.do_delete_point(target, by),
+            "item.unprotect" => items::do_unprotect(self, target).map(|_| serde_json::Value::Null),
+            "policy.shorten" => {
+                let p: policies::Policy = serde_json::from_value(params.clone())
+                    .map_err(|e| Error::Input(e.to_string()))?;
+                if self.locked_at()?.is_some() {
+                    return Err(Error::Forbidden(
+                        "the vault is locked: no policy's retention can be shortened".into(),
+                    ));
+                }
+                policies::save(self, &p).map(|_| serde_json::Value::Null)
+            }
+            "vault.settings" => admin::apply_settings(self, params),
+            other => Err(Error::Input(format!("unknown action '{other}'"))),
+        }
+    }
+}
+
+struct TokenAuth;
+
+impl Modify for TokenAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let comps = doc.components.get_or_insert_with(Default::default);
+        comps.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "vmvault server", description = "Vaults, policies, protected items, recovery points, jobs and restores."),
+    paths(
+        admin::list, admin::show, admin::settings, admin::lock,
+        admin::create_user, admin::users, admin::new_token, admin::revoke_tokens, admin::audit, admin::approvals, admin::decide,
+        policies::list, policies::show, policies::create, policies::update, policies::delete,
+        items::list, items::show, items::protect, items::unprotect, items::backup,
+        points::list, points::show, points::delete, points::undelete, points::restore,
+        jobs::list, jobs::show, jobs::cancel,
+    ),
+    modifiers(&TokenAuth)
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// Answers that axum makes itself (a body that is not the JSON asked for, a path parameter
+/// that does not parse, a method the path does not have) get the same JSON error shape as
+/// the handlers' own.
+async fn json_errors(resp: axum::response::Response) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let code = match status.as_u16() {
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "too_large",
+        415 => "unsupported_media_type",
+        s if s >= 500 => "internal",
+        _ => "bad_request",
+    };
+    let body = crate::ErrorBody {
+        error: crate::ErrorDetail {
+            code: code.into(),
+            message: String::from_utf8_lossy(&body).trim().to_string(),
+            approval: None,
+        },
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn not_found() -> Error {
+    Error::NotFound("no such API path".into())
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/vaults", get(admin::list))
+        .route(
+            "/api/v1/vaults/{name}",
+            get(admin::show).patch(admin::settings),
+        )
+        .route("/api/v1/vaults/{name}/lock", post(admin::lock))
+        .route("/api/v1/users", get(admin::users).post(admin::create_user))
+        .route(
+            "/api/v1/users/{name}/tokens",
+            post(admin::new_token).delete(admin::revoke_tokens),
+        )
+        .route("/api/v1/audit", get(admin::audit))
+        .route("/api/v1/approvals", get(admin::approvals))
+        .route("/api/v1/approvals/{id}", post(admin::decide))
+        .route(
+            "/api/v1/policies",
+            get(policies::list).post(policies::create),
+        )
+        .route(
+            "/api/v1/policies/{name}",
+            get(policies::show)
+                .put(policies::update)
+                .delete(policies::delete),
+        )
+        .route(
+            "/api/v1/protected-items",
+            get(items::list).post(items::protect),
+        )
+        .route(
+            "/api/v1/protected-items/{name}",
+            get(items::show).delete(items::unprotect),
+        )
+        .route("/api/v1/protected-items/{name}/backup", post(items::backup))
+        .route("/api/v1/recovery-points", get(points::list))
+        .route(
+            "/api/v1/recovery-points/{id}",
+            get(points::show).delete(points::delete),
+        )
+        .route(
+            "/api/v1/recovery-points/{id}/undelete",
+            post(points::undelete),
+        )
+        .route("/api/v1/restores", post(points::restore))
+        .route("/api/v1/jobs", get(jobs::list))
+        .route("/api/v1/jobs/{id}", get(jobs::show))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/metrics", get(crate::metrics::metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
+        .with_state(app)
+}

@@ -1,0 +1,258 @@
+//! `/api/v1/recovery-points` (paged, by item), soft delete and undelete; `/api/v1/restores`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::app::App;
+use crate::auth::Role;
+use crate::catalog::{self, PointRow};
+use crate::db::ts;
+use crate::error::ErrorBody;
+use crate::jobs::Params;
+use crate::{softdelete, Error, Result};
+
+#[derive(Deserialize, IntoParams)]
+pub struct PointQuery {
+    /// Only this protected item's (VM's) points.
+    pub item: Option<String>,
+    /// 1..=1000, default 100.
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// List soft-deleted points instead.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PointPage {
+    pub items: Vec<PointRow>,
+    /// Give it as `cursor` for the next page; absent on the last one.
+    pub next_cursor: Option<String>,
+}
+
+pub fn limit(l: Option<u32>) -> Result<u32> {
+    match l {
+        None => Ok(100),
+        Some(n) if (1..=1000).contains(&n) => Ok(n),
+        Some(n) => Err(Error::Input(format!("limit {n}: give 1 to 1000"))),
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/recovery-points", tag = "recovery-points", params(PointQuery),
+    responses((status = 200, body = PointPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn list(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Query(q): Query<PointQuery>,
+) -> Result<Json<PointPage>> {
+    app.guard(&h, Role::Reader, "point.list", "-")?;
+    let limit = limit(q.limit)?;
+    let (items, next_cursor) = catalog::list(
+        &app.db,
+        &app.vault_name,
+        q.item.as_deref(),
+        q.deleted,
+        limit,
+        q.cursor.as_deref(),
+    )?;
+    Ok(Json(PointPage { items, next_cursor }))
+}
+
+#[utoipa::path(get, path = "/api/v1/recovery-points/{id}", tag = "recovery-points",
+    params(("id" = String, Path, description = "the id or a unique prefix of it")),
+    responses((status = 200, body = PointRow), (status = 404, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn show(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<PointRow>> {
+    app.guard(&h, Role::Reader, "point.show", &id)?;
+    Ok(Json(catalog::find(&app.db, &app.vault_name, None, &id)?))
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Deleted {
+    pub id: String,
+    pub deleted_at: String,
+    /// Undelete is possible until then; after it the point is removed for good.
+    pub purge_after: String,
+}
+
+#[utoipa::path(delete, path = "/api/v1/recovery-points/{id}", tag = "recovery-points",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Deleted), (status = 202, body = ErrorBody, description = "waiting for a second admin"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Deleted>> {
+    let actor = app.guard(&h, Role::Contributor, "point.delete", &id)?;
+    let p = catalog::find(&app.db, &app.vault_name, None, &id)?;
+    if p.deleted_at.is_some() {
+        return Err(Error::Conflict(format!(
+            "recovery point {} is deleted already",
+            p.id
+        )));
+    }
+    if let Err(e) = app.check_lock_allows_delete(&p) {
+        crate::auth::audit(
+            &app.db,
+            &actor.user,
+            "point.delete",
+            &p.id,
+            &format!("denied: {e}"),
+        );
+        return Err(e);
+    }
+    let out = app.destructive(&actor, "point.delete", &p.id, serde_json::Value::Null)?;
+    serde_json::from_value(out)
+        .map(Json)
+        .map_err(|e| Error::Input(e.to_string()))
+}
+
+impl App {
+    /// Soft-deletes: a marker in the vault, the point stays restorable.
+    pub fn do_delete_point(&self, id: &str, by: &str) -> Result<serde_json::Value> {
+        let p = catalog::find(&self.db, &self.vault_name, None, id)?;
+        self.check_lock_allows_delete(&p)?;
+        let now = self.now();
+        softdelete::mark_deleted(&self.vault, &p.id, &ts(now), by)?;
+        catalog::set_deleted(&self.db, &p.id, Some(&ts(now)))?;
+        let days = self.soft_delete_days()?;
+        Ok(serde_json::json!({
+            "id": p.id,
+            "deleted_at": ts(now),
+            "purge_after": ts(now + chrono::Duration::days(i64::from(days))),
+        }))
+    }
+
+    /// In a locked vault, a point may go only once nothing keeps it: its keep-until date
+    /// has passed and its VM's policy's retention no longer keeps it.
+    fn check_lock_allows_delete(&self, p: &PointRow) -> Result<()> {
+        let Some(locked) = self.locked_at()? else {
+            return Ok(());
+        };
+        let refuse = |why: String| {
+            Err(Error::Forbidden(format!(
+                "the vault is locked (immutable since {locked}): recovery point {} cannot be \
+                 deleted before its retention ends: {why}",
+                p.id
+            )))
+        };
+        if let Some(until) = &p.keep_until {
+            if *until > ts(self.now()) {
+                return refuse(format!("it is kept until {until}"));
+            }
+        }
+        let policy: Option<String> = self
+            .db
+            .conn()
+            .query_row(
+                "SELECT policy FROM protected_items WHERE name = ?1",
+                [&p.vm],
+                |r| r.get(0),
+            )
+            .ok();
+        let Some(policy) = policy else {
+            return refuse(format!(
+                "'{}' has no policy whose retention could end",
+                p.vm
+            ));
+        };
+        let pol = crate::api::policies::load(&self.db, &policy)?;
+        let tz = crate::schedule::parse_tz(&pol.timezone)?;
+        let points = catalog::manifests_of(&self.db, &self.vault_name, &p.vm)?;
+        let plan = vmvault_engine::plan_prune(&points, &pol.retention(), Some(&p.vm), |t| {
+            t.with_timezone(&tz).naive_local()
+        })?;
+        if let Some(d) = plan.iter().find(|d| d.id.to_hex() == p.id && d.keep) {
+            return refuse(format!(
+                "policy '{policy}' keeps it ({})",
+                d.reasons.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/recovery-points/{id}/undelete", tag = "recovery-points",
+    params(("id" = String, Path)),
+    responses((status = 200, body = PointRow), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn undelete(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<PointRow>> {
+    let actor = app.guard(&h, Role::Contributor, "point.undelete", &id)?;
+    let row = app.audited(&actor, "point.undelete", &id, || {
+        let p = catalog::find(&app.db, &app.vault_name, None, &id)?;
+        if p.deleted_at.is_none() {
+            return Err(Error::Conflict(format!(
+                "recovery point {} is not deleted",
+                p.id
+            )));
+        }
+        softdelete::unmark_deleted(&app.vault, &p.id)?;
+        catalog::set_deleted(&app.db, &p.id, None)?;
+        catalog::find(&app.db, &app.vault_name, None, &p.id)
+    })?;
+    Ok(Json(row))
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct RestoreRequest {
+    /// The point's id (or a unique prefix).
+    pub point: String,
+    /// A folder on the server's host; the VM's disks and description are written into it.
+    pub target: String,
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+#[utoipa::path(post, path = "/api/v1/restores", tag = "restores", request_body = RestoreRequest,
+    responses((status = 202, body = crate::api::items::JobRef), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("token" = [])))]
+pub async fn restore(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Json(req): Json<RestoreRequest>,
+) -> Result<(StatusCode, Json<crate::api::items::JobRef>)> {
+    // Overwriting files on the server's host is an admin's call; an operator restores into
+    // places that do not exist yet.
+    let need = if req.overwrite {
+        Role::Admin
+    } else {
+        Role::Operator
+    };
+    let actor = app.guard(&h, need, "restore.start", &req.point)?;
+    let job = app.audited(&actor, "restore.start", &req.point, || {
+        let p = catalog::find(&app.db, &app.vault_name, None, &req.point)?;
+        if !std::path::Path::new(&req.target).is_absolute() {
+            return Err(Error::Input(format!(
+                "target '{}' must be an absolute path on the server's host",
+                req.target
+            )));
+        }
+        let params = Params {
+            point: Some(p.id),
+            target: Some(req.target.clone()),
+            overwrite: req.overwrite,
+            ..Default::default()
+        };
+        app.enqueue("restore", Some(&p.vm), &params, &actor.user)
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(crate::api::items::JobRef { job }),
+    ))
+}

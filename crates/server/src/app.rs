@@ -1,0 +1,396 @@
+//! The server's shared state and its start: the state dir, the database, the vault, the
+//! first admin token, the catalog, and the scheduler pass.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, OptionalExtension};
+use vmvault_store::{CreateOptions, LocalBackend, Vault, WriteBackend};
+
+use crate::config::ServerConfig;
+use crate::db::{parse_ts, ts, Db};
+use crate::jobs::{Params, Runner};
+use crate::schedule::{Clock, Schedule};
+use crate::{auth, catalog, softdelete, Error, Result};
+
+/// Per VM: when its last backup succeeded and what it moved (for metrics and alerts).
+#[derive(Default, Clone)]
+pub struct VmStats {
+    pub last_success: Option<DateTime<Utc>>,
+    pub bytes_logical: u64,
+    pub bytes_stored: u64,
+}
+
+pub struct App {
+    pub cfg: ServerConfig,
+    pub db: Db,
+    pub clock: Arc<dyn Clock>,
+    /// The vault, opened once for the API and maintenance; jobs open their own view.
+    pub vault: Vault,
+    pub vault_name: String,
+    pub(crate) passphrase: Vec<u8>,
+    pub runner: Runner,
+    pub stats: Mutex<HashMap<String, VmStats>>,
+    pub(crate) overdue: crate::alerts::Overdue,
+    /// When the catalog was last made to match the vault.
+    rebuilt: Mutex<std::time::Instant>,
+    /// Where the first admin token was written, on the start that made it.
+    pub admin_token_file: std::path::PathBuf,
+}
+
+fn create_dir_private(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))
+}
+
+impl App {
+    /// Opens (or on first start, makes) everything the server needs; `say` gets what the
+    /// operator should read in the log.
+    pub fn open(cfg: ServerConfig, clock: Arc<dyn Clock>, say: &dyn Fn(&str)) -> Result<Arc<App>> {
+        cfg.check()?;
+        create_dir_private(&cfg.state_dir)?;
+        let db = Db::open(&cfg.state_dir.join("state.db"))?;
+        let (vault, passphrase) = open_vault(&cfg, say)?;
+        let vault_name = cfg.vault_name.clone();
+        let locked = softdelete::read_lock(&vault)?;
+        db.conn().execute(
+            "INSERT INTO vaults (name, location, soft_delete_days, locked_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET location = ?2,
+             locked_at = coalesce(vaults.locked_at, ?4)",
+            params![vault_name, vault.location(), cfg.soft_delete_days, locked],
+        )?;
+        let admin_token_file = cfg.state_dir.join("admin-token");
+        if auth::bootstrap_admin(&db, &admin_token_file)?.is_some() {
+            say(&format!(
+                "first start: the admin's API token is in {} (readable by this user only)",
+                admin_token_file.display()
+            ));
+        }
+        let app = Arc::new(App {
+            cfg,
+            db,
+            clock,
+            vault,
+            vault_name,
+            passphrase,
+            runner: Runner::default(),
+            stats: Mutex::new(HashMap::new()),
+            overdue: Default::default(),
+            rebuilt: Mutex::new(std::time::Instant::now()),
+            admin_token_file,
+        });
+        let n = app.recover_jobs()?;
+        if n > 0 {
+            say(&format!(
+                "{n} job(s) were running when the server stopped: marked failed"
+            ));
+        }
+        let points = catalog::rebuild(&app.db, &app.vault_name, &app.vault)?;
+        say(&format!(
+            "catalog: {points} recovery point(s) in {}",
+            app.vault.location()
+        ));
+        app.load_stats()?;
+        Ok(app)
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Starts the job dispatcher and the scheduler on their own threads.
+    pub fn start_background(self: &Arc<App>) -> Result<()> {
+        let a = self.clone();
+        std::thread::Builder::new()
+            .name("dispatcher".into())
+            .spawn(move || a.dispatch_loop())
+            .map_err(|e| Error::io("starting the dispatcher", e))?;
+        let a = self.clone();
+        std::thread::Builder::new()
+            .name("scheduler".into())
+            .spawn(move || {
+                while !a.runner.stopping.load(Ordering::Relaxed) {
+                    if let Err(e) = a.tick() {
+                        eprintln!("vmvault server: scheduler: {e}");
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(a.cfg.tick_secs.max(1)));
+                }
+            })
+            .map_err(|e| Error::io("starting the scheduler", e))?;
+        Ok(())
+    }
+
+    pub fn stop(&self) {
+        self.runner.stopping.store(true, Ordering::Relaxed);
+        self.runner.wake();
+    }
+
+    /// One scheduler pass: due backups are queued (a run missed while the server was down,
+    /// however many, runs once), GC when due, soft-deleted points past their time removed,
+    /// overdue VMs alerted. Returns the backup jobs it queued.
+    pub fn tick(&self) -> Result<Vec<i64>> {
+        let now = self.now();
+        let items: Vec<(String, String, String, Option<String>)> = {
+            let conn = self.db.conn();
+            let mut stmt = conn.prepare(
+                "SELECT i.name, p.schedule, p.timezone, i.next_run FROM protected_items i
+                 JOIN policies p ON p.name = i.policy ORDER BY i.name",
+            )?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        let mut queued = Vec::new();
+        for (item, schedule, tz, next) in items {
+            let sched = Schedule::parse(&schedule, &tz)?;
+            let next = next.as_deref().and_then(parse_ts);
+            match next {
+                Some(at) if at <= now => {
+                    let missed = count_missed(&sched, at, now);
+                    let pending: bool = self.db.conn().query_row(
+                        "SELECT count(*) > 0 FROM jobs WHERE item = ?1 AND kind = 'backup'
+                         AND state IN ('queued', 'running')",
+                        [&item],
+                        |r| r.get(0),
+                    )?;
+                    if pending {
+                        self.alert(
+                            "missed_schedule",
+                            &item,
+                            &format!("the backup due at {} found the previous one still queued or running", ts(at)),
+                        );
+                    } else {
+                        let id =
+                            self.enqueue("backup", Some(&item), &Params::default(), "scheduler")?;
+                        if missed > 1 {
+                            self.job_log(id, &format!("{missed} scheduled runs were missed while the server was down (the first at {}): this one run stands for them", ts(at)));
+                            self.alert(
+                                "missed_schedule",
+                                &item,
+                                &format!("{missed} scheduled backups were missed; one runs now"),
+                            );
+                        }
+                        queued.push(id);
+                    }
+                    self.set_next_run(&item, sched.next_after(now))?;
+                }
+                Some(_) => {}
+                None => self.set_next_run(&item, sched.next_after(now))?,
+            }
+            self.check_overdue(&item, &sched, now);
+        }
+        self.tick_gc(now)?;
+        self.purge_expired(now)?;
+        self.refresh_catalog()?;
+        Ok(queued)
+    }
+
+    /// Every ten minutes the catalog is made to match the vault again, so that points made
+    /// or pruned by the local CLI on the same vault show up without a restart.
+    fn refresh_catalog(&self) -> Result<()> {
+        let due = {
+            let mut last = self.rebuilt.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.elapsed() >= std::time::Duration::from_secs(600);
+            if due {
+                *last = std::time::Instant::now();
+            }
+            due
+        };
+        if due {
+            catalog::rebuild(&self.db, &self.vault_name, &self.vault)?;
+        }
+        Ok(())
+    }
+
+    fn set_next_run(&self, item: &str, at: DateTime<Utc>) -> Result<()> {
+        self.db.conn().execute(
+            "UPDATE protected_items SET next_run = ?2 WHERE name = ?1",
+            params![item, ts(at)],
+        )?;
+        Ok(())
+    }
+
+    fn tick_gc(&self, now: DateTime<Utc>) -> Result<()> {
+        let sched = Schedule::parse(&self.cfg.gc_schedule, &self.cfg.timezone)?;
+        let key = format!("gc_next:{}", self.vault_name);
+        let next: Option<String> = self
+            .db
+            .conn()
+            .query_row("SELECT value FROM settings WHERE key = ?1", [&key], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let due = match next.as_deref().and_then(parse_ts) {
+            Some(at) => at <= now,
+            None => false,
+        };
+        if due {
+            self.enqueue("gc", None, &Params::default(), "scheduler")?;
+        }
+        if due || next.is_none() {
+            self.db.conn().execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = ?2",
+                params![key, ts(sched.next_after(now))],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Removes for good the points whose soft-delete time is over.
+    fn purge_expired(&self, now: DateTime<Utc>) -> Result<()> {
+        let days = self.soft_delete_days()?;
+        let cutoff = ts(now - chrono::Duration::days(i64::from(days)));
+        for id in catalog::expired_deletions(&self.db, &self.vault_name, &cutoff)? {
+            softdelete::purge(&self.vault, &id)?;
+            catalog::remove(&self.db, &id)?;
+            auth::audit(
+                &self.db,
+                "server",
+                "point.purge",
+                &id,
+                "ok: soft-delete time over",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn soft_delete_days(&self) -> Result<u32> {
+        Ok(self.db.conn().query_row(
+            "SELECT soft_delete_days FROM vaults WHERE name = ?1",
+            [&self.vault_name],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn locked_at(&self) -> Result<Option<String>> {
+        Ok(self.db.conn().query_row(
+            "SELECT locked_at FROM vaults WHERE name = ?1",
+            [&self.vault_name],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub(crate) fn record_success(&self, vm: &str, logical: u64, stored: u64) {
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let e = s.entry(vm.to_string()).or_default();
+        e.last_success = Some(self.now());
+        e.bytes_logical += logical;
+        e.bytes_stored += stored;
+    }
+
+    /// Last successful backups from the job history, so metrics survive a restart.
+    fn load_stats(&self) -> Result<()> {
+        let rows: Vec<(String, String)> = {
+            let conn = self.db.conn();
+            let mut stmt = conn.prepare(
+                "SELECT item, max(ended) FROM jobs WHERE kind = 'backup' AND state = 'succeeded'
+                 GROUP BY item",
+            )?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        for (vm, ended) in rows {
+            s.entry(vm).or_default().last_success = parse_ts(&ended);
+        }
+        Ok(())
+    }
+}
+
+/// How many runs of `sched` fell in `[first, now]` (bounded: it is only for the message).
+fn count_missed(sched: &Schedule, first: DateTime<Utc>, now: DateTime<Utc>) -> u32 {
+    let mut n = 1;
+    let mut t = first;
+    while n < 10_000 {
+        t = sched.next_after(t);
+        if t > now {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Opens the configured vault, making it (and, without a configured passphrase, a random
+/// passphrase kept in the state dir) on first start.
+fn open_vault(cfg: &ServerConfig, say: &dyn Fn(&str)) -> Result<(Vault, Vec<u8>)> {
+    let path = cfg.vault_path();
+    let generated = cfg.state_dir.join("vault-passphrase");
+    let configured: Option<Vec<u8>> = match (&cfg.passphrase, &cfg.passphrase_file) {
+        (Some(p), _) => Some(p.as_bytes().to_vec()),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| Error::io(format!("reading {}", f.display()), e))?;
+            Some(text.trim_end_matches(['\r', '\n']).as_bytes().to_vec())
+        }
+        (None, None) if generated.exists() => {
+            let text = std::fs::read_to_string(&generated)
+                .map_err(|e| Error::io(format!("reading {}", generated.display()), e))?;
+            Some(text.trim_end().as_bytes().to_vec())
+        }
+        (None, None) => None,
+    };
+    let backend: Arc<dyn WriteBackend> = Arc::new(LocalBackend::new(&path));
+    if let Some(s) = &cfg.secondary {
+        std::fs::create_dir_all(s)
+            .map_err(|e| Error::io(format!("creating {}", s.display()), e))?;
+    }
+    if Vault::read_config(&*backend).is_ok() {
+        let pass = configured.clone().unwrap_or_default();
+        let vault = Vault::open(cfg.regions(true), move || {
+            configured.ok_or_else(|| {
+                "the vault is encrypted: give its passphrase (passphrase_file, VMVAULT_PASSWORD)"
+                    .to_string()
+            })
+        })?;
+        return Ok((vault, pass));
+    }
+    let pass = match configured {
+        Some(p) => p,
+        None => {
+            let mut b = [0u8; 24];
+            vmvault_format::random_bytes(&mut b);
+            let p = hex::encode(b);
+            auth::write_secret(&generated, &format!("{p}\n"))?;
+            say(&format!(
+                "made a passphrase for the new vault: {} (keep a copy elsewhere: without it the vault cannot be read)",
+                generated.display()
+            ));
+            p.into_bytes()
+        }
+    };
+    std::fs::create_dir_all(&path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    let vault = Vault::create(
+        cfg.regions(true),
+        CreateOptions {
+            passphrase: Some(pass.clone()),
+            ..Default::default()
+        },
+    )?;
+    say(&format!("created the vault {}", path.display()));
+    Ok((vault, pass))
+}
+
+/// A protected item's existence, for handlers.
+pub fn item_exists(db: &Db, name: &str) -> Result<bool> {
+    Ok(db
+        .conn()
+        .query_row(
+            "SELECT 1 FROM protected_items WHERE name = ?1",
+            [name],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}

@@ -1,0 +1,256 @@
+//! Users, API tokens and roles per vault; the audit log.
+//!
+//! A token is `vmv_<prefix>_<secret>`: the prefix finds the row, the secret is checked
+//! against its BLAKE3 hash (a random 256-bit secret needs no slow hash: it cannot be
+//! guessed, only stolen, and the database holds no usable copy). The secret is shown once.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rusqlite::{params, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::db::{ts, Db};
+use crate::{Error, Result};
+
+/// What a user may do on a vault; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Sees everything: vaults, policies, items, points, jobs.
+    Reader,
+    /// Backs up and restores.
+    Operator,
+    /// Manages policies and protected items, deletes and undeletes points.
+    Contributor,
+    /// Users, tokens, vault settings, lock, approvals, audit.
+    Admin,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Reader => "reader",
+            Role::Operator => "operator",
+            Role::Contributor => "contributor",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+impl FromStr for Role {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Role> {
+        match s {
+            "reader" => Ok(Role::Reader),
+            "operator" => Ok(Role::Operator),
+            "contributor" => Ok(Role::Contributor),
+            "admin" => Ok(Role::Admin),
+            _ => Err(Error::Input(format!(
+                "'{s}' is not a role (reader, operator, contributor, admin)"
+            ))),
+        }
+    }
+}
+
+/// Who made a request, once their token checked out.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub user: String,
+    pub user_id: i64,
+}
+
+const TOKEN_TAG: &str = "vmv_";
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    vmvault_format::random_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn hash(secret: &str) -> String {
+    blake3::hash(secret.as_bytes()).to_hex().to_string()
+}
+
+/// Makes a user (when new) with `role` on `vault`; returns a fresh token for them.
+pub fn create_user(db: &Db, name: &str, vault: &str, role: Role) -> Result<String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+    {
+        return Err(Error::Input(format!(
+            "'{name}' is not a user name (1-64 of letters, digits, - _ . @)"
+        )));
+    }
+    let conn = db.conn();
+    let now = ts(chrono::Utc::now());
+    let exists: Option<i64> = conn
+        .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?;
+    if exists.is_some() {
+        return Err(Error::Conflict(format!("user '{name}' exists")));
+    }
+    conn.execute(
+        "INSERT INTO users (name, created) VALUES (?1, ?2)",
+        params![name, now],
+    )?;
+    let id = conn.last_insert_rowid();
+    conn.execute(
+        "INSERT INTO roles (user_id, vault, role) VALUES (?1, ?2, ?3)",
+        params![id, vault, role.to_string()],
+    )?;
+    drop(conn);
+    new_token(db, id)
+}
+
+/// A new token for a user; the secret is in the return value only.
+pub fn new_token(db: &Db, user_id: i64) -> Result<String> {
+    let prefix = random_hex(6);
+    let secret = random_hex(32);
+    db.conn().execute(
+        "INSERT INTO tokens (user_id, prefix, hash, created) VALUES (?1, ?2, ?3, ?4)",
+        params![user_id, prefix, hash(&secret), ts(chrono::Utc::now())],
+    )?;
+    Ok(format!("{TOKEN_TAG}{prefix}_{secret}"))
+}
+
+/// The user a bearer token belongs to.
+pub fn authenticate(db: &Db, header: Option<&str>) -> Result<Actor> {
+    let Some(header) = header else {
+        return Err(Error::Unauthorized(
+            "no API token: send 'Authorization: Bearer vmv_...'".into(),
+        ));
+    };
+    let token = header
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| {
+            Error::Unauthorized("the Authorization header is not 'Bearer TOKEN'".into())
+        })?
+        .trim();
+    let bad = || Error::Unauthorized("the API token is not valid".into());
+    let rest = token.strip_prefix(TOKEN_TAG).ok_or_else(bad)?;
+    let (prefix, secret) = rest.split_once('_').ok_or_else(bad)?;
+    let row: Option<(String, i64, String)> = db
+        .conn()
+        .query_row(
+            "SELECT t.hash, u.id, u.name FROM tokens t JOIN users u ON u.id = t.user_id
+             WHERE t.prefix = ?1",
+            [prefix],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let (stored, user_id, user) = row.ok_or_else(bad)?;
+    // blake3::Hash compares in constant time: the comparison must not tell how much of a
+    // guess was right.
+    let stored = blake3::Hash::from_hex(&stored).map_err(|_| bad())?;
+    if stored != blake3::hash(secret.as_bytes()) {
+        return Err(bad());
+    }
+    Ok(Actor { user, user_id })
+}
+
+/// The user's role on `vault` (a role on `*` holds for every vault).
+pub fn role_of(db: &Db, actor: &Actor, vault: &str) -> Result<Option<Role>> {
+    let conn = db.conn();
+    let mut stmt =
+        conn.prepare_cached("SELECT role FROM roles WHERE user_id = ?1 AND vault IN (?2, '*')")?;
+    let roles = stmt
+        .query_map(params![actor.user_id, vault], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut best = None;
+    for r in roles {
+        let r: Role = r.parse()?;
+        best = best.max(Some(r));
+    }
+    Ok(best)
+}
+
+/// Refuses (403, with the reason) unless the actor holds `need` on `vault`.
+pub fn require(db: &Db, actor: &Actor, vault: &str, need: Role, action: &str) -> Result<()> {
+    match role_of(db, actor, vault)? {
+        Some(r) if r >= need => Ok(()),
+        have => {
+            let have = have.map_or_else(|| "no role".to_string(), |r| format!("role {r}"));
+            Err(Error::Forbidden(format!(
+                "{action} needs role {need} on vault '{vault}'; user '{}' has {have}",
+                actor.user
+            )))
+        }
+    }
+}
+
+/// Records who did what, and how it ended.
+pub fn audit(db: &Db, user: &str, action: &str, target: &str, outcome: &str) {
+    // The audit write must not turn a done action into an error answer; a failure to
+    // record is printed for the operator instead.
+    if let Err(e) = db.conn().execute(
+        "INSERT INTO audit (time, user, action, target, outcome) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![ts(chrono::Utc::now()), user, action, target, outcome],
+    ) {
+        eprintln!("vmvault server: could not write the audit log: {e}");
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub time: String,
+    pub user: String,
+    pub action: String,
+    pub target: String,
+    /// `ok`, `denied: ...`, `failed: ...` or `pending approval N`.
+    pub outcome: String,
+}
+
+pub fn audit_entries(db: &Db, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+    let conn = db.conn();
+    let mut stmt = conn.prepare(
+        "SELECT id, time, user, action, target, outcome FROM audit
+         WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![before.unwrap_or(i64::MAX), limit], |r| {
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                time: r.get(1)?,
+                user: r.get(2)?,
+                action: r.get(3)?,
+                target: r.get(4)?,
+                outcome: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// On first start: the `admin` user with a token, written to `path` (0600).
+pub fn bootstrap_admin(db: &Db, path: &std::path::Path) -> Result<Option<String>> {
+    let users: i64 = db
+        .conn()
+        .query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
+    if users > 0 {
+        return Ok(None);
+    }
+    let token = create_user(db, "admin", "*", Role::Admin)?;
+    write_secret(path, &format!("{token}\n"))?;
+    Ok(Some(token))
+}
+
+/// Writes a file only its owner can read, created that way (never briefly world-readable).
+pub fn write_secret(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    Ok(())
+}

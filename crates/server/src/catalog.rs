@@ -1,0 +1,266 @@
+//! The catalog: every recovery point of the vault as a row in SQLite, so that listings are
+//! indexed queries instead of reads of every manifest. The vault is the truth: the catalog
+//! is rebuilt from it at start and updated after each backup, prune and delete.
+
+use std::collections::{HashMap, HashSet};
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+use utoipa::ToSchema;
+use vmvault_format::Manifest;
+use vmvault_store::Vault;
+
+use crate::db::Db;
+use crate::{Error, Result};
+
+/// A recovery point as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct PointRow {
+    /// The point's id (32 hex digits).
+    pub id: String,
+    /// The protected VM it belongs to.
+    pub vm: String,
+    pub time: String,
+    pub bytes_logical: u64,
+    pub bytes_stored: u64,
+    /// When it was (soft-)deleted; it is removed for good `soft_delete_days` later.
+    pub deleted_at: Option<String>,
+    /// Kept at least until then, whatever the policy's retention says.
+    pub keep_until: Option<String>,
+    /// The whole manifest, as `vmvault points --json` shows it.
+    #[schema(value_type = Object)]
+    pub manifest: serde_json::Value,
+}
+
+fn insert(conn: &rusqlite::Connection, vault: &str, m: &Manifest) -> Result<()> {
+    let json = serde_json::to_string(m).map_err(|e| Error::Input(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO points (id, vault, vm, time, bytes_logical, bytes_stored, manifest)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        m.id.to_hex(),
+        vault,
+        m.vm,
+        m.time,
+        m.logical_bytes() as i64,
+        m.stats.bytes_stored as i64,
+        json
+    ])?;
+    Ok(())
+}
+
+pub fn add(db: &Db, vault: &str, m: &Manifest) -> Result<()> {
+    insert(&db.conn(), vault, m)
+}
+
+pub fn remove(db: &Db, id: &str) -> Result<()> {
+    db.conn()
+        .execute("DELETE FROM points WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// Makes the catalog match the vault: new points added, vanished ones dropped, and the
+/// soft-delete state taken from the vault's markers. Keep-until dates of points still
+/// there stay.
+pub fn rebuild(db: &Db, vault_name: &str, vault: &Vault) -> Result<usize> {
+    let ids: HashSet<String> = vault.point_ids()?.iter().map(|i| i.to_hex()).collect();
+    let known: HashSet<String> = {
+        let conn = db.conn();
+        let mut stmt = conn.prepare("SELECT id FROM points WHERE vault = ?1")?;
+        let rows = stmt
+            .query_map([vault_name], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<HashSet<_>>>()?;
+        rows
+    };
+    // Manifests are read outside the database lock: the API keeps answering meanwhile.
+    let mut new = Vec::new();
+    for id in ids.difference(&known) {
+        let Ok(pid) = id.parse() else { continue };
+        match vault.load_manifest(&pid) {
+            Ok(m) => new.push(m),
+            Err(vmvault_store::StoreError::NotFound(_)) => {}
+            Err(e) => eprintln!("vmvault server: recovery point {id} cannot be read: {e}"),
+        }
+    }
+    let deleted = crate::softdelete::markers(vault)?;
+    let mut conn = db.conn();
+    let tx = conn.transaction()?;
+    for id in known.difference(&ids) {
+        tx.execute("DELETE FROM points WHERE id = ?1", [id])?;
+    }
+    for m in &new {
+        insert(&tx, vault_name, m)?;
+    }
+    tx.execute(
+        "UPDATE points SET deleted_at = NULL WHERE vault = ?1",
+        [vault_name],
+    )?;
+    for (id, at) in &deleted {
+        tx.execute(
+            "UPDATE points SET deleted_at = ?2 WHERE id = ?1",
+            params![id, at],
+        )?;
+    }
+    tx.commit()?;
+    Ok(ids.len())
+}
+
+fn row(r: &rusqlite::Row) -> rusqlite::Result<PointRow> {
+    let manifest: String = r.get(6)?;
+    Ok(PointRow {
+        id: r.get(0)?,
+        vm: r.get(1)?,
+        time: r.get(2)?,
+        bytes_logical: r.get::<_, i64>(3)? as u64,
+        bytes_stored: r.get::<_, i64>(4)? as u64,
+        deleted_at: r.get(5)?,
+        keep_until: r.get(7)?,
+        manifest: serde_json::from_str(&manifest).unwrap_or(serde_json::Value::Null),
+    })
+}
+
+const COLUMNS: &str = "id, vm, time, bytes_logical, bytes_stored, deleted_at, manifest, keep_until";
+
+/// One page of points, oldest first, after `cursor` (the last page's last `time/id`).
+pub fn list(
+    db: &Db,
+    vault: &str,
+    vm: Option<&str>,
+    deleted: bool,
+    limit: u32,
+    cursor: Option<&str>,
+) -> Result<(Vec<PointRow>, Option<String>)> {
+    let (after_time, after_id) = match cursor {
+        Some(c) => {
+            let (t, i) = c
+                .split_once('/')
+                .ok_or_else(|| Error::Input(format!("'{c}' is not a cursor from this API")))?;
+            (t.to_string(), i.to_string())
+        }
+        None => (String::new(), String::new()),
+    };
+    let deleted_clause = if deleted {
+        "deleted_at IS NOT NULL"
+    } else {
+        "deleted_at IS NULL"
+    };
+    let vm_clause = if vm.is_some() {
+        "AND vm = ?5"
+    } else {
+        "AND ?5 IS NULL"
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM points WHERE vault = ?1 AND {deleted_clause} {vm_clause}
+         AND (time, id) > (?2, ?3) ORDER BY time, id LIMIT ?4"
+    );
+    let conn = db.conn();
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt
+        .query_map(params![vault, after_time, after_id, limit + 1, vm], row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut rows = rows;
+    let next = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| format!("{}/{}", r.time, r.id))
+    } else {
+        None
+    };
+    Ok((rows, next))
+}
+
+/// A point by its full id or by a unique prefix of it, for `VM@ID` names.
+pub fn find(db: &Db, vault: &str, vm: Option<&str>, id: &str) -> Result<PointRow> {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::Input(format!("'{id}' is not a recovery point id")));
+    }
+    let conn = db.conn();
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM points WHERE vault = ?1 AND id >= ?2 AND id < ?3
+         AND (?4 IS NULL OR vm = ?4) LIMIT 2"
+    ))?;
+    let lo = id.to_ascii_lowercase();
+    let hi = format!("{lo}\u{7f}");
+    let rows = stmt
+        .query_map(params![vault, lo, hi, vm], row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    match rows.len() {
+        0 => Err(Error::NotFound(format!("no recovery point {id}"))),
+        1 => Ok(rows.into_iter().next().expect("one row")),
+        _ => Err(Error::Input(format!(
+            "'{id}' names more than one recovery point: give more of the id"
+        ))),
+    }
+}
+
+/// The manifests of one VM's points (soft-deleted ones too), from the catalog: what retention
+/// plans over, without reading every manifest in the vault.
+pub fn manifests_of(db: &Db, vault: &str, vm: &str) -> Result<Vec<Manifest>> {
+    let conn = db.conn();
+    let mut stmt = conn.prepare_cached(
+        "SELECT manifest FROM points WHERE vault = ?1 AND vm = ?2 ORDER BY time, id",
+    )?;
+    let texts = stmt
+        .query_map(params![vault, vm], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    texts
+        .iter()
+        .map(|t| {
+            serde_json::from_str(t)
+                .map_err(|e| Error::Input(format!("a manifest in the catalog: {e}")))
+        })
+        .collect()
+}
+
+pub fn set_keep_until(db: &Db, id: &str, until: Option<&str>) -> Result<()> {
+    db.conn().execute(
+        "UPDATE points SET keep_until = ?2 WHERE id = ?1",
+        params![id, until],
+    )?;
+    Ok(())
+}
+
+pub fn set_deleted(db: &Db, id: &str, at: Option<&str>) -> Result<()> {
+    db.conn().execute(
+        "UPDATE points SET deleted_at = ?2 WHERE id = ?1",
+        params![id, at],
+    )?;
+    Ok(())
+}
+
+/// Keep-until dates by point id, for prune.
+pub fn holds(db: &Db, vault: &str) -> Result<HashMap<String, String>> {
+    let conn = db.conn();
+    let mut stmt = conn
+        .prepare("SELECT id, keep_until FROM points WHERE vault = ?1 AND keep_until IS NOT NULL")?;
+    let rows = stmt
+        .query_map([vault], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<HashMap<_, _>>>()?;
+    Ok(rows)
+}
+
+/// Points deleted before `cutoff`: their soft-delete time is over.
+pub fn expired_deletions(db: &Db, vault: &str, cutoff: &str) -> Result<Vec<String>> {
+    let conn = db.conn();
+    let mut stmt = conn.prepare("SELECT id FROM points WHERE vault = ?1 AND deleted_at < ?2")?;
+    let rows = stmt
+        .query_map(params![vault, cutoff], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+pub fn count(db: &Db, vault: &str) -> Result<(i64, i64)> {
+    Ok(db.conn().query_row(
+        "SELECT count(*), coalesce(sum(bytes_stored), 0) FROM points WHERE vault = ?1",
+        [vault],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)
+}
+
+pub fn exists(db: &Db, id: &str) -> Result<bool> {
+    Ok(db
+        .conn()
+        .query_row("SELECT 1 FROM points WHERE id = ?1", [id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}

@@ -1,0 +1,72 @@
+//! The vault server: REST API, auth, scheduler, job runner, catalog database, metrics and
+//! alerts. It drives the engine for backups and restores and never reads byte formats itself.
+
+pub mod alerts;
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod db;
+mod error;
+pub mod jobs;
+pub mod metrics;
+pub mod schedule;
+pub mod softdelete;
+pub mod tls;
+mod work;
+
+use std::sync::Arc;
+
+pub use app::App;
+pub use config::{Overrides, ServerConfig};
+pub use error::{Error, ErrorBody, ErrorDetail, Result};
+pub use schedule::{Clock, ManualClock, SystemClock};
+
+/// A started server: where it listens and what a client needs to reach it.
+pub struct Started {
+    pub app: Arc<App>,
+    pub addr: std::net::SocketAddr,
+    /// The certificate's SHA-256 fingerprint; `None` with plain HTTP.
+    pub fingerprint: Option<String>,
+}
+
+/// Opens the state, binds the listener and starts the scheduler and job runner; the caller
+/// then awaits [`tls::serve`] with `listener`.
+pub async fn start(
+    cfg: ServerConfig,
+    clock: Arc<dyn Clock>,
+    say: &dyn Fn(&str),
+) -> Result<(
+    Started,
+    tokio::net::TcpListener,
+    Option<Arc<rustls::ServerConfig>>,
+)> {
+    let listen = cfg.listen;
+    let insecure = cfg.insecure_http;
+    let state_dir = cfg.state_dir.clone();
+    let app = App::open(cfg, clock, say)?;
+    let (tls, fingerprint) = if insecure {
+        (None, None)
+    } else {
+        let id = tls::load_or_create(&state_dir)?;
+        let fp = tls::fingerprint(&id.cert);
+        (Some(tls::server_config(&id)?), Some(fp))
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::io(format!("listening on {listen}"), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the listening address", e))?;
+    app.start_background()?;
+    Ok((
+        Started {
+            app,
+            addr,
+            fingerprint,
+        },
+        listener,
+        tls,
+    ))
+}

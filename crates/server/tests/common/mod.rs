@@ -1,0 +1,205 @@
+//! A real server (the library, on an ephemeral loopback port, plain HTTP) with a fresh state
+//! dir and vault per test, and a small HTTP client with real tokens.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use vmvault_server::{App, Clock, ServerConfig};
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub base: String,
+    pub app: Arc<App>,
+    pub admin: String,
+    rt: tokio::runtime::Runtime,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Server {
+    pub fn start(clock: Arc<dyn Clock>) -> Server {
+        Self::start_with(clock, |_| {})
+    }
+
+    pub fn start_with(clock: Arc<dyn Clock>, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ServerConfig {
+            state_dir: dir.path().join("state"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            insecure_http: true,
+            passphrase: Some("test passphrase".into()),
+            tick_secs: 1,
+            retry_backoff_secs: 1,
+            ..ServerConfig::default()
+        };
+        tweak(&mut cfg);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (started, listener, tls) = rt
+            .block_on(vmvault_server::start(cfg, clock, &|_| {}))
+            .unwrap();
+        let app = started.app.clone();
+        rt.spawn(vmvault_server::tls::serve(
+            started.app,
+            listener,
+            tls,
+            std::future::pending(),
+        ));
+        let admin = std::fs::read_to_string(&app.admin_token_file)
+            .unwrap()
+            .trim()
+            .to_string();
+        Server {
+            base: format!("http://{}", started.addr),
+            dir,
+            app,
+            admin,
+            rt,
+        }
+    }
+
+    pub fn call(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut r = ureq::request(method, &format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.set("Authorization", &format!("Bearer {t}"));
+        }
+        let res = match body {
+            Some(b) => r.send_json(b),
+            None => r.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Answer { status, body }
+    }
+
+    pub fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
+        self.call(Some(&self.admin.clone()), method, path, body)
+    }
+
+    /// Asserts success and returns the body.
+    pub fn ok(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> Value {
+        let a = self.call(Some(token), method, path, body);
+        assert!(
+            (200..300).contains(&a.status),
+            "{method} {path}: {} {}",
+            a.status,
+            a.body
+        );
+        a.body
+    }
+
+    pub fn user(&self, name: &str, role: &str) -> String {
+        let b = self.ok(
+            &self.admin.clone(),
+            "POST",
+            "/api/v1/users",
+            Some(json!({"name": name, "role": role})),
+        );
+        b["token"].as_str().unwrap().to_string()
+    }
+
+    /// A VM of one raw disk of `mib` MiB, every MiB different, described in a TOML file.
+    pub fn vm(&self, name: &str, mib: usize) -> String {
+        let disk = self.dir.path().join(format!("{name}.raw"));
+        write_disk(&disk, mib, name);
+        format!(
+            "name = \"{name}\"\ncpus = 1\nmemory_mib = 512\n\n[[disks]]\nname = \"disk0\"\npath = \"{}\"\nformat = \"raw\"\n",
+            disk.display()
+        )
+    }
+
+    pub fn policy(&self, name: &str, schedule: &str, extra: Value) {
+        let mut body = json!({"name": name, "schedule": schedule, "keep_last": 5});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        self.ok(&self.admin.clone(), "POST", "/api/v1/policies", Some(body));
+    }
+
+    pub fn protect(&self, vm: &str, policy: &str) {
+        let d = self.vm(vm, 2);
+        self.ok(
+            &self.admin.clone(),
+            "POST",
+            "/api/v1/protected-items",
+            Some(json!({"description": d, "policy": policy})),
+        );
+    }
+
+    /// Waits for a job to end; returns it.
+    pub fn wait_job(&self, id: i64) -> Value {
+        for _ in 0..600 {
+            let j = self.ok(
+                &self.admin.clone(),
+                "GET",
+                &format!("/api/v1/jobs/{id}"),
+                None,
+            );
+            if matches!(
+                j["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return j;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("job {id} did not end");
+    }
+
+    /// Backs a protected VM up now and waits; returns the new point's id.
+    pub fn backup(&self, vm: &str) -> String {
+        let j = self.ok(
+            &self.admin.clone(),
+            "POST",
+            &format!("/api/v1/protected-items/{vm}/backup"),
+            Some(json!({})),
+        );
+        let j = self.wait_job(j["job"].as_i64().unwrap());
+        assert_eq!(j["state"], "succeeded", "{j}");
+        j["point"].as_str().unwrap().to_string()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.app.stop();
+    }
+}
+
+pub fn write_disk(path: &Path, mib: usize, seed: &str) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    for i in 0..mib {
+        let tag = format!("{seed} MiB {i} ");
+        for (j, b) in block.iter_mut().enumerate().step_by(4096) {
+            *b = (i + j / 4096) as u8 | 1;
+        }
+        block[..tag.len()].copy_from_slice(tag.as_bytes());
+        f.write_all(&block).unwrap();
+    }
+}
