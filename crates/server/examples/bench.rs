@@ -153,28 +153,30 @@ fn main() {
         token,
         21,
     );
+    // One page of the listing: how many points it held, and the cursor of the next.
+    let page = |cursor: &str| -> (usize, Option<String>) {
+        let mut url = format!("{base}/recovery-points?limit=1000");
+        if !cursor.is_empty() {
+            url += &format!("&cursor={}", cursor.replace(':', "%3A"));
+        }
+        let v: serde_json::Value = agent
+            .get(&url)
+            .set("Authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        let n = v["items"].as_array().unwrap().len();
+        (n, v["next_cursor"].as_str().map(str::to_string))
+    };
     let (deep, _) = {
         // A page deep in the listing: the cursor of point 9,000.
         let mut cursor = String::new();
         let mut n = 0;
         while n < points * 9 / 10 {
-            let url = if cursor.is_empty() {
-                format!("{base}/recovery-points?limit=1000")
-            } else {
-                format!(
-                    "{base}/recovery-points?limit=1000&cursor={}",
-                    cursor.replace(':', "%3A")
-                )
-            };
-            let v: serde_json::Value = agent
-                .get(&url)
-                .set("Authorization", &format!("Bearer {token}"))
-                .call()
-                .unwrap()
-                .into_json()
-                .unwrap();
-            n += v["items"].as_array().unwrap().len();
-            cursor = v["next_cursor"].as_str().unwrap_or("").to_string();
+            let (got, next) = page(&cursor);
+            n += got;
+            cursor = next.unwrap_or_default();
         }
         time_get(
             &agent,
@@ -193,24 +195,10 @@ fn main() {
             let mut cursor = String::new();
             let mut n = 0;
             loop {
-                let url = if cursor.is_empty() {
-                    format!("{base}/recovery-points?limit=1000")
-                } else {
-                    format!(
-                        "{base}/recovery-points?limit=1000&cursor={}",
-                        cursor.replace(':', "%3A")
-                    )
-                };
-                let v: serde_json::Value = agent
-                    .get(&url)
-                    .set("Authorization", &format!("Bearer {token}"))
-                    .call()
-                    .unwrap()
-                    .into_json()
-                    .unwrap();
-                n += v["items"].as_array().unwrap().len();
-                match v["next_cursor"].as_str() {
-                    Some(c) => cursor = c.to_string(),
+                let (got, next) = page(&cursor);
+                n += got;
+                match next {
+                    Some(c) => cursor = c,
                     None => break,
                 }
             }
