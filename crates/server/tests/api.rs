@@ -461,6 +461,25 @@ fn errors_have_a_stable_shape_and_openapi_is_served() {
         .as_str()
         .unwrap()
         .contains("sometimes"));
+    // A QEMU VM is not protected by the server yet: said, not backed up wrongly.
+    s.admin(
+        "POST",
+        "/api/v1/policies",
+        Some(json!({"name": "p", "schedule": "daily 02:00", "keep_last": 1})),
+    );
+    let qemu = s.admin(
+        "POST",
+        "/api/v1/protected-items",
+        Some(
+            json!({"description": "name = \"vm1\"\nsource = \"qemu\"\nqmp = \"/run/q.sock\"\n",
+                    "policy": "p"}),
+        ),
+    );
+    assert_eq!(qemu.status, 400, "{:?}", qemu.body);
+    assert!(qemu.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--qmp"));
     let missing = s.admin("GET", "/api/v1/policies/nope", None);
     assert_eq!(missing.status, 404);
     assert_eq!(missing.body["error"]["code"], "not_found");

@@ -108,6 +108,14 @@ pub async fn protect(
     let desc = VmDescription::parse(&req.description)
         .map_err(|e| Error::Input(format!("the VM description: {e}")))?;
     let actor = app.guard(&h, Role::Contributor, "item.protect", &desc.name)?;
+    if desc.source != "image" {
+        // Its jobs would read the image files under a running guest: not a point in time.
+        return Err(Error::Input(format!(
+            "'{}' is a {} VM: the server backs up VMs from their image files only so far; back \
+             it up on its host with `vmvault backup --qmp`",
+            desc.name, desc.source
+        )));
+    }
     let item = app.audited(&actor, "item.protect", &desc.name, || {
         crate::api::policies::load(&app.db, &req.policy)?;
         if item_exists(&app.db, &desc.name)? {
