@@ -134,6 +134,15 @@ struct PruneOutput {
 
 pub fn prune(g: &Global, a: PruneArgs) -> Result<()> {
     let vault = crate::vault::open(g)?;
+    // The server's lock makes the vault immutable: only the server knows each point's
+    // retention, so a local prune could delete what must stay.
+    if let Some(at) = vmvault_server::softdelete::read_lock(&vault)? {
+        return Err(crate::exit::InputError(format!(
+            "the vault is locked (immutable since {at}): its points are pruned by its server, \
+             which keeps each until its retention ends"
+        ))
+        .into());
+    }
     let retention = Retention {
         last: a.keep_last,
         hourly: a.keep_hourly,

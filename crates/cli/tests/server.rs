@@ -203,6 +203,18 @@ fn tls_pinning_same_points_output_and_a_kill_during_a_backup() {
     let through = remote(&env, &s, &admin, &["points", "--json"]).json();
     assert_eq!(through["points"], local["points"]);
 
+    // Once the server locks the vault, a local prune (which cannot know the retention the
+    // server keeps) is refused.
+    let o = remote(
+        &env,
+        &s,
+        &admin,
+        &["vault", "lock", "--yes-i-understand-this-is-irreversible"],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let e = env.fails(&["prune", "--keep-last", "1"], 2);
+    assert!(e.contains("locked"), "{e}");
+
     // A different certificate for a pinned server is refused.
     let fake = "AA:".repeat(31) + "AA";
     std::fs::write(
