@@ -24,6 +24,10 @@ use crate::{QemuError, Result};
 
 /// How long a command may take to answer by default (`guest-fsfreeze-freeze` flushes every
 /// file system; callers shorten it where they have a tighter bound).
+/// The longest reply line taken from a guest agent: `guest-exec-status` carries up to 16 MiB
+/// of a script's output, base64-encoded.
+const MAX_LINE: u64 = 32 << 20;
+
 pub const QGA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the first sync may take: an agent that is running answers in milliseconds.
@@ -172,7 +176,16 @@ impl Qga {
             // Skip to the marker, then read the reply after it; a reply to an older sync
             // (another id) is stale: look for the next marker.
             let mut skipped = Vec::new();
-            self.read(deadline, |r| r.read_until(0xFF, &mut skipped))?;
+            self.read(deadline, |r| {
+                std::io::Read::take(&mut *r, MAX_LINE).read_until(0xFF, &mut skipped)
+            })?;
+            if skipped.last() != Some(&0xFF) {
+                self.dirty = true;
+                return Err(QemuError::GuestAgent(format!(
+                    "the guest agent sent {} MiB without answering the sync",
+                    MAX_LINE >> 20
+                )));
+            }
             let line = self.read_line(deadline)?;
             if line.get("return").and_then(Value::as_u64) == Some(id) {
                 self.dirty = false;
@@ -348,7 +361,17 @@ impl Qga {
 
     fn read_line(&mut self, deadline: Instant) -> Result<Value> {
         let mut line = Vec::new();
-        self.read(deadline, |r| r.read_until(b'\n', &mut line))?;
+        // The guest writes these lines: a line without an end must not grow without bound.
+        self.read(deadline, |r| {
+            std::io::Read::take(&mut *r, MAX_LINE).read_until(b'\n', &mut line)
+        })?;
+        if line.len() as u64 >= MAX_LINE && line.last() != Some(&b'\n') {
+            self.dirty = true;
+            return Err(QemuError::GuestAgent(format!(
+                "the guest agent sent a line longer than {} MiB",
+                MAX_LINE >> 20
+            )));
+        }
         // A stray 0xFF (a sync marker we did not wait for) is not part of the JSON.
         let text: Vec<u8> = line.into_iter().filter(|&b| b != 0xFF).collect();
         serde_json::from_slice(&text).map_err(|e| {
@@ -452,6 +475,38 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guest that answers the sync, then streams a reply that never ends.
+    #[test]
+    fn an_endless_reply_is_refused_not_kept() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qga.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let guest = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = [0u8; 512];
+            let n = s.read(&mut request).unwrap();
+            let text = String::from_utf8_lossy(&request[1..n]).to_string();
+            let v: Value = serde_json::from_str(text.trim()).unwrap();
+            let id = v["arguments"]["id"].as_u64().unwrap();
+            s.write_all(&[0xFF]).unwrap();
+            s.write_all(format!("{{\"return\": {id}}}\n").as_bytes())
+                .unwrap();
+            let _ = s.read(&mut request);
+            let junk = vec![b'a'; 1 << 20];
+            for _ in 0..40 {
+                if s.write_all(&junk).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut qga = Qga::connect(&path, Duration::from_secs(5)).unwrap();
+        let err = qga.ping().unwrap_err();
+        assert!(err.to_string().contains("longer than 32 MiB"), "{err}");
+        drop(qga);
+        guest.join().unwrap();
+    }
 
     #[test]
     fn base64_decodes_what_the_agent_sends() {
