@@ -71,15 +71,7 @@ impl<'a> Remote<'a> {
 }
 
 fn random(size: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    vmvault_testkit::random_bytes(size, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 fn image(env: &Env, name: &str, mib: usize, seed: u64) -> std::path::PathBuf {

@@ -272,13 +272,7 @@ fn randomly_damaged_filesystems_never_panic() {
         .collect();
     drop(g);
     let mut seed = 0x5eed_u64;
-    let mut next = || {
-        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut next = || vmvault_testkit::splitmix(&mut seed);
     let started = Instant::now();
     let mut opened = 0;
     // One copy of the disk, damaged and mended in place round after round.
@@ -387,13 +381,7 @@ fn randomly_damaged_inline_ext4_never_panics() {
     );
     let mut d = std::fs::read(&img).unwrap();
     let mut seed = 0xfeed_u64;
-    let mut next = || {
-        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut next = || vmvault_testkit::splitmix(&mut seed);
     let started = Instant::now();
     let (mut opened, mut whole, mut bytes) = (0, 0, 0);
     for _ in 0..400 {

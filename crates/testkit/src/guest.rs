@@ -79,7 +79,8 @@ pub struct Tree {
     pub big: String,
 }
 
-fn splitmix(state: &mut u64) -> u64 {
+/// SplitMix64: the next of a deterministic stream of 64-bit values from `state`.
+pub fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

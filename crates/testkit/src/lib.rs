@@ -30,6 +30,7 @@ use process::{free_port, Process};
 use vmvault_cloud::{Credentials, RemoteOptions};
 
 pub use garage::{Garage, GarageCluster};
+pub use guest::splitmix;
 pub use guest_agent::{write_script, QgaGuest};
 pub use qemu::QemuVm;
 
