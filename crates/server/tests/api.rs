@@ -327,14 +327,7 @@ fn a_locked_vault_refuses_deletion_and_shorter_retention() {
     );
     // The point is kept by a keep-until date too; once newer points push it out of the
     // policy's retention it may go (but not before).
-    let held = s
-        .admin(
-            "POST",
-            "/api/v1/protected-items/web01/backup",
-            Some(json!({"keep_until": "2999-01-01"})),
-        )
-        .body;
-    let held = s.wait_job(held["job"].as_i64().unwrap())["point"]
+    let held = s.run_backup("web01", json!({"keep_until": "2999-01-01"}))["point"]
         .as_str()
         .unwrap()
         .to_string();
@@ -582,14 +575,7 @@ fn a_failed_backup_is_retried_with_backoff_then_fails_and_alerts() {
     s.policy("base", "daily 02:00", json!({}));
     s.protect("web01", "base");
     std::fs::remove_file(s.path("web01.raw")).unwrap();
-    let j = s
-        .admin(
-            "POST",
-            "/api/v1/protected-items/web01/backup",
-            Some(json!({})),
-        )
-        .body;
-    let done = s.wait_job(j["job"].as_i64().unwrap());
+    let done = s.run_backup("web01", json!({}));
     assert_eq!(done["state"], "failed");
     assert_eq!(done["attempt"], 1);
     let log: Vec<&str> = done["log"]

@@ -234,14 +234,7 @@ fn a_failed_backup_is_mailed() {
     s.policy("daily", "daily 02:00", json!({}));
     s.protect("web01", "daily");
     std::fs::remove_file(s.path("web01.raw")).unwrap();
-    let j = s
-        .admin(
-            "POST",
-            "/api/v1/protected-items/web01/backup",
-            Some(json!({})),
-        )
-        .body;
-    assert_eq!(s.wait_job(j["job"].as_i64().unwrap())["state"], "failed");
+    assert_eq!(s.run_backup("web01", json!({}))["state"], "failed");
     let text = mail.join().unwrap();
     assert!(
         text.contains("Subject: vmvault: backup_failed web01 (default)"),

@@ -168,14 +168,20 @@ impl Server {
     }
 
     /// Backs a protected VM up now and waits; returns the new point's id.
-    pub fn backup(&self, vm: &str) -> String {
+    /// Runs an on-demand backup with `body` and waits for its job to end; returns the job.
+    pub fn run_backup(&self, vm: &str, body: Value) -> Value {
         let j = self.ok(
             &self.admin.clone(),
             "POST",
             &format!("/api/v1/protected-items/{vm}/backup"),
-            Some(json!({})),
+            Some(body),
         );
-        let j = self.wait_job(j["job"].as_i64().unwrap());
+        self.wait_job(j["job"].as_i64().unwrap())
+    }
+
+    /// A backup that must succeed; returns its point's id.
+    pub fn backup(&self, vm: &str) -> String {
+        let j = self.run_backup(vm, json!({}));
         assert_eq!(j["state"], "succeeded", "{j}");
         j["point"].as_str().unwrap().to_string()
     }
