@@ -18,10 +18,18 @@ struct Server {
     log: Vec<String>,
 }
 
-/// Starts the server on an ephemeral port; returns once it says where it listens.
+/// Starts the server (TLS) on an ephemeral port; returns once it says where it listens.
 fn start(env: &Env) -> Server {
+    start_with(env, &[])
+}
+
+/// Starts the server on an ephemeral port with `extra` arguments; returns once it has said
+/// where it listens (and, over TLS, its certificate's fingerprint).
+fn start_with(env: &Env, extra: &[&str]) -> Server {
+    let tls = !extra.contains(&"--insecure-http");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmvault"))
         .args(["server", "--listen", "127.0.0.1:0"])
+        .args(extra)
         .env("VMVAULT_SERVER_STATE", env.path("server"))
         .env("VMVAULT_VAULT", &env.vault)
         .env("VMVAULT_PASSWORD", common::PASS)
@@ -30,10 +38,10 @@ fn start(env: &Env) -> Server {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (mut url, mut fingerprint, mut log) = (String::new(), String::new(), Vec::new());
-    while fingerprint.is_empty() {
+    while url.is_empty() || (tls && fingerprint.is_empty()) {
         let line = lines
             .next()
-            .expect("the server printed its fingerprint")
+            .expect("the server said where it listens")
             .unwrap();
         if let Some(u) = line.strip_prefix("vmvault server: listening on ") {
             url = u.to_string();
@@ -268,29 +276,9 @@ fn schemathesis_finds_no_server_error() {
     }
     let env = Env::new();
     // Plain HTTP on loopback: schemathesis has no way to pin a self-signed certificate.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmvault"))
-        .args([
-            "server",
-            "--insecure-http",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env("VMVAULT_SERVER_STATE", env.path("server"))
-        .env("VMVAULT_VAULT", &env.vault)
-        .env("VMVAULT_PASSWORD", common::PASS)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    assert!(lines.by_ref().any(|l| l.unwrap().contains("listening on")));
-    std::thread::spawn(move || for _ in lines {});
+    let server = start_with(&env, &["--insecure-http"]);
     let token = std::fs::read_to_string(env.path("server/admin-token")).unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let base = server.url.trim_end_matches('/').to_string();
     let mut st = Command::new("schemathesis")
         .args([
             "run",
@@ -328,8 +316,7 @@ fn schemathesis_finds_no_server_error() {
     };
     let mut report = String::new();
     std::io::Read::read_to_string(&mut st.stdout.take().unwrap(), &mut report).unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     let status = status.expect("schemathesis ran past two minutes");
     assert!(status.success(), "schemathesis found failures:\n{report}");
     assert!(report.contains("passed"), "{report}");
