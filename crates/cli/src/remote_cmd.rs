@@ -274,6 +274,14 @@ fn run_command(cli: RemoteCli) -> Result<()> {
     )?;
     let json = cli.json;
     let show = |v: &Value| print_json(v);
+    // `--json` prints the server's answer as it is; otherwise `human` says it in words.
+    let emit = |v: &Value, human: &dyn Fn(&Value)| {
+        if json {
+            print_json(v)
+        } else {
+            human(v)
+        }
+    };
     match cli.command {
         RemoteCommand::Policy(p) => policy(&c, json, p)?,
         RemoteCommand::Protect {
@@ -292,15 +300,13 @@ fn run_command(cli: RemoteCli) -> Result<()> {
                 "/protected-items",
                 &json!({"description": desc.to_toml(), "policy": policy}),
             )?;
-            if json {
-                show(&v);
-            } else {
+            emit(&v, &|v| {
                 outln!(
                     "{} is protected by policy {}",
                     v["name"].as_str().unwrap_or(""),
                     policy
                 );
-            }
+            });
         }
         RemoteCommand::Unprotect { name } => {
             let _: Value = c.delete(&format!("/protected-items/{name}"))?;
@@ -351,27 +357,17 @@ fn run_command(cli: RemoteCli) -> Result<()> {
                 ""
             };
             let v: Value = c.get(&format!("/jobs?limit={limit}{state}"))?;
-            if json {
-                show(&v);
-            } else {
-                print_jobs(&v);
-            }
+            emit(&v, &print_jobs);
         }
         RemoteCommand::Job(JobCommand::Show { id }) => {
             let v: Value = c.get(&format!("/jobs/{id}"))?;
-            if json {
-                show(&v);
-            } else {
-                print_job(&v);
-            }
+            emit(&v, &print_job);
         }
         RemoteCommand::Job(JobCommand::Cancel { id }) => {
             let v: Value = c.send("POST", &format!("/jobs/{id}/cancel"), &json!({}))?;
-            if json {
-                show(&v);
-            } else {
+            emit(&v, &|v| {
                 outln!("job {id}: {}", v["state"].as_str().unwrap_or(""));
-            }
+            });
         }
         RemoteCommand::Points { vm, deleted } => points(&c, json, vm.as_deref(), deleted)?,
         RemoteCommand::Point(PointCommand::Delete { point }) => {
@@ -396,15 +392,13 @@ fn run_command(cli: RemoteCli) -> Result<()> {
                 &format!("/recovery-points/{id}/undelete"),
                 &json!({}),
             )?;
-            if json {
-                show(&v);
-            } else {
+            emit(&v, &|v| {
                 outln!(
                     "{}@{} is back",
                     v["vm"].as_str().unwrap_or(""),
                     &id[..id.len().min(8)]
                 );
-            }
+            });
         }
         RemoteCommand::Restore {
             point,
@@ -417,11 +411,9 @@ fn run_command(cli: RemoteCli) -> Result<()> {
                 "/restores",
                 &json!({"point": p["id"], "target": target, "overwrite": force}),
             )?;
-            if json {
-                show(&v);
-            } else {
+            emit(&v, &|v| {
                 outln!("{}", v["job"]);
-            }
+            });
         }
         RemoteCommand::Vault(cmd) => vault(&c, json, cmd)?,
         RemoteCommand::Approval(cmd) => {
@@ -468,12 +460,10 @@ fn run_command(cli: RemoteCli) -> Result<()> {
         }
         RemoteCommand::User(UserCommand::Create { name, role }) => {
             let v: Value = c.send("POST", "/users", &json!({"name": name, "role": role}))?;
-            if json {
-                show(&v);
-            } else {
+            emit(&v, &|v| {
                 outln!("{}", v["token"].as_str().unwrap_or(""));
                 eprintln!("the token of {name} ({role}): shown this once");
-            }
+            });
         }
         RemoteCommand::User(UserCommand::Token { name }) => {
             let v: Value = c.send("POST", &format!("/users/{name}/tokens"), &json!({}))?;
@@ -486,9 +476,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
         RemoteCommand::User(UserCommand::List) => show(&c.get::<Value>("/users")?),
         RemoteCommand::Audit { limit } => {
             let v: Value = c.get(&format!("/audit?limit={limit}"))?;
-            if json {
-                show(&v);
-            } else {
+            emit(&v, &|v| {
                 let rows: Vec<Vec<String>> = v
                     .as_array()
                     .into_iter()
@@ -501,7 +489,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
                     })
                     .collect();
                 table(&["TIME", "USER", "ACTION", "TARGET", "OUTCOME"], &rows);
-            }
+            });
         }
     }
     Ok(())
