@@ -90,6 +90,18 @@ impl FatFs {
     }
 
     /// The entry `path` names (not the root), matched exactly, else ignoring case as FAT does.
+    /// The folder at `path` (the root for an empty one).
+    fn dir(&self, path: &[String]) -> Result<Dir<'_, Part>> {
+        if path.is_empty() {
+            return Ok(self.fs.root_dir());
+        }
+        let e = self.find(path)?;
+        if !e.is_dir() {
+            return Err(FilesError::NotADirectory(display_path(path)));
+        }
+        Ok(e.to_dir())
+    }
+
     fn find(&self, path: &[String]) -> Result<DirEntry<'_, Part>> {
         let mut dir = self.fs.root_dir();
         for (i, name) in path.iter().enumerate() {
@@ -144,15 +156,7 @@ impl Filesystem for FatFs {
     }
 
     fn list(&self, path: &[String]) -> Result<Vec<Entry>> {
-        let dir = if path.is_empty() {
-            self.fs.root_dir()
-        } else {
-            let e = self.find(path)?;
-            if !e.is_dir() {
-                return Err(FilesError::NotADirectory(display_path(path)));
-            }
-            e.to_dir()
-        };
+        let dir = self.dir(path)?;
         Ok(self.entries(&dir, path)?.iter().map(entry).collect())
     }
 
@@ -171,15 +175,7 @@ impl Filesystem for FatFs {
         path: &[String],
         f: &mut dyn FnMut(&Entry, &dyn Opener) -> Result<()>,
     ) -> Result<()> {
-        let dir = if path.is_empty() {
-            self.fs.root_dir()
-        } else {
-            let e = self.find(path)?;
-            if !e.is_dir() {
-                return Err(FilesError::NotADirectory(display_path(path)));
-            }
-            e.to_dir()
-        };
+        let dir = self.dir(path)?;
         list_dir(&dir, self.limit.min(MAX_FAT_DIR), &display_path(path), f)
     }
 
