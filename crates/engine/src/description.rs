@@ -97,15 +97,9 @@ fn default_nic_model() -> String {
     "virtio".into()
 }
 
-/// Whether `name` may name a VM or a disk: it ends up in file names and listings.
-pub fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
+/// The rule for VM and disk names lives with the manifest, which is checked against it again
+/// when read back from a vault.
+pub(crate) use vmvault_format::{valid_name, NAME_RULE};
 
 impl VmDescription {
     /// Reads and checks a description; disk paths come back resolved against its folder.
@@ -145,10 +139,7 @@ impl VmDescription {
 
     fn check(&self) -> std::result::Result<(), String> {
         if !valid_name(&self.name) {
-            return Err(format!(
-                "VM name {:?} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
-                self.name
-            ));
+            return Err(format!("VM name {:?} must be {NAME_RULE}", self.name));
         }
         let qemu = self.source == "qemu";
         if !qemu && (self.cpus == 0 || self.memory_mib == 0) {
@@ -180,10 +171,7 @@ impl VmDescription {
         let mut paths = HashSet::new();
         for d in &self.disks {
             if !valid_name(&d.name) {
-                return Err(format!(
-                    "disk name {:?} must be 1-64 letters, digits, '.', '_' or '-'",
-                    d.name
-                ));
+                return Err(format!("disk name {:?} must be {NAME_RULE}", d.name));
             }
             if !names.insert(d.name.as_str()) {
                 return Err(format!("disk {:?} is listed twice", d.name));

@@ -20,6 +20,18 @@ use crate::Digest;
 pub const INDEX_HEADER_LEN: usize = 24;
 const WHAT: &str = "disk index";
 
+/// The most chunks one disk may have: 2^24, 16 TiB at the default 1 MiB chunks. A backup holds
+/// its disk's index in memory (32 bytes a chunk: 512 MiB at this limit), as does every reader
+/// of a point, so a larger disk is refused where it is opened for backup and a manifest or
+/// index claiming one is refused where it is decoded. Measured in docs/design.md ("Disk size
+/// limit").
+pub const MAX_DISK_CHUNKS: u64 = 1 << 24;
+
+/// The largest disk a vault with chunks of `chunk_size` bytes backs up.
+pub fn max_disk_size(chunk_size: u32) -> u64 {
+    MAX_DISK_CHUNKS * chunk_size as u64
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskIndex {
     pub disk_size: u64,
@@ -40,12 +52,12 @@ impl DiskIndex {
     }
 
     /// The payload length an index of this many chunks occupies: the bound for opening one.
-    /// Saturates: a count read from untrusted bytes can be absurd, and a saturated length
-    /// never equals a real one (found by the `disk_index` fuzz target).
+    /// Never more than the largest index a disk may have ([`MAX_DISK_CHUNKS`]): the count
+    /// often comes from a manifest an attacker may have forged, and a reader reserves this
+    /// much before it knows the object is genuine. (No real index has more chunks, so the cap
+    /// never refuses one; `decode` refuses a count past it.)
     pub fn encoded_len(chunk_count: u64) -> u64 {
-        chunk_count
-            .saturating_mul(32)
-            .saturating_add(INDEX_HEADER_LEN as u64)
+        chunk_count.min(MAX_DISK_CHUNKS) * 32 + INDEX_HEADER_LEN as u64
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -75,6 +87,12 @@ impl DiskIndex {
         }
         if chunk_size == 0 || !chunk_size.is_power_of_two() {
             return Err(invalid(WHAT, format!("chunk size {chunk_size}")));
+        }
+        if count > MAX_DISK_CHUNKS {
+            return Err(invalid(
+                WHAT,
+                format!("{count} chunks, more than the {MAX_DISK_CHUNKS} a disk may have"),
+            ));
         }
         if count != Self::chunk_count(disk_size, chunk_size) {
             return Err(invalid(

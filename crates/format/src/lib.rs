@@ -25,11 +25,11 @@ pub use config::{VaultConfig, CONFIG_LEN, CONFIG_MAGIC};
 pub use digest::Digest;
 pub use envelope::{Compression, Encryption, Header, ObjectKind, HEADER_LEN, TRAILER_LEN};
 pub use error::FormatError;
-pub use index::{DiskIndex, INDEX_HEADER_LEN};
+pub use index::{max_disk_size, DiskIndex, INDEX_HEADER_LEN, MAX_DISK_CHUNKS};
 pub use keyfile::{KdfParams, KeyFile, KEYFILE_LEN, KEYFILE_MAGIC};
 pub use manifest::{
-    Consistency, DiskRecord, Manifest, PointId, TransferStats, VmConfig, VmDisk, VmNic,
-    MANIFEST_VERSION, MAX_MANIFEST_LEN,
+    valid_name, Consistency, DiskRecord, Manifest, PointId, TransferStats, VmConfig, VmDisk, VmNic,
+    MANIFEST_VERSION, MAX_DISKS, MAX_MANIFEST_LEN, NAME_RULE,
 };
 pub use zero::is_zero;
 

@@ -11,11 +11,32 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, FormatError};
-use crate::Digest;
+use crate::index::MAX_DISK_CHUNKS;
+use crate::{Digest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 pub const MANIFEST_VERSION: u32 = 1;
 /// A manifest larger than this is refused unread.
 pub const MAX_MANIFEST_LEN: u64 = 16 * 1024 * 1024;
+/// Disks one recovery point may hold: far more than any hypervisor attaches to one VM, and
+/// few enough that a forged manifest cannot make a restore or `verify` walk without end.
+pub const MAX_DISKS: usize = 1024;
+
+/// What a VM or disk name may be, said where one is refused.
+pub const NAME_RULE: &str =
+    "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit";
+
+/// Whether `name` may name a VM or a disk. Names become file names at a restore's target
+/// (`NAME.raw`, `VM.toml`) and appear in listings, so nothing that could leave a folder
+/// (`/`, `..`, `.`), hide (a leading `.`) or read as an option (a leading `-`) passes. One rule
+/// for the VM description and for manifests read back from a vault.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
 
 /// A recovery point's id: 16 random bytes, shown as 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -182,23 +203,80 @@ impl Manifest {
         serde_json::to_vec(self).expect("manifest serialises")
     }
 
+    /// Decodes and checks a manifest read from a vault. Everything a backup never writes is
+    /// refused here, once, so that no reader has to distrust it: a name that is not a
+    /// [`valid_name`] (a forged `../../x` would put a restore's files outside its target), a
+    /// disk named twice, more than [`MAX_DISKS`] disks, a chunk size a vault cannot have, and a
+    /// disk larger than [`MAX_DISK_CHUNKS`] chunks (its index would be too large to load).
     pub fn decode(b: &[u8]) -> Result<Manifest, FormatError> {
-        let m: Manifest = serde_json::from_slice(b)
-            .map_err(|e| invalid("recovery point manifest", e.to_string()))?;
+        let m: Manifest = serde_json::from_slice(b).map_err(|e| invalid(WHAT, e.to_string()))?;
         if m.version != MANIFEST_VERSION {
             return Err(FormatError::UnsupportedVersion {
-                what: "recovery point manifest",
+                what: WHAT,
                 found: m.version,
                 supported: MANIFEST_VERSION,
             });
         }
+        m.check()?;
         Ok(m)
+    }
+
+    /// The rules [`Manifest::decode`] enforces; a writer may check a manifest with them
+    /// before storing it.
+    pub fn check(&self) -> Result<(), FormatError> {
+        for (what, name) in [("VM name", &self.vm), ("VM name", &self.vm_config.name)] {
+            if !valid_name(name) {
+                return Err(invalid(WHAT, format!("{what} {name:?} is not {NAME_RULE}")));
+            }
+        }
+        let c = self.chunk_size;
+        if !c.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c) {
+            return Err(invalid(WHAT, format!("chunk size {c} is not a vault's")));
+        }
+        if self.disks.len() > MAX_DISKS || self.vm_config.disks.len() > MAX_DISKS {
+            return Err(invalid(
+                WHAT,
+                format!("more than {MAX_DISKS} disks in one recovery point"),
+            ));
+        }
+        let names = self
+            .disks
+            .iter()
+            .map(|d| &d.name)
+            .chain(self.vm_config.disks.iter().map(|d| &d.name));
+        for name in names {
+            if !valid_name(name) {
+                return Err(invalid(
+                    WHAT,
+                    format!("disk name {name:?} is not {NAME_RULE}"),
+                ));
+            }
+        }
+        let limit = crate::index::max_disk_size(c);
+        for (i, d) in self.disks.iter().enumerate() {
+            if self.disks[..i].iter().any(|e| e.name == d.name) {
+                return Err(invalid(WHAT, format!("disk {:?} is listed twice", d.name)));
+            }
+            if d.size > limit {
+                return Err(invalid(
+                    WHAT,
+                    format!(
+                        "disk {:?} of {} bytes is larger than the {limit} bytes ({MAX_DISK_CHUNKS} \
+                         chunks of {c}) a disk may have",
+                        d.name, d.size
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn logical_bytes(&self) -> u64 {
         self.disks.iter().map(|d| d.size).sum()
     }
 }
+
+const WHAT: &str = "recovery point manifest";
 
 #[cfg(test)]
 mod tests {
