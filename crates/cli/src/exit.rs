@@ -1,7 +1,8 @@
 //! Exit codes, documented in the README:
 //! 0 success; 1 failure (I/O, full storage, damage found while working); 2 bad input (usage,
 //! description file, point name, not a vault, a guest path that does not exist); 3 verify
-//! found damage, or a guest filesystem is damaged or uses what vmvault does not read;
+//! found damage, a point a name means cannot be read, garbage collection stopped by damage, or
+//! a guest filesystem is damaged or uses what vmvault does not read;
 //! 4 wrong passphrase; 5 busy (another backup of the VM, or a garbage collection, is running);
 //! 6 the server refused (401: no or bad token; 403: the role does not allow it).
 
@@ -50,6 +51,7 @@ fn store_code(e: &StoreError) -> i32 {
             INPUT
         }
         StoreError::Passphrase(_) => INPUT,
+        StoreError::DamageStopped(_) => DAMAGE,
         _ => FAILURE,
     }
 }
@@ -69,6 +71,7 @@ pub fn code(e: &anyhow::Error) -> i32 {
             return match e {
                 EngineError::Store(s) => store_code(s),
                 EngineError::Input(_) => INPUT,
+                EngineError::DamagedPoint(_) => DAMAGE,
                 // A disk that cannot be opened or read as its format is bad input to a backup.
                 EngineError::Disk(_) => INPUT,
                 EngineError::Io { .. } | EngineError::Qemu(_) | EngineError::Nbd(_) => FAILURE,

@@ -9,7 +9,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use vmvault_engine::select_point;
 use vmvault_files::{
     confine, extract, Confinement, Entry, FilesError, Glob, GuestDisk, Kind, Located, Opener,
     Output, PointDisk, ReadAt, Skipped, Target, Visit, Visitor, VolumeInfo, Walk,
@@ -105,8 +104,8 @@ impl Opened {
     fn open(g: &Global, c: &Common, out: Option<&std::path::Path>) -> Result<Opened> {
         let started = Instant::now();
         let vault = Arc::new(crate::vault::open(g)?);
-        let (points, _) = vault.points()?;
-        let manifest = select_point(&points, &c.point)?.clone();
+        let points = vmvault_engine::Points::read(&vault)?;
+        let manifest = points.select(&c.point)?.clone();
         let record = match &c.disk {
             Some(name) => vmvault_engine::select_disk(&manifest, name)?,
             None => manifest

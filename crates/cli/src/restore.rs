@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
-use vmvault_engine::{restore_disk, restore_vm, select_point, RestoreOptions};
+use vmvault_engine::{restore_disk, restore_vm, RestoreOptions};
 
 use crate::output::{bytes, print_json, Bar};
 use crate::Global;
@@ -54,8 +54,8 @@ struct Restored {
 
 pub fn run(g: &Global, args: RestoreArgs) -> Result<()> {
     let vault = crate::vault::open(g)?;
-    let (points, _) = vault.points()?;
-    let m = select_point(&points, &args.point)?;
+    let points = vmvault_engine::Points::read(&vault)?;
+    let m = points.select(&args.point)?;
     if args.live {
         let m = m.clone();
         let live = crate::live::LiveArgs {

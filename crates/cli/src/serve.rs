@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use vmvault_engine::{select_point, PointExport};
+use vmvault_engine::PointExport;
 use vmvault_nbd::Server;
 
 use crate::exit::InputError;
@@ -72,8 +72,8 @@ pub fn run(g: &Global, c: ServeCommand) -> Result<()> {
 
 fn nbd(g: &Global, args: NbdArgs) -> Result<()> {
     let vault = Arc::new(crate::vault::open(g)?);
-    let (points, _) = vault.points()?;
-    let m = select_point(&points, &args.point)?.clone();
+    let points = vmvault_engine::Points::read(&vault)?;
+    let m = points.select(&args.point)?.clone();
     let export = Arc::new(PointExport::open(vault, &m, &args.disk)?);
     // Signals are caught before the socket exists, so that one arriving at any moment after
     // it still removes it.

@@ -275,8 +275,8 @@ impl WriteBackend for ObjectBackend {
     }
 
     /// Only says whether the object exists: an object store cannot renew its time.
-    fn touch(&self, kind: Kind, name: &str) -> Result<bool, StoreError> {
-        Ok(self.head(kind, name)?.is_some())
+    fn touch(&self, kind: Kind, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.head(kind, name)?.map(|meta| meta.size))
     }
 
     /// A HEAD, then a DELETE when the object is older than `cutoff`; not atomic with `touch`

@@ -59,7 +59,7 @@ pub(crate) fn backup_image_vm_as(
         let reader = vmvault_disk::open(&d.path, &d.format)?;
         readers.push(reader);
     }
-    let _lock = vault.lock_backup(&desc.name, &mut |msg| progress.message(msg))?;
+    let lock = vault.lock_backup(&desc.name, &mut |msg| progress.message(msg))?;
     let time = chrono::Utc::now();
 
     let mut disks = Vec::new();
@@ -78,8 +78,6 @@ pub(crate) fn backup_image_vm_as(
             stats,
         });
     }
-    // Everything the manifest references is durable before the manifest is written.
-    vault.backend().sync()?;
     let manifest = Manifest {
         version: MANIFEST_VERSION,
         id: PointId::generate(),
@@ -95,8 +93,7 @@ pub(crate) fn backup_image_vm_as(
         disks,
         stats: total,
     };
-    vault.save_manifest(&manifest)?;
-    vault.backend().sync()?;
+    vault.commit_point(&lock, &manifest)?;
     Ok(manifest)
 }
 
@@ -441,7 +438,7 @@ fn store_chunks(
                 let outcome = if stop.load(Ordering::Relaxed) {
                     Ok(Outcome::Zero)
                 } else {
-                    match vault.touch_chunk(&digest) {
+                    match vault.touch_chunk(&digest, len) {
                         Ok(true) => Ok(Outcome::Reused(digest)),
                         Ok(false) => Ok(Outcome::Missing),
                         Err(e) => Err(e.into()),
@@ -472,7 +469,7 @@ fn store_chunks(
             if !first {
                 Ok(Outcome::Reused(digest))
             } else {
-                match vault.touch_chunk(&digest) {
+                match vault.touch_chunk(&digest, len) {
                     Ok(true) => Ok(Outcome::Reused(digest)),
                     Ok(false) => {
                         sealer.seal(ObjectKind::Chunk, &buf, &mut sealed);

@@ -15,6 +15,9 @@ pub enum EngineError {
     /// Bad input from the user: a description file, a point name, an option.
     #[error("{0}")]
     Input(String),
+    /// The point a name means, or one that may be it, cannot be read.
+    #[error("{0}")]
+    DamagedPoint(String),
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
     /// QEMU refused or failed a step of a running VM's backup.

@@ -24,7 +24,7 @@ pub use live::{backup_running_vm, backup_stopped_vm, Quiesce, QuiesceEnd, Runnin
 pub use progress::{NoProgress, Progress};
 pub use prune::{plan_prune, prune, PruneDecision, Retention};
 pub use restore::{restore_disk, restore_vm, RestoreOptions};
-pub use select::{select_disk, select_point};
+pub use select::{select_disk, select_point, DamagedPoint, Points};
 pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
 
 /// How many threads hash, compress and encrypt: one per core.

@@ -207,7 +207,7 @@ impl Job<'_> {
         progress: &dyn Progress,
     ) -> Result<Manifest> {
         let vault = self.vault;
-        let _lock = vault.lock_backup(&self.name, &mut |m| progress.message(m))?;
+        let lock = vault.lock_backup(&self.name, &mut |m| progress.message(m))?;
         let removed = snapshot::remove_leftovers(qmp)?;
         if removed > 0 {
             progress.message(&format!(
@@ -300,7 +300,7 @@ impl Job<'_> {
                     config: config.clone(),
                 };
                 let written = ended.and_then(|()| {
-                    self.write_point(&pit, &disks, &decisions, point, opts, progress)
+                    self.write_point(&lock, &pit, &disks, &decisions, point, opts, progress)
                 });
                 (Some(pit), written)
             }
@@ -333,8 +333,10 @@ impl Job<'_> {
     }
 
     /// Reads the disks from QEMU's exports and writes the point: indexes, then the manifest.
+    #[allow(clippy::too_many_arguments)]
     fn write_point(
         &self,
+        lock: &vmvault_store::LockGuard,
         pit: &snapshot::PointInTime,
         disks: &[BlockDisk],
         decisions: &[Decision],
@@ -348,7 +350,6 @@ impl Job<'_> {
             t.add(&r.stats);
             t
         });
-        vault.backend().sync()?;
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             id: point.id,
@@ -370,8 +371,7 @@ impl Job<'_> {
             disks: records,
             stats: total,
         };
-        vault.save_manifest(&manifest)?;
-        vault.backend().sync()?;
+        vault.commit_point(lock, &manifest)?;
         Ok(manifest)
     }
 

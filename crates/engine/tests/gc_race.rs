@@ -81,9 +81,9 @@ impl WriteBackend for Hooked {
     fn remove(&self, kind: Kind, name: &str) -> vmvault_store::Result<()> {
         self.inner.remove(kind, name)
     }
-    fn touch(&self, kind: Kind, name: &str) -> vmvault_store::Result<bool> {
+    fn touch(&self, kind: Kind, name: &str) -> vmvault_store::Result<Option<u64>> {
         let found = self.inner.touch(kind, name)?;
-        if found {
+        if found.is_some() {
             (self.on_touch)();
         }
         Ok(found)

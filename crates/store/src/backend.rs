@@ -124,9 +124,10 @@ pub trait WriteBackend: ReadBackend {
     fn create(&self) -> Result<()>;
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()>;
     fn remove(&self, kind: Kind, name: &str) -> Result<()>;
-    /// Sets the object's modification time to now; `false` when the object is absent.
-    /// Garbage collection spares objects touched after it started (see the crate doc).
-    fn touch(&self, kind: Kind, name: &str) -> Result<bool>;
+    /// Sets the object's modification time to now; its size, or `None` when it is absent.
+    /// Garbage collection spares objects touched after it started (see the crate doc); the
+    /// size lets a caller that reuses the object notice one that storage has truncated.
+    fn touch(&self, kind: Kind, name: &str) -> Result<Option<u64>>;
     /// Removes the object unless it was written or touched at or after `cutoff`; `true` when
     /// it removed it. Atomic with respect to `touch`: once a `touch` has returned `true`, this
     /// call does not remove the object on the strength of an earlier look at its time.

@@ -37,6 +37,14 @@ pub enum StoreError {
         object: String,
         reason: String,
     },
+    /// A lock this process held is no longer trusted (see `locks`): what it guarded was not
+    /// finished.
+    #[error("{0}")]
+    LockLost(String),
+    /// Work stopped before it changed anything because something it needs is damaged (garbage
+    /// collection meeting a manifest or index it cannot read).
+    #[error("{0}")]
+    DamageStopped(String),
     /// A remote store's failure that is not an I/O error of this machine. Its text never holds
     /// credentials: backends redact before they build it.
     #[error("{location}: {detail}")]

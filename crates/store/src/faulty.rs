@@ -185,7 +185,7 @@ impl WriteBackend for Faulty {
         self.remember(kind, name)?;
         self.inner.remove(kind, name)
     }
-    fn touch(&self, kind: Kind, name: &str) -> Result<bool> {
+    fn touch(&self, kind: Kind, name: &str) -> Result<Option<u64>> {
         self.enter()?;
         self.inner.touch(kind, name)
     }

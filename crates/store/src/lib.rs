@@ -42,6 +42,7 @@
 //! collection, and one `touch` per reused chunk (a `utimensat` on a local vault).
 
 mod backend;
+pub mod clock;
 pub mod compare;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -58,9 +59,10 @@ pub mod verified;
 
 pub use backend::{check_name, Check, Kind, ObjectInfo, ReadBackend, WriteBackend};
 pub use error::{Result, StoreError};
-pub use gc::GcReport;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use gc::{GcReport, LockTiming};
 pub use local::LocalBackend;
-pub use locks::{LockGuard, LockInfo, LockKind};
+pub use locks::{LiveLock, LockGuard, LockInfo, LockKind};
 pub use replicated::{Notify, Region, Replicated};
 pub use retry::{RetryPolicy, Retrying};
 pub use vault::{ChunkReader, CreateOptions, Regions, Replication, Unreadable, Vault};

@@ -227,7 +227,7 @@ impl WriteBackend for LocalBackend {
         }
     }
 
-    fn touch(&self, kind: Kind, name: &str) -> Result<bool> {
+    fn touch(&self, kind: Kind, name: &str) -> Result<Option<u64>> {
         let path = self.path(kind, name)?;
         let now = Timespec {
             tv_sec: 0,
@@ -238,9 +238,15 @@ impl WriteBackend for LocalBackend {
             last_modification: now,
         };
         match rustix::fs::utimensat(CWD, &path, &times, AtFlags::empty()) {
-            Ok(()) => Ok(true),
-            Err(rustix::io::Errno::NOENT) => Ok(false),
-            Err(e) => Err(self.io_error("touching", &path, e.into())),
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(self.io_error("touching", &path, e.into())),
+        }
+        // Set aside by a collection since the touch: absent, and the caller writes it anew.
+        match rustix::fs::stat(&path) {
+            Ok(st) => Ok(Some(st.st_size as u64)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(self.io_error("reading", &path, e.into())),
         }
     }
 

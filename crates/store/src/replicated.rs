@@ -208,7 +208,7 @@ impl Drop for Replicated {
 /// copied regardless), else a verified read and a write. Returns the bytes copied.
 fn copy_unless_present(from: &Region, to: &Region, kind: Kind, name: &str) -> Result<u64> {
     let mutable = matches!(kind, Kind::Config | Kind::Key);
-    if !mutable && to.backend.touch(kind, name)? {
+    if !mutable && to.backend.touch(kind, name)?.is_some() {
         return Ok(0);
     }
     let bytes = from.backend.read(kind, name)?;
@@ -340,9 +340,9 @@ impl WriteBackend for Replicated {
         self.primary.backend.remove(kind, name)?;
         self.to_secondary(Op::Remove, kind, name, None)
     }
-    fn touch(&self, kind: Kind, name: &str) -> Result<bool> {
+    fn touch(&self, kind: Kind, name: &str) -> Result<Option<u64>> {
         let present = self.primary.backend.touch(kind, name)?;
-        if present {
+        if present.is_some() {
             self.to_secondary(Op::Copy, kind, name, None)?;
         }
         Ok(present)

@@ -112,7 +112,7 @@ impl WriteBackend for Retrying {
     fn remove(&self, kind: Kind, name: &str) -> Result<()> {
         self.run(|| self.inner.remove(kind, name))
     }
-    fn touch(&self, kind: Kind, name: &str) -> Result<bool> {
+    fn touch(&self, kind: Kind, name: &str) -> Result<Option<u64>> {
         self.run(|| self.inner.touch(kind, name))
     }
     fn remove_unless_touched(&self, kind: Kind, name: &str, cutoff: SystemTime) -> Result<bool> {

@@ -9,6 +9,9 @@ use vmvault_format::{
 };
 
 use crate::backend::{Kind, WriteBackend};
+use crate::clock::Clock;
+use crate::gc::LockTiming;
+use crate::locks::LockGuard;
 use crate::journal::Journal;
 use crate::replicated::{self, Notify, Region, Replicated};
 use crate::verified::{VaultVerifier, Verified};
@@ -87,6 +90,9 @@ pub struct Vault {
     config: VaultConfig,
     keys: Option<Keys>,
     codec: Arc<Codec>,
+    /// What the vault's rules read the time from (lock ages, waits).
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) lock_timing: LockTiming,
 }
 
 impl Vault {
@@ -266,7 +272,25 @@ impl Vault {
             config,
             keys,
             codec,
+            clock: crate::clock::system(),
+            lock_timing: LockTiming::default(),
         })
+    }
+
+    /// The vault with its rules reading the time from `clock` (tests: skewed or jumping).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Vault {
+        self.clock = clock;
+        self
+    }
+
+    /// The vault with other lock polling and collection waiting times.
+    pub fn with_lock_timing(mut self, timing: LockTiming) -> Vault {
+        self.lock_timing = timing;
+        self
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The regions one by one, primary first, each verified on read.
@@ -290,6 +314,8 @@ impl Vault {
             config: self.config.clone(),
             keys: None,
             codec: self.codec.clone(),
+            clock: self.clock.clone(),
+            lock_timing: self.lock_timing.clone(),
         }
     }
 
@@ -325,10 +351,16 @@ impl Vault {
         self.backend.write(Kind::Chunk, &digest.to_hex(), sealed)
     }
 
-    /// Whether the vault has the chunk, refreshing its time so that a concurrent garbage
-    /// collection spares it (see the crate doc).
-    pub fn touch_chunk(&self, digest: &Digest) -> Result<bool> {
-        self.backend.touch(Kind::Chunk, &digest.to_hex())
+    /// Whether the vault has the chunk of `len` plain bytes, refreshing its time so that a
+    /// concurrent garbage collection spares it (see the crate doc). A stored copy whose size no
+    /// sealed chunk of that length can have (emptied or cut short by storage) counts as
+    /// absent, so the caller stores the chunk anew instead of pointing a new recovery point at
+    /// damage; checking more than the size would mean reading every reused chunk.
+    pub fn touch_chunk(&self, digest: &Digest, len: usize) -> Result<bool> {
+        Ok(self
+            .backend
+            .touch(Kind::Chunk, &digest.to_hex())?
+            .is_some_and(|size| plausible_chunk_size(size, len)))
     }
 
     /// A reader of chunks for one thread, reusing its buffers from chunk to chunk.
@@ -377,6 +409,24 @@ impl Vault {
             .map_err(|e| StoreError::format(format!("disk index {digest}"), e))
     }
 
+    /// Makes a backup's recovery point exist: everything it references durable first, then
+    /// the manifest, then durable again. The backup's lock must be trusted before the manifest
+    /// is written and still after (see [`crate::locks`]): a backup whose lock a collection may
+    /// have judged dead may reference chunks that collection deleted, so its manifest is not
+    /// written, or is taken back, and the backup fails with [`StoreError::LockLost`].
+    pub fn commit_point(&self, lock: &LockGuard, manifest: &Manifest) -> Result<()> {
+        self.backend.sync()?;
+        lock.check_held().map_err(|e| not_committed(e, manifest))?;
+        self.save_manifest(manifest)?;
+        self.backend.sync()?;
+        if let Err(e) = lock.check_held() {
+            let _ = self.remove_manifest(&manifest.id);
+            let _ = self.backend.sync();
+            return Err(not_committed(e, manifest));
+        }
+        Ok(())
+    }
+
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<()> {
         let sealed = self.codec.seal(ObjectKind::Manifest, &manifest.encode());
         self.backend
@@ -402,6 +452,14 @@ impl Vault {
                 Ok(())
             })?;
         manifest.ok_or_else(|| StoreError::Invalid(format!("recovery point {id} was not read")))
+    }
+
+    /// When storage says a point's manifest was written (its object's time), if it has one.
+    pub fn point_written(&self, id: &PointId) -> Result<Option<std::time::SystemTime>> {
+        Ok(self
+            .backend
+            .stat(Kind::Point, &id.to_hex())?
+            .map(|o| o.modified))
     }
 
     pub fn remove_manifest(&self, id: &PointId) -> Result<()> {
@@ -433,6 +491,26 @@ impl Vault {
         good.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
         Ok((good, bad))
     }
+}
+
+fn not_committed(e: StoreError, m: &Manifest) -> StoreError {
+    match e {
+        StoreError::LockLost(why) => StoreError::LockLost(format!(
+            "the backup of {} lost its lock in the vault ({why}): a garbage collection may have \
+             removed what it stored, so recovery point {} was not written; run the backup again",
+            m.vm,
+            m.id.short()
+        )),
+        other => other,
+    }
+}
+
+/// Whether a sealed chunk of `len` plain bytes can be `size` bytes long: an envelope holds a
+/// non-empty body no longer than the payload (it is kept raw where compression does not
+/// shrink it) between its header and trailer.
+pub fn plausible_chunk_size(size: u64, len: usize) -> bool {
+    let frame = (vmvault_format::HEADER_LEN + vmvault_format::TRAILER_LEN) as u64;
+    size > frame && size <= frame + len as u64
 }
 
 /// Reads chunks for one thread: fetched into a reused buffer, opened in place, checked.

@@ -154,7 +154,7 @@ impl WriteBackend for Verified {
     fn remove(&self, kind: Kind, name: &str) -> Result<()> {
         self.inner.remove(kind, name)
     }
-    fn touch(&self, kind: Kind, name: &str) -> Result<bool> {
+    fn touch(&self, kind: Kind, name: &str) -> Result<Option<u64>> {
         self.inner.touch(kind, name)
     }
     fn remove_unless_touched(&self, kind: Kind, name: &str, cutoff: SystemTime) -> Result<bool> {
