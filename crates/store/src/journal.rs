@@ -64,6 +64,13 @@ pub struct Journal {
     changed: Condvar,
 }
 
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Copy => "copy",
+        Op::Remove => "remove",
+    }
+}
+
 fn kind_from(name: &str) -> Option<Kind> {
     Kind::ALL.into_iter().find(|k| k.name() == name)
 }
@@ -121,18 +128,19 @@ impl Journal {
         fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let mut suffix = [0u8; 4];
         vmvault_format::random_bytes(&mut suffix);
-        let path = dir.join(format!(
-            "{}-{}.journal",
-            std::process::id(),
-            hex::encode(suffix)
-        ));
+        let name = format!("{}-{}", std::process::id(), hex::encode(suffix));
+        let path = dir.join(format!("{name}.journal"));
+        // Made under a name no other process adopts, and locked, before it gets its real name:
+        // a process opening the queue at the same moment never takes it for a dead one.
+        let fresh = dir.join(format!(".{name}.new"));
         let file = OpenOptions::new()
             .create_new(true)
             .write(true)
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
+            .open(&fresh)
+            .map_err(|e| io(&fresh, e))?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-            .map_err(|e| io(&path, e.into()))?;
+            .map_err(|e| io(&fresh, e.into()))?;
+        fs::rename(&fresh, &path).map_err(|e| io(&path, e))?;
         let journal = Journal {
             path: path.clone(),
             capacity,
@@ -176,6 +184,17 @@ impl Journal {
             {
                 continue;
             }
+            // Adopted and removed by another process since it was opened: not ours to replay.
+            let same = match (fs::metadata(&other), file.metadata()) {
+                (Ok(a), Ok(b)) => {
+                    use std::os::unix::fs::MetadataExt;
+                    a.ino() == b.ino() && a.dev() == b.dev()
+                }
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
             let (pending, overflowed) = replay(&other).map_err(|e| io(&other, e))?;
             if overflowed {
                 self.mark_overflow()?;
@@ -184,7 +203,11 @@ impl Journal {
                 self.push(op, kind, &name)?;
             }
             self.flush()?;
-            fs::remove_file(&other).map_err(|e| io(&other, e))?;
+            match fs::remove_file(&other) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&other, e)),
+            }
         }
         Ok(())
     }
@@ -198,6 +221,49 @@ impl Journal {
         Ok(())
     }
 
+    /// Records an operation durably *before* `apply` makes it happen in the primary, and
+    /// queues it once `apply` succeeded: for recovery-point manifests, whose line must not be
+    /// lost by a crash right after the manifest lands (the secondary would then lack the
+    /// point until a full comparison). A crash in between leaves a line for an object the
+    /// primary may not have; replaying it finds nothing to copy, which is done.
+    pub fn push_ahead(
+        &self,
+        op: Op,
+        kind: Kind,
+        name: &str,
+        apply: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let seq = {
+            let mut st = self.lock();
+            if st.pending.len() + st.in_flight.len() >= self.capacity {
+                drop(st);
+                self.mark_overflow()?;
+                self.flush()?;
+                return apply();
+            }
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            writeln!(st.file, "+ {seq} {} {} {name}", op_name(op), kind.name())
+                .map_err(|e| io(&self.path, e))?;
+            seq
+        };
+        self.flush()?;
+        if let Err(e) = apply() {
+            let mut st = self.lock();
+            writeln!(st.file, "- {seq}").map_err(|e| io(&self.path, e))?;
+            return Err(e);
+        }
+        let entry = Entry {
+            seq,
+            op,
+            kind,
+            name: name.to_string(),
+        };
+        self.lock().pending.insert(seq, entry);
+        self.changed.notify_one();
+        Ok(())
+    }
+
     /// Queues an operation; past the capacity, records an overflow instead.
     pub fn push(&self, op: Op, kind: Kind, name: &str) -> Result<()> {
         let mut st = self.lock();
@@ -207,11 +273,7 @@ impl Journal {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let op_name = match op {
-            Op::Copy => "copy",
-            Op::Remove => "remove",
-        };
-        writeln!(st.file, "+ {seq} {op_name} {} {name}", kind.name())
+        writeln!(st.file, "+ {seq} {} {} {name}", op_name(op), kind.name())
             .map_err(|e| io(&self.path, e))?;
         st.pending.insert(
             seq,

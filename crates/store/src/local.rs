@@ -209,7 +209,13 @@ impl WriteBackend for LocalBackend {
                 f.sync_all()?;
             }
             drop(f);
-            fs::rename(&tmp, &path)
+            fs::rename(&tmp, &path)?;
+            // The rename itself is durable only once its directory is: without this a crash
+            // could bring back the old key after `key passwd` said it was done.
+            if matches!(kind, Kind::Key | Kind::Config) {
+                fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
         })();
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);

@@ -333,10 +333,20 @@ impl WriteBackend for Replicated {
         self.secondary.backend.create()
     }
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
+        if let (Some(j), Kind::Point) = (&self.journal, kind) {
+            return j.push_ahead(Op::Copy, kind, name, || {
+                self.primary.backend.write(kind, name, data)
+            });
+        }
         self.primary.backend.write(kind, name, data)?;
         self.to_secondary(Op::Copy, kind, name, Some(data))
     }
     fn remove(&self, kind: Kind, name: &str) -> Result<()> {
+        if let (Some(j), Kind::Point) = (&self.journal, kind) {
+            return j.push_ahead(Op::Remove, kind, name, || {
+                self.primary.backend.remove(kind, name)
+            });
+        }
         self.primary.backend.remove(kind, name)?;
         self.to_secondary(Op::Remove, kind, name, None)
     }
