@@ -265,7 +265,7 @@ impl WriteBackend for Cancellable {
     fn remove(&self, kind: Kind, name: &str) -> vmvault_store::Result<()> {
         self.inner.remove(kind, name)
     }
-    fn touch(&self, kind: Kind, name: &str) -> vmvault_store::Result<bool> {
+    fn touch(&self, kind: Kind, name: &str) -> vmvault_store::Result<Option<u64>> {
         self.check()?;
         self.inner.touch(kind, name)
     }
