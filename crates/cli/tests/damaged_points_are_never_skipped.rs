@@ -8,7 +8,12 @@ use common::*;
 
 fn two_points(env: &Env) -> (String, String) {
     make_image(&env.path("web01.raw"), 1024 * 1024, 7);
-    let desc = write_vm(env.dir.path(), "web01.toml", "web01", &[("os", "web01.raw")]);
+    let desc = write_vm(
+        env.dir.path(),
+        "web01.toml",
+        "web01",
+        &[("os", "web01.raw")],
+    );
     let old = env.backup(&desc);
     mutate_image(&env.path("web01.raw"), 5.0, 8);
     let new = env.backup(&desc);
@@ -46,7 +51,10 @@ fn a_damaged_point_named_by_its_id_is_called_damaged() {
     let env = Env::with_vault();
     let (_, new) = two_points(&env);
     damage_manifest(&env, &new);
-    let err = env.fails(&["restore", &format!("web01@{}", &new[..8]), "--to", "out"], 3);
+    let err = env.fails(
+        &["restore", &format!("web01@{}", &new[..8]), "--to", "out"],
+        3,
+    );
     assert!(err.contains("cannot be read"), "{err}");
     assert!(!err.contains("has an id starting with"), "{err}");
 }
@@ -64,7 +72,12 @@ fn garbage_collection_stopped_by_damage_exits_3() {
 fn a_chunk_emptied_in_storage_is_stored_again_not_reused() {
     let env = Env::with_vault();
     make_image(&env.path("web01.raw"), 1024 * 1024, 9);
-    let desc = write_vm(env.dir.path(), "web01.toml", "web01", &[("os", "web01.raw")]);
+    let desc = write_vm(
+        env.dir.path(),
+        "web01.toml",
+        "web01",
+        &[("os", "web01.raw")],
+    );
     env.backup(&desc);
     for c in env.chunk_files() {
         std::fs::write(&c, b"").unwrap();

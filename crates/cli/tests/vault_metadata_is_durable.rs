@@ -13,14 +13,20 @@ use common::*;
 fn traced(env: &Env, args: &[&str], extra_env: &[(&str, &str)]) -> String {
     let log = env.path("strace.log");
     let mut c = Command::new("strace");
-    c.args(["-f", "-y", "-qq", "-e", "trace=rename,renameat,renameat2,fsync,fdatasync"])
-        .arg("-o")
-        .arg(&log)
-        .arg(env!("CARGO_BIN_EXE_vmvault"))
-        .args(args)
-        .env("VMVAULT_PASSWORD", PASS)
-        .env("VMVAULT_STATE_DIR", env.path("state"))
-        .current_dir(env.dir.path());
+    c.args([
+        "-f",
+        "-y",
+        "-qq",
+        "-e",
+        "trace=rename,renameat,renameat2,fsync,fdatasync",
+    ])
+    .arg("-o")
+    .arg(&log)
+    .arg(env!("CARGO_BIN_EXE_vmvault"))
+    .args(args)
+    .env("VMVAULT_PASSWORD", PASS)
+    .env("VMVAULT_STATE_DIR", env.path("state"))
+    .current_dir(env.dir.path());
     for (k, v) in extra_env {
         c.env(k, v);
     }
@@ -53,7 +59,11 @@ fn config_and_key_survive_a_crash_once_written() {
         "the vault folder is synced after the config lands:\n{log}"
     );
     let keys = format!("{vault}/keys");
-    assert!(folder_synced_after_rename(&log, &format!("{keys}/default"), &keys));
+    assert!(folder_synced_after_rename(
+        &log,
+        &format!("{keys}/default"),
+        &keys
+    ));
 
     let log = traced(
         &env,

@@ -17,7 +17,10 @@ const BOUND: Duration = Duration::from_secs(30);
 
 fn vault(url: &str, opts: &RemoteOptions) -> Vault {
     let backend: Arc<dyn WriteBackend> = open(url, opts).unwrap();
-    assert!(!backend.atomic_touch(), "object storage: a collection needs the vault alone");
+    assert!(
+        !backend.atomic_touch(),
+        "object storage: a collection needs the vault alone"
+    );
     Vault::create(backend.clone(), CreateOptions::default()).unwrap();
     Vault::open(backend, || Ok(Vec::new()))
         .unwrap()
@@ -64,7 +67,11 @@ fn interleave(vault: Vault) {
     {
         let vault = vault.clone();
         std::thread::spawn(move || {
-            let _ = b_done.send(vault.lock_backup("db01", &mut |_| {}).map(|g| g.name().to_string()));
+            let _ = b_done.send(
+                vault
+                    .lock_backup("db01", &mut |_| {})
+                    .map(|g| g.name().to_string()),
+            );
         });
     }
     // (It ends at once: its lock goes with it.)

@@ -152,8 +152,10 @@ impl Vault {
                     other.info.describe()
                 )));
             }
-            let writers: Vec<&LiveLock> =
-                live.iter().filter(|l| l.info.kind != LockKind::Gc).collect();
+            let writers: Vec<&LiveLock> = live
+                .iter()
+                .filter(|l| l.info.kind != LockKind::Gc)
+                .collect();
             if !exclusive || writers.is_empty() {
                 if guard.waiting() {
                     // A writer that looked while this one waited may have gone ahead: look
@@ -173,11 +175,7 @@ impl Vault {
             if !guard.waiting() {
                 guard.set_waiting(true)?;
             }
-            let waited = self
-                .clock
-                .now()
-                .duration_since(began)
-                .unwrap_or_default();
+            let waited = self.clock.now().duration_since(began).unwrap_or_default();
             if waited > self.lock_timing.gc_wait_limit {
                 return Err(StoreError::Busy(format!(
                     "garbage collection gave up after waiting {} s for {} running backup(s) or \
@@ -287,8 +285,7 @@ impl Vault {
                 }
                 still_held()?;
                 // The listing's time is only a first look; the backend judges again.
-                if backend.remove_unless_touched(Kind::Chunk, &obj.name, cutoff)?
-                {
+                if backend.remove_unless_touched(Kind::Chunk, &obj.name, cutoff)? {
                     report.chunks_removed += 1;
                     report.bytes_removed += obj.size;
                 } else {
@@ -304,8 +301,7 @@ impl Vault {
                     continue;
                 }
                 still_held()?;
-                if backend.remove_unless_touched(Kind::Index, &obj.name, cutoff)?
-                {
+                if backend.remove_unless_touched(Kind::Index, &obj.name, cutoff)? {
                     report.indexes_removed += 1;
                 }
             }

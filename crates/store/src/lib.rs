@@ -58,8 +58,8 @@ mod vault;
 pub mod verified;
 
 pub use backend::{check_name, Check, Kind, ObjectInfo, ReadBackend, WriteBackend};
-pub use error::{Result, StoreError};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Result, StoreError};
 pub use gc::{GcReport, LockTiming};
 pub use local::LocalBackend;
 pub use locks::{LiveLock, LockGuard, LockInfo, LockKind};

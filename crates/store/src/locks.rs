@@ -245,7 +245,11 @@ impl Shared {
                 since.as_secs(),
                 LOST_AFTER.as_secs()
             ))
-        } else if self.backend.stat(Kind::Lock, &tombstone(&self.name))?.is_some() {
+        } else if self
+            .backend
+            .stat(Kind::Lock, &tombstone(&self.name))?
+            .is_some()
+        {
             Some("another vmvault judged it dead and removed it".to_string())
         } else if self.backend.stat(Kind::Lock, &self.name)?.is_none() {
             Some("it was removed from the vault".to_string())

@@ -11,8 +11,8 @@ use vmvault_format::{
 use crate::backend::{Kind, WriteBackend};
 use crate::clock::Clock;
 use crate::gc::LockTiming;
-use crate::locks::LockGuard;
 use crate::journal::Journal;
+use crate::locks::LockGuard;
 use crate::replicated::{self, Notify, Region, Replicated};
 use crate::verified::{VaultVerifier, Verified};
 use crate::{Result, StoreError};

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmvault_format::{
-    Consistency, DiskIndex, DiskRecord, Manifest, ObjectKind, PointId, TransferStats,
-    VmConfig, MANIFEST_VERSION,
+    Consistency, DiskIndex, DiskRecord, Manifest, ObjectKind, PointId, TransferStats, VmConfig,
+    MANIFEST_VERSION,
 };
 use vmvault_store::{
     CreateOptions, Kind, LocalBackend, ManualClock, StoreError, Vault, WriteBackend,
@@ -123,7 +123,10 @@ fn assert_whole(dir: &Path) -> usize {
 fn wait_for(path: &Path) {
     let began = Instant::now();
     while !path.exists() {
-        assert!(began.elapsed() < Duration::from_secs(60), "{path:?} never came");
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "{path:?} never came"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -206,7 +209,13 @@ fn race(how: Foreign, gc_vault: impl FnOnce(&Path) -> Vault) -> (i32, tempfile::
 
 #[test]
 fn a_backup_in_another_pid_namespace_keeps_its_chunks() {
-    let (code, dir) = race(Foreign { host: None, skew: 0 }, open);
+    let (code, dir) = race(
+        Foreign {
+            host: None,
+            skew: 0,
+        },
+        open,
+    );
     assert_eq!(code, 0, "the backup commits");
     assert_eq!(assert_whole(&dir.path().join("vault")), 1);
 }
@@ -228,7 +237,13 @@ fn a_backup_on_another_host_with_a_lagging_clock_keeps_its_chunks() {
 #[test]
 fn a_backup_whose_lock_was_judged_dead_does_not_commit() {
     let ahead = |dir: &Path| open(dir).with_clock(ManualClock::skewed(15 * 60));
-    let (code, dir) = race(Foreign { host: None, skew: 0 }, ahead);
+    let (code, dir) = race(
+        Foreign {
+            host: None,
+            skew: 0,
+        },
+        ahead,
+    );
     assert_eq!(code, LOST, "the backup refuses to commit");
     assert_eq!(assert_whole(&dir.path().join("vault")), 0, "no point");
 }
@@ -333,12 +348,9 @@ fn a_dead_process_of_this_namespace_does_not_hold_its_lock() {
     let pid = child.id();
     child.wait().unwrap();
     let guard = vault.lock_backup("probe", &mut |_| {}).unwrap();
-    let mine: serde_json::Value = serde_json::from_slice(
-        &backend(dir.path())
-            .read(Kind::Lock, guard.name())
-            .unwrap(),
-    )
-    .unwrap();
+    let mine: serde_json::Value =
+        serde_json::from_slice(&backend(dir.path()).read(Kind::Lock, guard.name()).unwrap())
+            .unwrap();
     drop(guard);
     let mut dead = mine.clone();
     dead["vm"] = "web01".into();

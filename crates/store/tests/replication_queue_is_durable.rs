@@ -38,7 +38,10 @@ fn a_manifest_is_journaled_before_it_lands() {
     // The workers must not race the check: stop them from taking anything.
     replicated.journal().unwrap().close();
     let name = "0123456789abcdef0123456789abcdef";
-    vault.backend().write(Kind::Point, name, b"manifest").unwrap();
+    vault
+        .backend()
+        .write(Kind::Point, name, b"manifest")
+        .unwrap();
     let queue = state
         .join("replication")
         .join(hex::encode(vault.config().vault_id));
@@ -59,7 +62,8 @@ fn a_manifest_that_did_not_land_is_not_queued() {
     });
     assert!(failed.is_err());
     assert_eq!(j.backlog(), (0, false));
-    j.push_ahead(Op::Copy, Kind::Point, "p2", || Ok(())).unwrap();
+    j.push_ahead(Op::Copy, Kind::Point, "p2", || Ok(()))
+        .unwrap();
     assert_eq!(j.take(Duration::ZERO).unwrap().name, "p2");
 }
 
