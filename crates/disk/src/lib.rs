@@ -9,21 +9,24 @@
 //! Every header parser here reads untrusted bytes: a bad image is a [`DiskError::Invalid`],
 //! never a panic, a hang or an allocation the image's size does not justify.
 
+mod chain;
 mod detect;
 mod qcow2;
 mod raw;
+mod target;
 mod vhd;
 mod vhdx;
 mod vmdk;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+pub use chain::Chain;
 pub use detect::detect;
 pub use qcow2::{Qcow2Reader, Qcow2Writer};
 pub use raw::{RawReader, RawWriter};
+pub use target::{create, create_file, create_with, CreateOptions, NewDisk, NewFile};
 use thiserror::Error;
 pub use vhd::{VhdReader, VhdWriter};
 pub use vhdx::{VhdxReader, VhdxWriter};
@@ -39,6 +42,25 @@ pub enum DiskError {
     Exists { path: String },
     #[error("{path} is not a regular file or block device")]
     NotADisk { path: String },
+    /// An image names a file outside the folders it may read from (see [`Chain`]).
+    #[error(
+        "{image}: its {what} {file} is outside the image's folder {folder}; vmvault reads such \
+         files only from folders allowed by name: add allow_backing = [\"{dir}\"] to the \
+         disk's [[disks]] entry in the VM description (disk info: --allow-backing {dir})"
+    )]
+    Confined {
+        image: String,
+        what: &'static str,
+        file: String,
+        folder: String,
+        dir: String,
+    },
+    /// What is at a restore's target cannot be written to (a folder, a device not named).
+    #[error("{path} {reason}")]
+    Target { path: String, reason: String },
+    /// A folder given to allow backing files from cannot be used.
+    #[error("allow_backing folder {dir}: {reason}")]
+    Allowance { dir: String, reason: String },
     /// The image's bytes are not a valid image of its format (truncated, tables pointing past
     /// the end, absurd sizes, a backing chain that loops...).
     #[error("{path}: not a valid {format} image: {detail}")]
@@ -104,6 +126,28 @@ pub trait DiskReader: Send + Sync {
     }
     /// Bytes of the virtual disk this image itself holds data for (not its backing chain).
     fn allocated_bytes(&self) -> io::Result<u64>;
+    /// The files besides [`DiskReader::path`] this image reads its own data from (a VMDK's
+    /// extents), not its backing chain.
+    fn extent_files(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+}
+
+/// Every file `reader` reads, canonical, in the order met: the image, its extents, then the
+/// same for each image of its backing chain.
+pub fn files(reader: &dyn DiskReader) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut level = Some(reader);
+    while let Some(r) = level {
+        for f in std::iter::once(r.path().to_path_buf()).chain(r.extent_files()) {
+            let f = f.canonicalize().unwrap_or(f);
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        level = r.backing();
+    }
+    out
 }
 
 /// Writes one restored disk.
@@ -127,34 +171,30 @@ pub const WRITE_FORMATS: &[&str] = &["raw", "qcow2", "vhd", "vhd-fixed", "vhdx",
 /// How long a backing chain may be before it is taken for a loop vmvault failed to see.
 pub const MAX_CHAIN: usize = 64;
 
-/// Opens a disk image for reading; `format` may be "auto".
+/// Opens a disk image for reading; `format` may be "auto". The files it pulls in must lie in
+/// its own folder (see [`Chain`]).
 pub fn open(path: &Path, format: &str) -> Result<Box<dyn DiskReader>, DiskError> {
-    open_in_chain(path, format, &mut Vec::new())
+    open_in_chain(path, format, &mut Chain::default())
 }
 
-/// Opens an image as one link of a backing chain: `chain` holds the images opened so far (as
-/// canonical paths), so that a chain that loops back is refused instead of followed forever.
+/// [`open`], also letting the image pull in files from the folders `allow`.
+pub fn open_allowing(
+    path: &Path,
+    format: &str,
+    allow: &[PathBuf],
+) -> Result<Box<dyn DiskReader>, DiskError> {
+    open_in_chain(path, format, &mut Chain::allowing(allow)?)
+}
+
+/// Opens an image as one link of a backing chain: `chain` holds the images opened so far, so
+/// that a chain that loops back is refused instead of followed forever, and knows the folders
+/// its files may come from.
 pub fn open_in_chain(
     path: &Path,
     format: &str,
-    chain: &mut Vec<PathBuf>,
+    chain: &mut Chain,
 ) -> Result<Box<dyn DiskReader>, DiskError> {
-    let canonical = path.canonicalize().map_err(|e| DiskError::io(path, e))?;
-    if chain.contains(&canonical) {
-        return Err(DiskError::invalid(
-            path,
-            "backing chain",
-            format!("the chain loops back to {}", canonical.display()),
-        ));
-    }
-    if chain.len() >= MAX_CHAIN {
-        return Err(DiskError::invalid(
-            path,
-            "backing chain",
-            format!("more than {MAX_CHAIN} images deep"),
-        ));
-    }
-    chain.push(canonical);
+    chain.enter(path)?;
     let format = match format {
         "auto" => detect(path)?,
         f => f,
@@ -169,24 +209,6 @@ pub fn open_in_chain(
     }
 }
 
-/// Creates a disk image of `size` bytes to restore into; `format` is one of [`WRITE_FORMATS`].
-pub fn create(
-    path: &Path,
-    format: &str,
-    size: u64,
-    overwrite: bool,
-) -> Result<Box<dyn DiskWriter>, DiskError> {
-    match format {
-        "raw" => Ok(Box::new(RawWriter::create(path, size, overwrite)?)),
-        "vhd" => Ok(Box::new(VhdWriter::create_dynamic(path, size, overwrite)?)),
-        "vhd-fixed" => Ok(Box::new(VhdWriter::create_fixed(path, size, overwrite)?)),
-        "vhdx" => Ok(Box::new(VhdxWriter::create(path, size, overwrite)?)),
-        "vmdk" => Ok(Box::new(VmdkWriter::create(path, size, overwrite)?)),
-        "qcow2" => Ok(Box::new(Qcow2Writer::create(path, size, overwrite)?)),
-        other => Err(DiskError::UnsupportedFormat(other.to_string())),
-    }
-}
-
 /// The file extension a restored disk of `format` gets.
 pub fn extension(format: &str) -> &'static str {
     match format {
@@ -196,29 +218,6 @@ pub fn extension(format: &str) -> &'static str {
         "vmdk" => "vmdk",
         _ => "raw",
     }
-}
-
-/// Creates a new image file for a writer: refuses an existing file unless `overwrite`.
-pub fn create_file(path: &Path, overwrite: bool) -> Result<File, DiskError> {
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.file_type().is_block_device() {
-            return Err(DiskError::NotADisk {
-                path: path.display().to_string(),
-            });
-        }
-        if !overwrite {
-            return Err(DiskError::Exists {
-                path: path.display().to_string(),
-            });
-        }
-    }
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| DiskError::io(path, e))
 }
 
 /// Reads exactly `buf.len()` bytes at `offset` of an image file, saying "truncated" (an invalid

@@ -1,6 +1,6 @@
 //! Raw images: the disk's bytes as they are, in a regular file (often sparse) or a block device.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -90,33 +90,20 @@ pub struct RawWriter {
 }
 
 impl RawWriter {
-    /// Creates `path` (refusing an existing regular file unless `overwrite`) of `size` bytes.
+    /// Creates `path` (refusing an existing file unless `overwrite`, never following a symlink)
+    /// as a sparse file of `size` bytes.
     pub fn create(path: &Path, size: u64, overwrite: bool) -> Result<RawWriter, DiskError> {
-        if let Ok(meta) = std::fs::metadata(path) {
-            if meta.file_type().is_block_device() {
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| DiskError::io(path, e))?;
-                return Ok(RawWriter {
-                    file,
-                    sparse: false,
-                });
-            }
-            if !overwrite {
-                return Err(DiskError::Exists {
-                    path: path.display().to_string(),
-                });
-            }
-        }
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| DiskError::io(path, e))?;
+        let file = crate::create_file(path, overwrite)?;
         file.set_len(size).map_err(|e| DiskError::io(path, e))?;
         Ok(RawWriter { file, sparse: true })
+    }
+
+    /// Writes onto a block device opened for writing: zeros are written, not skipped.
+    pub(crate) fn onto_device(file: File) -> RawWriter {
+        RawWriter {
+            file,
+            sparse: false,
+        }
     }
 }
 

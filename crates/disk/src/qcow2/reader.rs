@@ -50,7 +50,8 @@ pub(super) fn to_io(e: DiskError) -> io::Error {
 
 impl Qcow2Reader {
     /// Opens `path` as one link of a backing chain (see [`crate::open_in_chain`]).
-    pub fn open(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Qcow2Reader, DiskError> {
+    pub fn open(path: &Path, chain: &mut crate::Chain) -> Result<Qcow2Reader, DiskError> {
+        chain.begin(path)?;
         let mut file = File::open(path).map_err(|e| DiskError::io(path, e))?;
         let meta = file.metadata().map_err(|e| DiskError::io(path, e))?;
         let file_len = if meta.is_file() {
@@ -133,7 +134,7 @@ fn open_backing(
     path: &Path,
     name: &[u8],
     format: Option<&str>,
-    chain: &mut Vec<PathBuf>,
+    chain: &mut crate::Chain,
 ) -> Result<Box<dyn DiskReader>, DiskError> {
     let shown = String::from_utf8_lossy(name);
     if shown.starts_with("json:") || shown.contains("://") {
@@ -163,6 +164,7 @@ fn open_backing(
         Some("vpc") => "vhd",
         Some(f) => f,
     };
+    chain.admit(path, &full, "backing file")?;
     crate::open_in_chain(&full, format, chain)
 }
 

@@ -29,7 +29,7 @@ impl Rng {
 
 /// Opens and exercises an image the way a backup and the fuzz target do; errors are fine.
 fn exercise(path: &Path) {
-    let r = match Qcow2Reader::open(path, &mut Vec::new()) {
+    let r = match Qcow2Reader::open(path, &mut crate::Chain::default()) {
         Ok(r) => r,
         Err(DiskError::Invalid { .. } | DiskError::Unsupported { .. }) => return,
         Err(

@@ -20,7 +20,7 @@ pub(super) fn open_parent(
     file: &File,
     len: u64,
     header: &DynHeader,
-    chain: &mut Vec<PathBuf>,
+    chain: &mut crate::Chain,
 ) -> Result<Box<dyn DiskReader>, DiskError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -82,6 +82,11 @@ pub(super) fn open_parent(
     // (a W2ku path to where the parent was), and a namesake beside the child is not it.
     let mut refusal = None;
     for candidate in &found {
+        // Judged before its footer is read: a locator may name any host file.
+        if let Err(e) = chain.admit(path, candidate, "parent") {
+            refusal.get_or_insert(e);
+            continue;
+        }
         let id = open_image(candidate).and_then(|(f, len, _)| find_footer(&f, len, candidate));
         match id {
             Ok(footer)

@@ -61,7 +61,8 @@ struct BitmapCache {
 
 impl VhdReader {
     /// Opens a VHD; a differencing disk's parent is opened through [`crate::open_in_chain`].
-    pub fn open(path: &Path, chain: &mut Vec<PathBuf>) -> Result<VhdReader, DiskError> {
+    pub fn open(path: &Path, chain: &mut crate::Chain) -> Result<VhdReader, DiskError> {
+        chain.begin(path)?;
         let (file, len, is_file) = open_image(path)?;
         let footer = find_footer(&file, len, path)?;
         if footer.disk_type == TYPE_FIXED {
@@ -172,7 +173,7 @@ fn open_sparse(
     file: &File,
     len: u64,
     footer: &Footer,
-    chain: &mut Vec<PathBuf>,
+    chain: &mut crate::Chain,
 ) -> Result<Sparse, DiskError> {
     let invalid = |detail: String| DiskError::invalid(path, FORMAT, detail);
     let header_at = footer.data_offset;

@@ -266,7 +266,7 @@ pub(super) fn read_metadata(
 pub(super) fn open_parent(
     path: &Path,
     locator: &[(String, String)],
-    chain: &mut Vec<PathBuf>,
+    chain: &mut crate::Chain,
 ) -> Result<Box<dyn DiskReader>, DiskError> {
     let invalid = |detail: String| DiskError::invalid(path, FORMAT, detail);
     let get = |key: &str| {
@@ -324,7 +324,23 @@ pub(super) fn open_parent(
             "the parent locator names no relative_path, volume_path or absolute_win32_path".into(),
         ));
     }
-    let Some(parent_path) = candidates.iter().find(|c| c.is_file()) else {
+    // Judged before the parent's header is read: a locator may name any host file.
+    let mut refusal = None;
+    let admitted =
+        candidates
+            .iter()
+            .filter(|c| c.is_file())
+            .find(|c| match chain.admit(path, c, "parent") {
+                Ok(_) => true,
+                Err(e) => {
+                    refusal.get_or_insert(e);
+                    false
+                }
+            });
+    if let (None, Some(e)) = (admitted, refusal) {
+        return Err(e);
+    }
+    let Some(parent_path) = admitted else {
         let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
         let named: Vec<String> = locator
             .iter()

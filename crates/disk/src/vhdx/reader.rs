@@ -47,7 +47,8 @@ pub struct VhdxReader {
 impl VhdxReader {
     /// Opens `path`; for a differencing image, its parent is opened through
     /// [`crate::open_in_chain`] with `chain`.
-    pub fn open(path: &Path, chain: &mut Vec<PathBuf>) -> Result<VhdxReader, DiskError> {
+    pub fn open(path: &Path, chain: &mut crate::Chain) -> Result<VhdxReader, DiskError> {
+        chain.begin(path)?;
         let invalid = |detail: String| DiskError::invalid(path, FORMAT, detail);
         let file = File::open(path).map_err(|e| DiskError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| DiskError::io(path, e))?.len();

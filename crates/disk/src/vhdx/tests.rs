@@ -23,7 +23,7 @@ fn run(cmd: &mut Command) {
 
 /// Opens the image and, if it opens, exercises every reading method: none may panic.
 fn exercise(path: &Path) -> Result<(), DiskError> {
-    let r = VhdxReader::open(path, &mut Vec::new())?;
+    let r = VhdxReader::open(path, &mut crate::Chain::default())?;
     let size = r.size();
     let mut buf = vec![0u8; 65536];
     for off in [0, size / 3, size / 2, size.saturating_sub(65536)] {
@@ -155,7 +155,7 @@ fn mutated_writer_images_never_panic() {
     w.write_at(&[0x11; 65536], 2 << 20).unwrap();
     w.write_at(&[0x22; 512], 5 << 20).unwrap();
     w.finish().unwrap();
-    let r = VhdxReader::open(&path, &mut Vec::new()).unwrap();
+    let r = VhdxReader::open(&path, &mut crate::Chain::default()).unwrap();
     assert_eq!(r.size(), (5 << 20) + 512);
     assert_eq!(r.allocated_bytes().unwrap(), (1 << 20) + 512);
     mutate_everywhere(&path);

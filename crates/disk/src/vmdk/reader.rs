@@ -241,7 +241,8 @@ fn extent_file_len(image: &Path, file: &Path) -> Result<u64, DiskError> {
 }
 
 impl VmdkReader {
-    pub fn open(path: &Path, chain: &mut Vec<PathBuf>) -> Result<VmdkReader, DiskError> {
+    pub fn open(path: &Path, chain: &mut crate::Chain) -> Result<VmdkReader, DiskError> {
+        chain.begin(path)?;
         let mut files = Files {
             paths: Vec::new(),
             open: Mutex::new(VecDeque::new()),
@@ -267,7 +268,7 @@ impl VmdkReader {
             Opened::Text(desc) => {
                 let create_type = desc.create_type.clone().unwrap_or_default();
                 refuse_create_type(path, &create_type)?;
-                Self::open_extents(path, &desc, &mut files, &mut extents)?;
+                Self::open_extents(path, &desc, chain, &mut files, &mut extents)?;
                 (desc, create_type)
             }
         };
@@ -286,6 +287,7 @@ impl VmdkReader {
     fn open_extents(
         path: &Path,
         desc: &Descriptor,
+        chain: &crate::Chain,
         files: &mut Files,
         extents: &mut Vec<Extent>,
     ) -> Result<(), DiskError> {
@@ -325,7 +327,14 @@ impl VmdkReader {
             }
             let named = |what: &str| -> Result<PathBuf, DiskError> {
                 match &line.file {
-                    Some(f) if !f.is_empty() => Ok(resolve(path, f)),
+                    Some(f) if !f.is_empty() => {
+                        let file = resolve(path, f);
+                        // A missing or non-regular extent file is refused below, as such.
+                        if file.is_file() {
+                            chain.admit(path, &file, "extent file")?;
+                        }
+                        Ok(file)
+                    }
                     _ => Err(invalid(path, format!("{what} extent {n} names no file"))),
                 }
             };
@@ -395,7 +404,7 @@ impl VmdkReader {
     fn open_parent(
         path: &Path,
         desc: &Descriptor,
-        chain: &mut Vec<PathBuf>,
+        chain: &mut crate::Chain,
     ) -> Result<Option<Box<dyn DiskReader>>, DiskError> {
         if !desc.has_parent() {
             return Ok(None);
@@ -426,6 +435,7 @@ impl VmdkReader {
             }
             return Err(DiskError::io(&parent_path, e));
         }
+        chain.admit(path, &parent_path, "parent")?;
         let parent = crate::open_in_chain(&parent_path, FORMAT, chain)?;
         // VMware refuses a child whose parent changed since the child was made (the parent's
         // CID no longer matches): reading it would mix two states of the disk.
@@ -612,5 +622,14 @@ impl DiskReader for VmdkReader {
             };
         }
         Ok(total)
+    }
+
+    fn extent_files(&self) -> Vec<PathBuf> {
+        self.files
+            .paths
+            .iter()
+            .filter(|p| **p != self.path)
+            .cloned()
+            .collect()
     }
 }

@@ -298,7 +298,7 @@ fn qcow2_backing_with_extended_l2_and_compression() {
     assert_same(&read_all(r.as_ref(), M), &qemu, "ext-l2 chain");
     check_unaligned_reads(r.as_ref(), &qemu, 17);
     check_map(&top, r.as_ref());
-    let m = Qcow2Reader::open(&mid, &mut Vec::new()).unwrap();
+    let m = Qcow2Reader::open(&mid, &mut vmvault_disk::Chain::default()).unwrap();
     assert_eq!(m.allocated_bytes().unwrap(), 4 * K + 12 * K);
     assert!(!m.may_have_data(16 * K, 8 * K).unwrap());
     assert!(m.may_have_data(4 * K, 4 * K).unwrap());

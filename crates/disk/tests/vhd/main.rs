@@ -3,6 +3,7 @@
 //! are checked and compared by qemu-img. QEMU cannot make differencing VHDs, so those are
 //! built here, byte by byte from the specification, over parents QEMU made.
 
+mod confined;
 mod damage;
 mod read;
 mod write;

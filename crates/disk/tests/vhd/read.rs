@@ -343,7 +343,12 @@ fn vhd_differencing_chains_read_through_their_parents() {
     };
     top_child.write(&top);
     let want = top_child.expected(&mid_child.expected(&base_bytes));
-    let r = vmvault_disk::open(&top, "vhd").unwrap();
+    // Its parent lies above its folder: read only when that folder is allowed.
+    assert!(matches!(
+        vmvault_disk::open(&top, "vhd"),
+        Err(DiskError::Confined { .. })
+    ));
+    let r = vmvault_disk::open_allowing(&top, "vhd", &[dir.path().into()]).unwrap();
     assert_eq!(r.size(), size + 4 * MIB);
     assert_eq!(read_all(r.as_ref(), MIB as usize), want);
     assert_eq!(

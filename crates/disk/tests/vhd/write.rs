@@ -11,7 +11,7 @@ fn vhd_dynamic_writer_output_is_what_qemu_reads() {
     let want = make_raw(&src, size, 3);
     let out = dir.path().join("out.vhd");
     let w = vmvault_disk::create(&out, "vhd", size, false).unwrap();
-    restore(w.as_ref(), &want, &mut Rng(30));
+    restore(&w, &want, &mut Rng(30));
     drop(w);
     qemu_accepts(&src, &out);
     let vsize = size.next_multiple_of(512);
@@ -60,7 +60,7 @@ fn vhd_fixed_writer_output_is_what_qemu_and_azure_read() {
     let want = make_raw(&src, size, 4);
     let out = dir.path().join("out.vhd");
     let w = vmvault_disk::create(&out, "vhd-fixed", size, false).unwrap();
-    restore(w.as_ref(), &want, &mut Rng(40));
+    restore(&w, &want, &mut Rng(40));
     drop(w);
     qemu_accepts(&src, &out);
     // Rounded up to whole MiB, as Azure requires.

@@ -60,7 +60,7 @@ fn writer_handles_odd_sizes_large_sparse_disks_and_refuses_existing_files() {
     let w = VhdxWriter::create(&unfinished, 4 * MIB, false).unwrap();
     w.write_at(&[1; 65536], 0).unwrap();
     drop(w);
-    assert!(VhdxReader::open(&unfinished, &mut Vec::new()).is_err());
+    assert!(VhdxReader::open(&unfinished, &mut vmvault_disk::Chain::default()).is_err());
 }
 
 #[test]

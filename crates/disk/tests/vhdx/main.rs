@@ -6,6 +6,7 @@
 //! qemu-made images by editing metadata and BAT as [MS-VHDX] describes, and check the reader
 //! against content computed from the two sources (QEMU cannot read them either).
 
+mod confined;
 mod damage;
 mod read;
 mod write;

@@ -153,7 +153,7 @@ fn sequential_backup_reads_of_a_256_mib_image() {
         &["convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M"],
         &[&src, &img],
     );
-    let r = VhdxReader::open(&img, &mut Vec::new()).unwrap();
+    let r = VhdxReader::open(&img, &mut vmvault_disk::Chain::default()).unwrap();
     // As the backup reads: may_have_data, then read_at, 1 MiB at a time.
     let mut buf = vec![0u8; MIB as usize];
     let mut skipped = 0;

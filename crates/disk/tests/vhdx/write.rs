@@ -15,7 +15,7 @@ fn writer_output_passes_qemu_check_and_compare() {
         let data = make_source(&src, size, 1000 + i as u64);
         let out = dir.path().join("out.vhdx");
         let w = vmvault_disk::create(&out, "vhdx", size, true).unwrap();
-        let want = write_shuffled(&*w, &data, 77 + i as u64);
+        let want = write_shuffled(&w, &data, 77 + i as u64);
         let expected = dir.path().join("expected.raw");
         std::fs::write(&expected, &want).unwrap();
 

@@ -20,7 +20,7 @@ fn writer_output_passes_qemu_img_check_and_compare() {
         check_with_qemu(&raw, &out);
         let grains = assert_streamable(&out);
         assert!(grains > 0);
-        let r = VmdkReader::open(&out, &mut Vec::new()).unwrap();
+        let r = VmdkReader::open(&out, &mut vmvault_disk::Chain::default()).unwrap();
         assert_eq!(r.size(), size);
         assert_eq!(r.subformat().as_deref(), Some("streamOptimized"));
         assert_same_as_raw(&r, &raw);
