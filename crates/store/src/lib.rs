@@ -21,7 +21,9 @@
 //! # Garbage collection and the race with backups
 //! Mark and sweep, with a safety window:
 //! 1. The collector writes its lock, then lists the live locks. Its *cutoff* is the earliest of
-//!    its own start and the start of every running backup, less [`gc::SAFETY_MARGIN`].
+//!    its own start (by its clock and by the storage's) and the start of every running writer,
+//!    less [`gc::SAFETY_MARGIN`]. Where `touch` is not atomic (object stores) it first waits
+//!    until no writer runs, letting new writers go ahead while it waits, for a bounded time.
 //! 2. Mark: every manifest, every index it names, every chunk those name. An unreadable
 //!    manifest or index stops the collection before anything is deleted.
 //! 3. Sweep: a chunk or index is deleted only if it is unmarked *and* its modification time is
@@ -36,6 +38,10 @@
 //! - A backup that registered after the collector wrote its lock sees that lock and waits
 //!   until the collection ends before it touches anything. One of the two always sees the
 //!   other, because each writes its own lock before it lists.
+//! - A writer whose lock was presumed dead (silent longer than [`locks::STALE_AFTER`] plus
+//!   [`locks::STALE_MARGIN`] by the storage's clock and its own) has distrusted that lock since
+//!   [`locks::LOST_AFTER`], and [`Vault::commit_point`] writes no manifest for it (or takes it
+//!   back). What the collector assumes about clocks and storage is in docs/design.md.
 //! - Points that existed when the collector listed manifests are marked.
 //!
 //! What this costs: chunks orphaned by a backup that is still running are kept until a later
