@@ -28,6 +28,19 @@ pub struct ServerArgs {
     /// Jobs that run at once.
     #[arg(long, value_name = "N")]
     max_jobs: Option<usize>,
+    /// A folder VMs' disks may be in, or a device pattern (`/dev/vg0/*`); repeat for more.
+    /// Added to the config file's `disk_roots`. None at all: nothing can be protected.
+    #[arg(long = "disk-root", env = "VMVAULT_SERVER_DISK_ROOTS", value_name = "DIR",
+          value_delimiter = ':')]
+    disk_roots: Vec<String>,
+    /// A folder restores may write into (each a new folder below it); repeat for more.
+    /// Added to the config file's `restore_roots`. None at all: no restore.
+    #[arg(long = "restore-root", env = "VMVAULT_SERVER_RESTORE_ROOTS", value_name = "DIR",
+          value_delimiter = ':')]
+    restore_roots: Vec<PathBuf>,
+    /// Connections served at once (default 1024); more wait to be accepted.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
 }
 
 pub fn run(g: &Global, args: ServerArgs) -> Result<()> {
@@ -40,6 +53,9 @@ pub fn run(g: &Global, args: ServerArgs) -> Result<()> {
         passphrase_file: g.password_file.clone(),
         passphrase: std::env::var("VMVAULT_PASSWORD").ok(),
         max_jobs: args.max_jobs,
+        disk_roots: args.disk_roots,
+        restore_roots: args.restore_roots,
+        max_connections: args.max_connections,
     };
     let cfg = ServerConfig::load(args.config.as_deref(), over)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

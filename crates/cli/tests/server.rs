@@ -29,6 +29,11 @@ fn start_with(env: &Env, extra: &[&str]) -> Server {
     let tls = !extra.contains(&"--insecure-http");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmvault"))
         .args(["server", "--listen", "127.0.0.1:0"])
+        // The test's folder holds the VM's disks and any restore.
+        .arg("--disk-root")
+        .arg(env.dir.path())
+        .arg("--restore-root")
+        .arg(env.dir.path())
         .args(extra)
         .env("VMVAULT_SERVER_STATE", env.path("server"))
         .env("VMVAULT_VAULT", &env.vault)

@@ -2,7 +2,7 @@
 //! first admin token, the catalog, and the scheduler pass.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -38,7 +38,14 @@ pub struct App {
     rebuilt: Mutex<std::time::Instant>,
     /// Where the first admin token was written, on the start that made it.
     pub admin_token_file: std::path::PathBuf,
+    /// HTTP connections open now (see `tls::serve`).
+    pub(crate) http_conns: AtomicUsize,
+    /// Called as each job starts, with its kind and VM: fault injection for tests.
+    job_hook: Mutex<Option<JobHook>>,
 }
+
+/// See [`App::set_job_hook`].
+pub type JobHook = Arc<dyn Fn(&str, Option<&str>) + Send + Sync>;
 
 fn create_dir_private(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -84,11 +91,19 @@ impl App {
             overdue: Default::default(),
             rebuilt: Mutex::new(std::time::Instant::now()),
             admin_token_file,
+            http_conns: AtomicUsize::new(0),
+            job_hook: Mutex::new(None),
         });
         let n = app.recover_jobs()?;
         if n > 0 {
             say(&format!(
                 "{n} job(s) were running when the server stopped: marked failed"
+            ));
+        }
+        let n = crate::api::approvals::recover(&app)?;
+        if n > 0 {
+            say(&format!(
+                "{n} approved request(s) were being carried out when the server stopped: marked failed"
             ));
         }
         let points = catalog::rebuild(&app.db, &app.vault_name, &app.vault)?;
@@ -102,6 +117,25 @@ impl App {
 
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
+    }
+
+    /// HTTP connections open now: what the `max_connections` cap bounds.
+    pub fn http_connections(&self) -> usize {
+        self.http_conns.load(Ordering::Relaxed)
+    }
+
+    /// Sets (or with `None` clears) a function every job calls as it starts, on its own
+    /// thread: tests make jobs fail or panic through it, as the fault-injecting backend
+    /// makes storage fail.
+    pub fn set_job_hook(&self, hook: Option<JobHook>) {
+        *self.job_hook.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
+    pub(crate) fn job_hook(&self) -> Option<JobHook> {
+        self.job_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Starts the job dispatcher and the scheduler on their own threads.

@@ -55,10 +55,30 @@ impl FromStr for Role {
 }
 
 /// Who made a request, once their token checked out.
+///
+/// `user` is whose rights the token carries; `principal` is who holds it: the user who
+/// minted it. A token an admin mints for someone else (or gets when creating a user) stays
+/// that admin's, so that one admin cannot become "a second administrator" by minting a
+/// token for another and approving their own request with it.
 #[derive(Debug, Clone)]
 pub struct Actor {
     pub user: String,
     pub user_id: i64,
+    pub principal: String,
+    pub principal_id: i64,
+}
+
+impl Actor {
+    /// The token is the user's own (they minted it, or it is the first admin's).
+    pub fn own_token(&self) -> bool {
+        self.principal_id == self.user_id
+    }
+}
+
+/// What the database keeps of a token: the prefix that finds it and its secret's hash.
+pub struct TokenRow {
+    pub prefix: String,
+    pub hash: String,
 }
 
 const TOKEN_TAG: &str = "vmv_";
@@ -73,8 +93,8 @@ fn hash(secret: &str) -> String {
     blake3::hash(secret.as_bytes()).to_hex().to_string()
 }
 
-/// Makes a user (when new) with `role` on `vault`; returns a fresh token for them.
-pub fn create_user(db: &Db, name: &str, vault: &str, role: Role) -> Result<String> {
+/// Refuses what is not a user name.
+pub fn check_user_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > 64
         || !name
@@ -85,36 +105,87 @@ pub fn create_user(db: &Db, name: &str, vault: &str, role: Role) -> Result<Strin
             "'{name}' is not a user name (1-64 of letters, digits, - _ . @)"
         )));
     }
-    let conn = db.conn();
-    let now = ts(chrono::Utc::now());
-    let exists: Option<i64> = conn
+    Ok(())
+}
+
+/// The id of a user, if there is one by that name.
+pub fn find_user(db: &Db, name: &str) -> Result<Option<i64>> {
+    Ok(db
+        .conn()
+        .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?)
+}
+
+/// Makes a user with `role` on `vault` and stores `token` for them, held by `principal`
+/// (`None`: their own). One transaction: a user never exists without their role.
+pub fn create_user(
+    db: &Db,
+    name: &str,
+    vault: &str,
+    role: Role,
+    token: &TokenRow,
+    principal: Option<i64>,
+) -> Result<()> {
+    check_user_name(name)?;
+    let mut conn = db.conn();
+    let tx = conn.transaction()?;
+    let exists: Option<i64> = tx
         .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
         .optional()?;
     if exists.is_some() {
         return Err(Error::Conflict(format!("user '{name}' exists")));
     }
-    conn.execute(
+    let now = ts(chrono::Utc::now());
+    tx.execute(
         "INSERT INTO users (name, created) VALUES (?1, ?2)",
         params![name, now],
     )?;
-    let id = conn.last_insert_rowid();
-    conn.execute(
+    let id = tx.last_insert_rowid();
+    tx.execute(
         "INSERT INTO roles (user_id, vault, role) VALUES (?1, ?2, ?3)",
         params![id, vault, role.to_string()],
     )?;
-    drop(conn);
-    new_token(db, id)
+    tx.execute(
+        "INSERT INTO tokens (user_id, prefix, hash, created, principal_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, token.prefix, token.hash, now, principal],
+    )?;
+    tx.commit()?;
+    Ok(())
 }
 
-/// A new token for a user; the secret is in the return value only.
-pub fn new_token(db: &Db, user_id: i64) -> Result<String> {
+/// A new token: the text for its holder (shown once) and the row to store.
+pub fn mint() -> (String, TokenRow) {
     let prefix = random_hex(6);
     let secret = random_hex(32);
+    (
+        format!("{TOKEN_TAG}{prefix}_{secret}"),
+        TokenRow {
+            hash: hash(&secret),
+            prefix,
+        },
+    )
+}
+
+/// Stores a minted token for a user, held by `principal` (`None`: their own).
+pub fn store_token(db: &Db, user_id: i64, t: &TokenRow, principal: Option<i64>) -> Result<()> {
     db.conn().execute(
-        "INSERT INTO tokens (user_id, prefix, hash, created) VALUES (?1, ?2, ?3, ?4)",
-        params![user_id, prefix, hash(&secret), ts(chrono::Utc::now())],
+        "INSERT INTO tokens (user_id, prefix, hash, created, principal_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![user_id, t.prefix, t.hash, ts(chrono::Utc::now()), principal],
     )?;
-    Ok(format!("{TOKEN_TAG}{prefix}_{secret}"))
+    Ok(())
+}
+
+/// The user of that name as an actor with their own token: whose role an approved request
+/// is checked against when it runs.
+pub fn actor_named(db: &Db, name: &str) -> Result<Actor> {
+    let id = find_user(db, name)?
+        .ok_or_else(|| Error::Forbidden(format!("user '{name}' no longer exists")))?;
+    Ok(Actor {
+        user: name.into(),
+        user_id: id,
+        principal: name.into(),
+        principal_id: id,
+    })
 }
 
 /// The user a bearer token belongs to.
@@ -133,23 +204,30 @@ pub fn authenticate(db: &Db, header: Option<&str>) -> Result<Actor> {
     let bad = || Error::Unauthorized("the API token is not valid".into());
     let rest = token.strip_prefix(TOKEN_TAG).ok_or_else(bad)?;
     let (prefix, secret) = rest.split_once('_').ok_or_else(bad)?;
-    let row: Option<(String, i64, String)> = db
+    let row: Option<(String, i64, String, i64, String)> = db
         .conn()
         .query_row(
-            "SELECT t.hash, u.id, u.name FROM tokens t JOIN users u ON u.id = t.user_id
+            "SELECT t.hash, u.id, u.name, p.id, p.name FROM tokens t
+             JOIN users u ON u.id = t.user_id
+             JOIN users p ON p.id = coalesce(t.principal_id, t.user_id)
              WHERE t.prefix = ?1",
             [prefix],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .optional()?;
-    let (stored, user_id, user) = row.ok_or_else(bad)?;
+    let (stored, user_id, user, principal_id, principal) = row.ok_or_else(bad)?;
     // blake3::Hash compares in constant time: the comparison must not tell how much of a
     // guess was right.
     let stored = blake3::Hash::from_hex(&stored).map_err(|_| bad())?;
     if stored != blake3::hash(secret.as_bytes()) {
         return Err(bad());
     }
-    Ok(Actor { user, user_id })
+    Ok(Actor {
+        user,
+        user_id,
+        principal,
+        principal_id,
+    })
 }
 
 /// The user's role on `vault` (a role on `*` holds for every vault).
@@ -234,7 +312,8 @@ pub fn bootstrap_admin(db: &Db, path: &std::path::Path) -> Result<Option<String>
     if users > 0 {
         return Ok(None);
     }
-    let token = create_user(db, "admin", "*", Role::Admin)?;
+    let (token, row) = mint();
+    create_user(db, "admin", "*", Role::Admin, &row, None)?;
     write_secret(path, &format!("{token}\n"))?;
     Ok(Some(token))
 }

@@ -48,6 +48,20 @@ pub struct ServerConfig {
     pub alert_webhooks: Vec<String>,
     /// Mail every alert through this SMTP relay.
     pub alert_smtp: Option<SmtpAlerts>,
+    /// Where protected VMs' disks may be: folders (a disk anywhere below one) and device
+    /// patterns (a `*` or `?` in the last component, e.g. `/dev/vg0/*`: the block devices
+    /// the matches resolve to). Empty: no VM can be protected until an admin names them.
+    /// The state dir, the vault and the passphrase file are never allowed.
+    pub disk_roots: Vec<String>,
+    /// Folders restores may write into (each restore a new folder below one). Empty: no
+    /// restore until an admin names them.
+    pub restore_roots: Vec<PathBuf>,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (also an idle keep-alive's limit).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client has to finish the TLS handshake.
+    pub tls_handshake_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +84,11 @@ impl Default for ServerConfig {
             tick_secs: 5,
             alert_webhooks: Vec::new(),
             alert_smtp: None,
+            disk_roots: Vec::new(),
+            restore_roots: Vec::new(),
+            max_connections: 1024,
+            header_read_timeout_secs: 10,
+            tls_handshake_timeout_secs: 10,
         }
     }
 }
@@ -108,6 +127,10 @@ pub struct Overrides {
     pub passphrase_file: Option<PathBuf>,
     pub passphrase: Option<String>,
     pub max_jobs: Option<usize>,
+    /// Added to the file's lists.
+    pub disk_roots: Vec<String>,
+    pub restore_roots: Vec<PathBuf>,
+    pub max_connections: Option<usize>,
 }
 
 impl ServerConfig {
@@ -141,6 +164,11 @@ impl ServerConfig {
         if let Some(v) = over.max_jobs {
             c.max_jobs = v;
         }
+        c.disk_roots.extend(over.disk_roots);
+        c.restore_roots.extend(over.restore_roots);
+        if let Some(v) = over.max_connections {
+            c.max_connections = v;
+        }
         c.check()?;
         Ok(c)
     }
@@ -163,6 +191,32 @@ impl ServerConfig {
         }
         if self.backup_attempts == 0 {
             return Err(Error::Config("backup_attempts must be at least 1".into()));
+        }
+        // Longer would overflow the retry time (and means "never" anyway).
+        if self.retry_backoff_secs > 86_400 {
+            return Err(Error::Config(
+                "retry_backoff_secs must be at most 86400 (a day)".into(),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::Config("max_connections must be at least 1".into()));
+        }
+        for (name, v) in [
+            ("header_read_timeout_secs", self.header_read_timeout_secs),
+            (
+                "tls_handshake_timeout_secs",
+                self.tls_handshake_timeout_secs,
+            ),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(Error::Config(format!("{name} must be between 1 and 3600")));
+            }
+        }
+        for r in &self.disk_roots {
+            crate::confine::check_root(Path::new(r), "disk_roots", true)?;
+        }
+        for r in &self.restore_roots {
+            crate::confine::check_root(r, "restore_roots", false)?;
         }
         crate::schedule::Schedule::parse(&self.gc_schedule, &self.timezone)?;
         if let Some(m) = &self.alert_smtp {

@@ -121,6 +121,10 @@ const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // 3: who holds a token (its minter; NULL: the user it is for) and whose rights a request
+    // for approval was made with, so that approvals compare people, not token names.
+    "ALTER TABLE tokens ADD COLUMN principal_id INTEGER REFERENCES users(id) ON DELETE CASCADE;
+    ALTER TABLE approvals ADD COLUMN requested_as TEXT;",
 ];
 
 /// The database behind one lock: every statement is short, and the catalog's reads are

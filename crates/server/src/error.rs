@@ -19,8 +19,13 @@ pub enum Error {
     #[error("{0}")]
     Forbidden(String),
     /// Accepted but waiting for a second administrator (multi-user authorization).
+    /// `token`: a token the request mints, which works once the request is approved.
     #[error("{message}")]
-    PendingApproval { message: String, approval: i64 },
+    PendingApproval {
+        message: String,
+        approval: i64,
+        token: Option<String>,
+    },
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
     #[error(transparent)]
@@ -37,6 +42,9 @@ pub enum Error {
     Tls(String),
     #[error("configuration: {0}")]
     Config(String),
+    /// A job's thread panicked: a bug, not a condition a retry would change.
+    #[error("the job panicked (a bug in vmvault: please report it): {0}")]
+    Panicked(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -80,20 +88,28 @@ pub struct ErrorDetail {
     /// The approval request that must be granted, for `approval_required`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<i64>,
+    /// For `approval_required` on a request that mints a token (a new admin, a token for
+    /// another user): the token, shown this once, which works from its approval on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let approval = match &self {
-            Error::PendingApproval { approval, .. } => Some(*approval),
-            _ => None,
+        let message = self.to_string();
+        let (approval, token) = match self {
+            Error::PendingApproval {
+                approval, token, ..
+            } => (Some(approval), token),
+            _ => (None, None),
         };
         let body = ErrorBody {
             error: ErrorDetail {
                 code: code.into(),
-                message: self.to_string(),
+                message,
                 approval,
+                token,
             },
         };
         (status, axum::Json(body)).into_response()

@@ -374,7 +374,12 @@ impl App {
             id,
             live: &live,
         };
-        let outcome = self.run_job_kind(id, kind, &live, &progress);
+        // A panic ends this job, not its thread's bookkeeping: without the catch the job
+        // would stay `running` and its VM busy (no further backup of it) until a restart.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_job_kind(id, kind, &live, &progress)
+        }))
+        .unwrap_or_else(|p| Err(Error::Panicked(panic_message(p.as_ref()))));
         let cancelled = live.cancel.load(Ordering::Relaxed);
         let done = live.done.load(Ordering::Relaxed) as i64;
         let total = live.total.load(Ordering::Relaxed) as i64;
@@ -396,7 +401,10 @@ impl App {
                     params![id, ts(now), done, total, point],
                 )
             }
-            (Err(e), false) => self.job_failed(id, kind, &e.to_string(), done, total),
+            (Err(e), false) => {
+                let retry = !matches!(e, Error::Panicked(_));
+                self.job_failed(id, kind, &e.to_string(), retry, done, total)
+            }
         };
         if let Err(e) = r {
             eprintln!("vmvault server: job {id}: recording its end: {e}");
@@ -409,12 +417,14 @@ impl App {
         self.runner.wake();
     }
 
-    /// A failed backup with attempts left is queued again after a doubling delay.
+    /// A failed backup with attempts left is queued again after a doubling delay (unless
+    /// `retry` is false: a bug fails the same way every time).
     fn job_failed(
         &self,
         id: i64,
         kind: &str,
         error: &str,
+        retry: bool,
         done: i64,
         total: i64,
     ) -> rusqlite::Result<usize> {
@@ -423,7 +433,7 @@ impl App {
                 .conn()
                 .query_row("SELECT attempt FROM jobs WHERE id = ?1", [id], |r| r.get(0))?;
         let now = self.now();
-        if kind == "backup" && attempt + 1 < self.cfg.backup_attempts {
+        if retry && kind == "backup" && attempt + 1 < self.cfg.backup_attempts {
             let delay = self
                 .cfg
                 .retry_backoff_secs
@@ -450,6 +460,15 @@ impl App {
             params![id, ts(now), error, done, total],
         )
     }
+}
+
+/// What a panic said: its message when it gave one (`panic!("...")` makes a `&str` or a
+/// `String`).
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 /// Feeds the engine's progress into the job's live figures and log.

@@ -7,6 +7,7 @@ pub mod app;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod confine;
 pub mod db;
 mod error;
 pub mod jobs;

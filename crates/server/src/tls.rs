@@ -5,11 +5,14 @@
 //! dir; clients pin its SHA-256 fingerprint on first use (as Proxmox Backup Server does).
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -83,39 +86,106 @@ pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// Holds one of the `max_connections` slots and the open-connection count while a
+/// connection lives.
+struct Slot {
+    app: Arc<App>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.app.http_conns.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves.
+///
+/// No client can end it or keep others out: an `accept()` error (out of descriptors, a
+/// connection reset before it was taken) is logged and retried after a pause, never
+/// returned; at most `max_connections` are served at once (the others wait unaccepted in
+/// the kernel's backlog, using no descriptor of ours); a TLS handshake and a request's
+/// headers (also the wait for the next request on a kept-alive connection) each have a time
+/// limit, so idle or slow clients give their slot back.
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let router = crate::api::router(app);
+    let router = crate::api::router(app.clone());
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let slots = Arc::new(Semaphore::new(app.cfg.max_connections));
+    let handshake = Duration::from_secs(app.cfg.tls_handshake_timeout_secs);
+    let headers = Duration::from_secs(app.cfg.header_read_timeout_secs);
+    let mut failures = 0u64;
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => r.map_err(|e| Error::io("accepting a connection", e))?,
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = &mut shutdown => return Ok(()),
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                if failures > 0 {
+                    eprintln!(
+                        "vmvault server: accepting connections again (after {failures} failed \
+                         accept(s))"
+                    );
+                    failures = 0;
+                }
+                stream
+            }
+            Err(e) => {
+                // Said once per run of failures: a flood must not flood the log too.
+                if failures == 0 {
+                    eprintln!(
+                        "vmvault server: accepting a connection: {e}; retrying (connections \
+                         wait meanwhile)"
+                    );
+                }
+                failures += 1;
+                drop(permit);
+                // The pause gives open connections time to end and free their descriptors;
+                // it grows to a second so that a lasting shortage costs no CPU.
+                let pause = Duration::from_millis(10u64 << failures.min(7)).min(ACCEPT_PAUSE_MAX);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
+        };
+        app.http_conns.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot {
+            app: app.clone(),
+            _permit: permit,
         };
         let service = TowerToHyperService::new(router.clone());
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // A client that fails the handshake (an untrusted certificate, a port scan) is
-            // its own business: nothing to report.
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(headers);
+            // A client that fails or stalls the handshake (an untrusted certificate, a port
+            // scan, a slow attack) or drops the connection is its own business: nothing to
+            // report.
             match acceptor {
                 Some(acc) => {
-                    if let Ok(tls) = acc.accept(stream).await {
-                        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                    if let Ok(Ok(tls)) = tokio::time::timeout(handshake, acc.accept(stream)).await {
+                        let _ = http.serve_connection(TokioIo::new(tls), service).await;
                     }
                 }
                 None => {
-                    let _ = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let _ = http.serve_connection(TokioIo::new(stream), service).await;
                 }
             }
         });
     }
 }
+
+/// The longest pause between failed accepts.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);

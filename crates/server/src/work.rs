@@ -1,7 +1,7 @@
 //! What each kind of job does, through the engine: backup (then the policy's retention),
 //! restore to a folder on the server host, and garbage collection.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -58,6 +58,9 @@ impl App {
         progress: &JobProgress,
     ) -> Result<Option<String>> {
         let (item, params) = self.job_params(id)?;
+        if let Some(hook) = self.job_hook() {
+            hook(kind, item.as_deref());
+        }
         match kind {
             "backup" => {
                 let item = item.ok_or_else(|| Error::Input("a backup job names no VM".into()))?;
@@ -94,7 +97,12 @@ impl App {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(|_| Error::NotFound(format!("'{item}' is not a protected item")))?;
-        let desc = VmDescription::parse(&text).map_err(Error::Input)?;
+        let mut desc = VmDescription::parse(&text).map_err(Error::Input)?;
+        // Checked again now, and read by the resolved path: a symlink planted since the
+        // item was protected (or after this check) cannot send the engine elsewhere.
+        for d in &mut desc.disks {
+            d.path = crate::confine::disk_path(&self.cfg, &d.path)?;
+        }
         let vault = self.job_vault(live)?;
         self.job_log(
             id,
@@ -169,12 +177,14 @@ impl App {
             .point
             .as_deref()
             .ok_or_else(|| Error::Input("a restore names no point".into()))?;
-        let target = PathBuf::from(
-            params
-                .target
-                .as_deref()
-                .ok_or_else(|| Error::Input("a restore names no target folder".into()))?,
-        );
+        let asked = params
+            .target
+            .as_deref()
+            .ok_or_else(|| Error::Input("a restore names no target folder".into()))?;
+        let target = crate::confine::restore_target(&self.cfg, Path::new(asked), params.overwrite)?;
+        if !params.overwrite {
+            make_target(&target)?;
+        }
         let vault = self.job_vault(live)?;
         let pid = point
             .parse()
@@ -190,6 +200,21 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// Makes a restore's new folder (0700: what is restored is the VM's data). Its parents may
+/// be made as needed; the folder itself must not exist, so that nothing planted there since
+/// the check (a symlink) is written through.
+fn make_target(target: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(target)
+        .map_err(|e| Error::io(format!("creating {}", target.display()), e))
 }
 
 /// The policy's keep-* counts as the engine's retention.

@@ -105,9 +105,9 @@ pub async fn protect(
     h: HeaderMap,
     Json(req): Json<ProtectRequest>,
 ) -> Result<(StatusCode, Json<Item>)> {
+    let actor = app.guard(&h, Role::Contributor, "item.protect", "-")?;
     let desc = VmDescription::parse(&req.description)
         .map_err(|e| Error::Input(format!("the VM description: {e}")))?;
-    let actor = app.guard(&h, Role::Contributor, "item.protect", &desc.name)?;
     if desc.source != "image" {
         // Its jobs would read the image files under a running guest: not a point in time.
         return Err(Error::Input(format!(
@@ -115,6 +115,13 @@ pub async fn protect(
              it up on its host with `vmvault backup --qmp`",
             desc.name, desc.source
         )));
+    }
+    for d in &desc.disks {
+        if let Err(e) = crate::confine::disk_path(&app.cfg, &d.path) {
+            let outcome = format!("denied: {e}");
+            crate::auth::audit(&app.db, &actor.user, "item.protect", &desc.name, &outcome);
+            return Err(e);
+        }
     }
     let item = app.audited(&actor, "item.protect", &desc.name, || {
         crate::api::policies::load(&app.db, &req.policy)?;

@@ -2,15 +2,17 @@
 //! who is asking (401), may they (403, with the reason), and the audit record.
 
 pub mod admin;
+pub mod approvals;
 pub mod items;
 pub mod jobs;
 pub mod points;
 pub mod policies;
+pub mod users;
 
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use rusqlite::params;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -80,6 +82,15 @@ impl App {
         r
     }
 
+    /// Whether destructive actions wait for a second admin on this vault.
+    pub fn requires_approval(&self) -> Result<bool> {
+        Ok(self.db.conn().query_row(
+            "SELECT require_approval FROM vaults WHERE name = ?1",
+            [&self.vault_name],
+            |r| r.get(0),
+        )?)
+    }
+
     /// A destructive action: run at once, or, on a vault that requires multi-user
     /// authorization, recorded as a request a second admin must approve (202).
     pub fn destructive(
@@ -89,22 +100,39 @@ impl App {
         target: &str,
         params: serde_json::Value,
     ) -> Result<serde_json::Value> {
-        let mua: bool = self.db.conn().query_row(
-            "SELECT require_approval FROM vaults WHERE name = ?1",
-            [&self.vault_name],
-            |r| r.get(0),
-        )?;
-        if !mua {
+        if !self.requires_approval()? {
             return self.audited(actor, action, target, || {
                 self.execute(action, target, &params, &actor.user)
             });
         }
+        Err(self.request_approval(actor, action, target, &params, None)?)
+    }
+
+    /// Records a request for a second admin's approval; returns the 202 answer. It is the
+    /// token's holder's request (who may not approve it) made with the user's rights (which
+    /// must still hold when it runs).
+    pub fn request_approval(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        params: &serde_json::Value,
+        token: Option<String>,
+    ) -> Result<Error> {
         let id = {
             let conn = self.db.conn();
             conn.execute(
-                "INSERT INTO approvals (vault, action, target, params, requested_by, requested_at, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
-                params![self.vault_name, action, target, params.to_string(), actor.user, ts(self.now())],
+                "INSERT INTO approvals (vault, action, target, params, requested_by, requested_as,
+                 requested_at, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending')",
+                params![
+                    self.vault_name,
+                    action,
+                    target,
+                    params.to_string(),
+                    actor.principal,
+                    actor.user,
+                    ts(self.now())
+                ],
             )?;
             conn.last_insert_rowid()
         };
@@ -115,16 +143,18 @@ impl App {
             target,
             &format!("pending approval {id}"),
         );
-        Err(Error::PendingApproval {
+        Ok(Error::PendingApproval {
             message: format!(
                 "{action} {target} needs a second administrator's approval: request {id} \
                  (POST /api/v1/approvals/{id})"
             ),
             approval: id,
+            token,
         })
     }
 
-    /// Carries out a destructive action (directly, or once approved).
+    /// Carries out a destructive action (directly, or once approved), checking the rules
+    /// of this moment (the vault lock), not those of when it was asked for.
     pub fn execute(
         &self,
         action: &str,
@@ -138,15 +168,28 @@ impl App {
             "policy.shorten" => {
                 let p: policies::Policy = serde_json::from_value(params.clone())
                     .map_err(|e| Error::Input(e.to_string()))?;
-                if self.locked_at()?.is_some() {
-                    return Err(Error::Forbidden(
-                        "the vault is locked: no policy's retention can be shortened".into(),
-                    ));
+                if let Some(at) = self.locked_at()? {
+                    return Err(Error::Forbidden(format!(
+                        "the vault is locked (immutable since {at}): no policy's retention can \
+                         be shortened"
+                    )));
                 }
                 policies::save(self, &p).map(|_| serde_json::Value::Null)
             }
             "vault.settings" => admin::apply_settings(self, params),
+            "user.create" | "token.create" | "user.role" => {
+                users::execute(self, action, target, params)
+            }
             other => Err(Error::Input(format!("unknown action '{other}'"))),
+        }
+    }
+
+    /// The role an approved action's requester must still hold when it runs: the one its
+    /// route asks for.
+    pub fn role_for(action: &str) -> Role {
+        match action {
+            "point.delete" | "item.unprotect" | "policy.shorten" => Role::Contributor,
+            _ => Role::Admin,
         }
     }
 }
@@ -168,7 +211,7 @@ impl Modify for TokenAuth {
     info(title = "vmvault server", description = "Vaults, policies, protected items, recovery points, jobs and restores."),
     paths(
         admin::list, admin::show, admin::settings, admin::lock,
-        admin::create_user, admin::users, admin::new_token, admin::revoke_tokens, admin::audit, admin::approvals, admin::decide,
+        users::create_user, users::users, users::new_token, users::revoke_tokens, users::set_role, admin::audit, approvals::approvals, approvals::decide,
         policies::list, policies::show, policies::create, policies::update, policies::delete,
         items::list, items::show, items::protect, items::unprotect, items::backup,
         points::list, points::show, points::delete, points::undelete, points::restore,
@@ -215,9 +258,37 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
             code: code.into(),
             message: String::from_utf8_lossy(&body).trim().to_string(),
             approval: None,
+            token: None,
         },
     };
     (status, Json(body)).into_response()
+}
+
+/// Paths anyone may read: the API's description and the metrics scrape.
+const OPEN_PATHS: [&str; 2] = ["/api/v1/openapi.json", "/metrics"];
+
+/// Checks the token before routing, so that nothing of a request from someone unknown is
+/// read (no JSON or TOML parser sees its body) and an unknown client learns nothing of the
+/// API's shape (a wrong path or method is 401 too). Handlers check roles themselves.
+async fn authenticate_first(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if OPEN_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = auth::authenticate(&app.db, header) {
+        let action = format!("{} {}", req.method(), req.uri().path());
+        auth::audit(&app.db, "-", &action, "-", &format!("denied: {e}"));
+        return e.into_response();
+    }
+    next.run(req).await
 }
 
 async fn not_found() -> Error {
@@ -233,14 +304,15 @@ pub fn router(app: Arc<App>) -> Router {
             get(admin::show).patch(admin::settings),
         )
         .route("/api/v1/vaults/{name}/lock", post(admin::lock))
-        .route("/api/v1/users", get(admin::users).post(admin::create_user))
+        .route("/api/v1/users", get(users::users).post(users::create_user))
         .route(
             "/api/v1/users/{name}/tokens",
-            post(admin::new_token).delete(admin::revoke_tokens),
+            post(users::new_token).delete(users::revoke_tokens),
         )
+        .route("/api/v1/users/{name}/role", put(users::set_role))
         .route("/api/v1/audit", get(admin::audit))
-        .route("/api/v1/approvals", get(admin::approvals))
-        .route("/api/v1/approvals/{id}", post(admin::decide))
+        .route("/api/v1/approvals", get(approvals::approvals))
+        .route("/api/v1/approvals/{id}", post(approvals::decide))
         .route(
             "/api/v1/policies",
             get(policies::list).post(policies::create),
@@ -276,5 +348,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(crate::metrics::metrics))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            authenticate_first,
+        ))
         .with_state(app)
 }

@@ -237,12 +237,7 @@ pub async fn restore(
     let actor = app.guard(&h, need, "restore.start", &req.point)?;
     let job = app.audited(&actor, "restore.start", &req.point, || {
         let p = catalog::find(&app.db, &app.vault_name, None, &req.point)?;
-        if !std::path::Path::new(&req.target).is_absolute() {
-            return Err(Error::Input(format!(
-                "target '{}' must be an absolute path on the server's host",
-                req.target
-            )));
-        }
+        crate::confine::restore_target(&app.cfg, std::path::Path::new(&req.target), req.overwrite)?;
         let params = Params {
             point: Some(p.id),
             target: Some(req.target.clone()),

@@ -1,5 +1,6 @@
 //! A real server (the library, on an ephemeral loopback port, plain HTTP) with a fresh state
-//! dir and vault per test, and a small HTTP client with real tokens.
+//! dir and vault per test (its folder the disk and restore roots), and a small HTTP client
+//! with real tokens.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -36,6 +37,10 @@ impl Server {
             passphrase: Some("test passphrase".into()),
             tick_secs: 1,
             retry_backoff_secs: 1,
+            // The test's folder holds the VMs' disks and the restores (and the state dir,
+            // which is never allowed whatever the roots say).
+            disk_roots: vec![dir.path().display().to_string()],
+            restore_roots: vec![dir.path().to_path_buf()],
             ..ServerConfig::default()
         };
         tweak(&mut cfg);
@@ -107,6 +112,30 @@ impl Server {
             a.body
         );
         a.body
+    }
+
+    /// An admin whose token is their own: made by the first admin, who hands over a token
+    /// the new admin at once replaces with one they mint themselves (before the vault
+    /// requires approval: a handed-over token never counts as its holder's own approval).
+    pub fn independent_admin(&self, name: &str) -> String {
+        let given = self.user(name, "admin");
+        let b = self.ok(
+            &given,
+            "POST",
+            &format!("/api/v1/users/{name}/tokens"),
+            None,
+        );
+        b["token"].as_str().unwrap().to_string()
+    }
+
+    /// Turns on multi-user authorization.
+    pub fn require_approval(&self) {
+        self.ok(
+            &self.admin.clone(),
+            "PATCH",
+            "/api/v1/vaults/default",
+            Some(json!({"require_approval": true})),
+        );
     }
 
     pub fn user(&self, name: &str, role: &str) -> String {
