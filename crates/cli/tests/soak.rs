@@ -15,7 +15,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -73,10 +73,34 @@ impl Soak {
         *self.counts.entry(what).or_default() += 1;
     }
 
+    /// The test's command for `args`, run by `VMVAULT_SOAK_BIN` when set: `scripts/soak` runs
+    /// a copy, so that a build during an hour's soak does not change the program under test.
+    fn command(&self, args: &[&str]) -> Command {
+        let base = self.env.command(args);
+        let Some(bin) = std::env::var_os("VMVAULT_SOAK_BIN") else {
+            return base;
+        };
+        let mut c = Command::new(bin);
+        c.args(base.get_args());
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        if let Some(d) = base.get_current_dir() {
+            c.current_dir(d);
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Out {
+        out(self.command(args).output().unwrap())
+    }
+
     fn spawn(&self, job: Job, args: &[String]) -> Running {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let child = self
-            .env
             .command(&refs)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -200,7 +224,7 @@ impl Soak {
 
     /// After a round: what exists is what should, and all of it restores byte-equal.
     fn check(&mut self) {
-        let o = self.env.run(&["points", "--json"]);
+        let o = self.run(&["points", "--json"]);
         if o.code != 0 {
             self.find(format!("points failed: {}", o.stderr.trim()));
             return;
@@ -264,7 +288,7 @@ impl Soak {
         if read_data {
             args.push("--read-data");
         }
-        let v = self.env.run(&args);
+        let v = self.run(&args);
         if v.code != 0 {
             self.find(format!("verify exited {}: {}", v.code, v.stdout.trim()));
         }
@@ -274,7 +298,7 @@ impl Soak {
                 let _ = std::fs::remove_file(&to);
                 let args = self.restore_args(vm, &id, disk, &to);
                 let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-                let o = self.env.run(&refs);
+                let o = self.run(&refs);
                 self.count("restores checked");
                 if o.code != 0 {
                     self.find(format!(
