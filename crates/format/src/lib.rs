@@ -1,4 +1,4 @@
-//! vmvault's byte formats, written down byte by byte in `docs/design.md` ("On-disk formats").
+//! vmvault's byte formats, written down byte by byte in `docs/format.md`.
 //!
 //! Everything a vault stores passes through this crate: the vault config, the key file, and the
 //! three enveloped object kinds (chunk, disk index, recovery-point manifest). The crate does no

@@ -1,6 +1,6 @@
 //! The recovery-point manifest: the one object whose presence makes a recovery point exist.
 //!
-//! Its payload is a JSON document (schema in docs/design.md, "Manifest"), sealed in an envelope
+//! Its payload is a JSON document (schema in docs/format.md, "Manifest payload"), sealed in an envelope
 //! of kind `Manifest`. It is JSON rather than fixed-width because it is small (a few hundred
 //! bytes), read rarely, and gains fields as sources and consistency levels are added; the bulk
 //! data (chunks) and the large tables (disk indexes) are fixed-width binary.

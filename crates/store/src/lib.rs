@@ -4,7 +4,7 @@
 //! A vault is a set of objects reached through one [`WriteBackend`] per region: the vault
 //! config, the key file, chunks (named by their keyed digest), disk indexes (named by the digest
 //! of their payload), recovery-point manifests (named by the point's id) and lock objects. Their
-//! bytes are described in `docs/design.md`; this crate decides which objects exist and when.
+//! bytes are described in `docs/format.md`; this crate decides which objects exist and when.
 //!
 //! Objects are written once, atomically, and never modified; only garbage collection deletes
 //! chunks and indexes, only prune deletes manifests. A backup writes its chunks, then its disk
