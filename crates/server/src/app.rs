@@ -94,6 +94,21 @@ impl App {
             http_conns: AtomicUsize::new(0),
             job_hook: Mutex::new(None),
         });
+        // Said at every start: after an upgrade, backups of VMs protected before the
+        // allow-lists existed fail until their folders are named.
+        if app.cfg.disk_roots.is_empty() {
+            say(
+                "no disk_roots configured: no VM can be protected or backed up until an admin \
+                 names the folders (or device patterns) its disks are in (disk_roots in the \
+                 config file, --disk-root)",
+            );
+        }
+        if app.cfg.restore_roots.is_empty() {
+            say(
+                "no restore_roots configured: the server restores nowhere until an admin names \
+                 the folders restores may write into (restore_roots, --restore-root)",
+            );
+        }
         let n = app.recover_jobs()?;
         if n > 0 {
             say(&format!(
