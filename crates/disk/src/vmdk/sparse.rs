@@ -73,6 +73,19 @@ pub(super) struct SparseExtent {
     inflaters: Mutex<Vec<Inflater>>,
 }
 
+/// The table offsets named by more than one directory entry, sorted.
+fn shared_tables(gd: &[u32]) -> Vec<u32> {
+    let mut sorted: Vec<u32> = gd.iter().copied().filter(|&e| e != 0).collect();
+    sorted.sort_unstable();
+    let mut shared: Vec<u32> = sorted
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    shared.dedup();
+    shared
+}
+
 impl SparseExtent {
     /// Opens the sparse extent in `file`; `sectors` is what a descriptor says it holds (for a
     /// monolithic file, its header's capacity is used).
@@ -224,7 +237,10 @@ impl SparseExtent {
         let path = self.path.clone();
         let gt_bytes = self.gt_bytes();
         let mut raw = vec![0u8; gt_bytes];
-        // Per table offset: (summary, allocated bytes) for a table lying wholly inside `len`.
+        // Per table offset: (summary, allocated bytes) for a table lying wholly inside `len`,
+        // kept only for tables more than one entry names: a map of every table would take
+        // ~100 MiB for the 2^21 tables of a valid 64 TiB image.
+        let shared = shared_tables(&self.gd);
         let mut seen: HashMap<u32, (GtSummary, u64)> = HashMap::new();
         let mut allocated = 0u64;
         for i in 0..self.gd.len() {
@@ -287,7 +303,7 @@ impl SparseExtent {
                     }
                 }
             }
-            if whole {
+            if whole && shared.binary_search(&e).is_ok() {
                 seen.insert(e, (summary, bytes));
             }
             self.summaries[i] = summary;
