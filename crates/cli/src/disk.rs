@@ -12,13 +12,18 @@ use crate::Global;
 
 #[derive(Subcommand)]
 pub enum DiskCommand {
-    /// Format, virtual size, allocated bytes and backing chain of a disk image.
+    /// Format, virtual size, allocated bytes and backing chain of a disk image, and every
+    /// file it reads (itself, its extents, its backing files).
     Info {
         /// The image file (or block device).
         file: PathBuf,
         /// Read it as this format instead of detecting it.
         #[arg(long, default_value = "auto", value_parser = clap::builder::PossibleValuesParser::new(vmvault_disk::FORMATS))]
         format: String,
+        /// Also let the image pull in files from this folder (as `allow_backing` in a VM
+        /// description); by default only from the image's own folder. Repeatable.
+        #[arg(long, value_name = "DIR")]
+        allow_backing: Vec<PathBuf>,
     },
 }
 
@@ -33,6 +38,14 @@ struct Info {
     file_size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     backing: Option<Box<Info>>,
+}
+
+/// What `disk info` prints: the chain, and every file it reads, canonical, in the order met.
+#[derive(Serialize)]
+struct Report {
+    #[serde(flatten)]
+    info: Info,
+    files: Vec<String>,
 }
 
 fn info(r: &dyn DiskReader) -> Result<Info> {
@@ -53,14 +66,26 @@ fn info(r: &dyn DiskReader) -> Result<Info> {
 
 pub fn run(g: &Global, cmd: DiskCommand) -> Result<()> {
     match cmd {
-        DiskCommand::Info { file, format } => {
-            let reader = vmvault_disk::open(&file, &format)?;
-            let info = info(&*reader)?;
+        DiskCommand::Info {
+            file,
+            format,
+            allow_backing,
+        } => {
+            let reader = vmvault_disk::open_allowing(&file, &format, &allow_backing)?;
+            let files = vmvault_disk::files(&*reader)
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
+            let report = Report {
+                info: info(&*reader)?,
+                files,
+            };
             if g.json {
-                print_json(&info);
+                print_json(&report);
                 return Ok(());
             }
-            let mut level = Some(&info);
+            let info = &report.info;
+            let mut level = Some(info);
             let mut depth = 0;
             while let Some(i) = level {
                 let indent = "  ".repeat(depth);
@@ -83,6 +108,10 @@ pub fn run(g: &Global, cmd: DiskCommand) -> Result<()> {
                 outln!("{indent}file size     {}", bytes(i.file_size));
                 level = i.backing.as_deref();
                 depth += 1;
+            }
+            for (n, f) in report.files.iter().enumerate() {
+                let label = if n == 0 { "reads" } else { "" };
+                outln!("{label:<14}{f}");
             }
             Ok(())
         }

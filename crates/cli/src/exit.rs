@@ -56,6 +56,19 @@ fn store_code(e: &StoreError) -> i32 {
     }
 }
 
+fn engine_code(e: &EngineError) -> i32 {
+    match e {
+        EngineError::Store(s) => store_code(s),
+        EngineError::Input(_) => INPUT,
+        EngineError::DamagedPoint(_) => DAMAGE,
+        // A disk that cannot be opened or read as its format is bad input to a backup.
+        EngineError::Disk(_) => INPUT,
+        EngineError::Io { .. } | EngineError::Qemu(_) | EngineError::Nbd(_) => FAILURE,
+        // What failed decides, not what it left behind.
+        EngineError::Partial { error, .. } => engine_code(error),
+    }
+}
+
 pub fn code(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
         if cause.downcast_ref::<DamageFound>().is_some() {
@@ -68,14 +81,7 @@ pub fn code(e: &anyhow::Error) -> i32 {
             return store_code(e);
         }
         if let Some(e) = cause.downcast_ref::<EngineError>() {
-            return match e {
-                EngineError::Store(s) => store_code(s),
-                EngineError::Input(_) => INPUT,
-                EngineError::DamagedPoint(_) => DAMAGE,
-                // A disk that cannot be opened or read as its format is bad input to a backup.
-                EngineError::Disk(_) => INPUT,
-                EngineError::Io { .. } | EngineError::Qemu(_) | EngineError::Nbd(_) => FAILURE,
-            };
+            return engine_code(e);
         }
         if let Some(e) = cause.downcast_ref::<FilesError>() {
             return match e {

@@ -194,6 +194,7 @@ fn last_disks(vault: &Vault, name: &str, qmp: &Path) -> Result<Vec<DiskDescripti
             path: PathBuf::from(&d.path),
             format: d.format.clone(),
             bus: d.bus.clone(),
+            allow_backing: Vec::new(),
         })
         .collect())
 }

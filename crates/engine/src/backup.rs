@@ -9,11 +9,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use vmvault_disk::DiskReader;
 use vmvault_format::{
-    is_zero, Consistency, Digest, DiskIndex, DiskRecord, Manifest, ObjectKind, PointId,
-    TransferStats, MANIFEST_VERSION,
+    is_zero, max_disk_size, Consistency, Digest, DiskIndex, DiskRecord, Manifest, ObjectKind,
+    PointId, TransferStats, MANIFEST_VERSION, MAX_DISK_CHUNKS,
 };
 use vmvault_store::{locks::hostname, Vault};
 
@@ -56,7 +56,8 @@ pub(crate) fn backup_image_vm_as(
     // Every disk is opened before anything is written, so a missing one fails cleanly.
     let mut readers = Vec::new();
     for d in &desc.disks {
-        let reader = vmvault_disk::open(&d.path, &d.format)?;
+        let reader = vmvault_disk::open_allowing(&d.path, &d.format, &d.allow_backing)?;
+        check_size(vault, &d.name, reader.size())?;
         readers.push(reader);
     }
     let lock = vault.lock_backup(&desc.name, &mut |msg| progress.message(msg))?;
@@ -95,6 +96,42 @@ pub(crate) fn backup_image_vm_as(
     };
     vault.commit_point(&lock, &manifest)?;
     Ok(manifest)
+}
+
+/// Refuses a disk larger than the vault's chunk size allows ([`max_disk_size`]): its index
+/// would not fit in the memory the backup and every later reader may take for it.
+pub(crate) fn check_size(vault: &Vault, disk: &str, size: u64) -> Result<()> {
+    let chunk_size = vault.config().chunk_size;
+    let max = max_disk_size(chunk_size);
+    if size <= max {
+        return Ok(());
+    }
+    Err(EngineError::Input(format!(
+        "disk {disk} is {size} bytes ({}), larger than the {} a vault with {} chunks backs up \
+         (at most {MAX_DISK_CHUNKS} chunks a disk)",
+        exact_size(size),
+        exact_size(max),
+        exact_size(chunk_size as u64)
+    )))
+}
+
+/// `n` in the largest binary unit that divides it exactly ("1 PiB", "64 KiB"), or to one
+/// decimal where none does: a limit reads as the power of two it is.
+fn exact_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut u = 0;
+    while u + 1 < UNITS.len() && n > 0 && n.is_multiple_of(1u64 << (10 * (u + 1))) {
+        u += 1;
+    }
+    if u > 0 || n < 1024 {
+        return format!("{} {}", n >> (10 * u), UNITS[u]);
+    }
+    let mut v = n as f64;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
 }
 
 /// How many stored bytes between background syncs.
@@ -153,23 +190,24 @@ pub(crate) fn back_up_disk(
         chunk_size,
         chunks: vec![Digest::ZERO_CHUNK; count],
     };
-    let actions: Vec<Action> = match unchanged {
-        Some(u) if u.previous.chunks.len() == count && u.dirty.len() == count => u
-            .dirty
-            .into_iter()
-            .zip(&u.previous.chunks)
-            .map(|(ranges, &d)| {
-                let dirty: u64 = ranges.iter().map(|r| r.1 as u64).sum();
-                if ranges.is_empty() {
-                    Action::Keep(d)
-                } else if dirty * 2 < chunk_size as u64 {
-                    Action::Patch(d, ranges)
-                } else {
-                    Action::Read
-                }
-            })
-            .collect(),
-        _ => vec![Action::Read; count],
+    let actions = match unchanged {
+        Some(u) if u.previous.chunks.len() == count && u.dirty.len() == count => Plan::Each(
+            u.dirty
+                .into_iter()
+                .zip(&u.previous.chunks)
+                .map(|(ranges, &d)| {
+                    let dirty: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+                    if ranges.is_empty() {
+                        Action::Keep(d)
+                    } else if dirty * 2 < chunk_size as u64 {
+                        Action::Patch(d, ranges)
+                    } else {
+                        Action::Read
+                    }
+                })
+                .collect(),
+        ),
+        _ => Plan::All(Action::Read),
     };
     let mut stats = TransferStats::default();
     let missing = run_pipeline(
@@ -185,6 +223,7 @@ pub(crate) fn back_up_disk(
         for i in missing {
             again[i] = Action::Read;
         }
+        let again = Plan::Each(again);
         let left = run_pipeline(
             vault, reader, opts, &again, &mut index, &mut stats, progress,
         )?;
@@ -198,7 +237,7 @@ fn run_pipeline(
     vault: &Vault,
     reader: &dyn DiskReader,
     opts: &BackupOptions,
-    actions: &[Action],
+    actions: &Plan,
     index: &mut DiskIndex,
     stats: &mut TransferStats,
     progress: &dyn Progress,
@@ -214,7 +253,10 @@ fn run_pipeline(
             .expect("pool channel has room");
     }
     let (work_tx, work_rx) = bounded::<Work>(pool);
-    let (done_tx, done_rx) = unbounded::<Done>();
+    // Bounded: the reader reports a hole without reading it, far faster than this thread
+    // takes reports in, and an unbounded queue of a 16 TiB disk's holes took a GiB. This
+    // thread waits on nothing else, so a full queue only slows the senders.
+    let (done_tx, done_rx) = bounded::<Done>(16 * pool);
     let stop = AtomicBool::new(false);
     // Chunks this backup has already stored or touched: a repeated chunk costs one lookup.
     let seen = Mutex::new(HashSet::<Digest>::new());
@@ -281,6 +323,23 @@ fn run_pipeline(
     }
 }
 
+/// What to do with each chunk of a pass: the same for all, or one action a chunk. A full
+/// backup needs no list: at 64 bytes an action, one for each of a 16 TiB disk's 2^24 chunks
+/// would take 1 GiB besides the index.
+enum Plan {
+    All(Action),
+    Each(Vec<Action>),
+}
+
+impl Plan {
+    fn get(&self, i: usize) -> &Action {
+        match self {
+            Plan::All(a) => a,
+            Plan::Each(v) => v.get(i).unwrap_or(&Action::Skip),
+        }
+    }
+}
+
 enum Work {
     Data(usize, Vec<u8>),
     Keep(usize, Digest, usize),
@@ -291,13 +350,15 @@ enum Work {
 fn read_chunks(
     reader: &dyn DiskReader,
     layout: &DiskIndex,
-    actions: &[Action],
+    actions: &Plan,
     free: Receiver<Vec<u8>>,
     work: Sender<Work>,
     done: Sender<Done>,
     stop: &AtomicBool,
 ) {
-    for (i, action) in actions.iter().enumerate() {
+    let count = DiskIndex::chunk_count(layout.disk_size, layout.chunk_size) as usize;
+    for i in 0..count {
+        let action = actions.get(i);
         if stop.load(Ordering::Relaxed) {
             return;
         }

@@ -12,6 +12,8 @@
 //! path = "web01-os.raw"   # required; relative to this file's folder, or absolute
 //! format = "raw"          # "raw" (default), "qcow2", "vhd", "vhdx", "vmdk", "auto" (detected)
 //! bus = "virtio"          # "virtio" (default), "scsi", "sata", "ide" or "nvme"
+//! allow_backing = ["/var/lib/images/bases"]  # folders besides the image's own that its
+//!                         # backing files, parents and extents may be read from (default none)
 //!
 //! [[nics]]                # any number
 //! model = "virtio"        # "virtio" (default), "e1000", "e1000e", "rtl8139", "vmxnet3"
@@ -68,6 +70,11 @@ pub struct DiskDescription {
     pub format: String,
     #[serde(default = "default_bus")]
     pub bus: String,
+    /// Folders besides the image's own that the files it names (qcow2 backing files, VHD and
+    /// VHDX parents, VMDK extents) may be read from: relative to the description's folder, or
+    /// absolute. The image chose those names, not the user, so none is followed elsewhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_backing: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +118,9 @@ impl VmDescription {
         let base = path.parent().unwrap_or(Path::new("."));
         for d in &mut desc.disks {
             d.path = base.join(&d.path);
+            for a in &mut d.allow_backing {
+                *a = base.join(&*a);
+            }
         }
         for p in [&mut desc.qmp, &mut desc.qga, &mut desc.scripts]
             .into_iter()
@@ -271,6 +281,7 @@ impl VmDescription {
                         path,
                         format,
                         bus: d.bus.clone(),
+                        allow_backing: Vec::new(),
                     }
                 })
                 .collect(),

@@ -25,6 +25,12 @@ pub enum EngineError {
     Qemu(#[from] vmvault_qemu::QemuError),
     #[error("reading the point in time over NBD: {0}")]
     Nbd(#[from] vmvault_nbd::NbdError),
+    /// A restore failed and could not take back all it wrote: `left` says what remains.
+    #[error("{error} ({left})")]
+    Partial {
+        error: Box<EngineError>,
+        left: String,
+    },
 }
 
 impl EngineError {

@@ -387,6 +387,7 @@ impl Job<'_> {
         let chunk_size = vault.config().chunk_size;
         let mut records = Vec::new();
         for (i, (disk, d)) in disks.iter().zip(decisions).enumerate() {
+            crate::backup::check_size(vault, &disk.name, disk.size)?;
             let base = d.base.as_ref();
             let source = NbdSource::connect(
                 pit.socket(),

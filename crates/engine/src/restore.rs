@@ -4,9 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crossbeam_channel::{bounded, unbounded};
+use crossbeam_channel::bounded;
 use vmvault_format::{DiskRecord, Manifest};
 use vmvault_store::Vault;
+
+use vmvault_disk::{CreateOptions, NewDisk, NewFile};
 
 use crate::{EngineError, Progress, Result, VmDescription};
 
@@ -51,7 +53,8 @@ impl RestoreOptions {
 }
 
 /// Restores one disk of a point to an image at `to` (or onto a block device, as raw), in the
-/// format `opts` says.
+/// format `opts` says. The image is written beside `to` and put there once whole; a restore
+/// that fails removes it, and says what it could not remove.
 pub fn restore_disk(
     vault: &Vault,
     manifest: &Manifest,
@@ -60,7 +63,15 @@ pub fn restore_disk(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let index = vault.load_index(&disk.index, disk.size)?;
+    let format = write_format(opts, disk)?;
+    let target = vmvault_disk::create(to, &format, disk.size, opts.overwrite)?;
+    let written = write_disk(vault, manifest, disk, &target, opts, progress)
+        .and_then(|()| target.place().map_err(EngineError::from));
+    written.map_err(|e| undone(e, [target.discard()]))
+}
+
+/// The format `disk` is restored in, if vmvault writes it.
+fn write_format(opts: &RestoreOptions, disk: &DiskRecord) -> Result<String> {
     let format = opts.format_for(disk);
     if !vmvault_disk::WRITE_FORMATS.contains(&format.as_str()) {
         return Err(EngineError::Input(format!(
@@ -68,7 +79,32 @@ pub fn restore_disk(
             vmvault_disk::WRITE_FORMATS.join(", ")
         )));
     }
-    let writer = vmvault_disk::create(to, &format, disk.size, opts.overwrite)?;
+    Ok(format)
+}
+
+/// `error`, with what the failed restore could not take back (from [`NewDisk::discard`]).
+fn undone(error: EngineError, left: impl IntoIterator<Item = Option<String>>) -> EngineError {
+    let left: Vec<String> = left.into_iter().flatten().collect();
+    if left.is_empty() {
+        return error;
+    }
+    EngineError::Partial {
+        error: Box::new(error),
+        left: left.join("; "),
+    }
+}
+
+/// Writes the point's `disk` into `target` and seals it (not yet at its target's name).
+fn write_disk(
+    vault: &Vault,
+    manifest: &Manifest,
+    disk: &DiskRecord,
+    target: &NewDisk,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let index = vault.load_index(&disk.index, disk.size)?;
+    let to = target.path();
     progress.start(&format!("{} disk {}", manifest.vm, disk.name), disk.size);
     // Workers fetch, open and check chunks into buffers from a fixed pool; this thread alone
     // writes them, because parallel writes to one file only queue on its inode lock (a fifth
@@ -81,7 +117,9 @@ pub fn restore_disk(
     for _ in 0..pool {
         free_tx.send(Vec::new()).expect("pool channel has room");
     }
-    let (done_tx, done_rx) = unbounded::<Result<Piece>>();
+    // Bounded, so that a huge disk's holes do not queue up by the million; this thread
+    // waits on nothing else, so a full queue only slows the workers.
+    let (done_tx, done_rx) = bounded::<Result<Piece>>(16 * pool);
     let mut first_error = None;
     std::thread::scope(|s| {
         for _ in 0..workers {
@@ -120,11 +158,11 @@ pub fn restore_disk(
         for piece in done_rx.iter() {
             let written = piece.and_then(|p| match p {
                 Piece::Zeros(offset, len) => {
-                    writer.write_zeros(offset, len).map_err(write_error)?;
+                    target.write_zeros(offset, len).map_err(write_error)?;
                     Ok(len)
                 }
                 Piece::Data(offset, buf) => {
-                    let r = writer.write_at(&buf, offset).map_err(write_error);
+                    let r = target.write_at(&buf, offset).map_err(write_error);
                     let len = buf.len() as u64;
                     let _ = free_tx.send(buf);
                     r.map(|()| len)
@@ -143,13 +181,15 @@ pub fn restore_disk(
     if let Some(e) = first_error {
         return Err(e);
     }
-    writer
-        .finish()
+    target
+        .seal()
         .map_err(|e| EngineError::io(format!("syncing {}", to.display()), e))
 }
 
 /// Restores every disk of a point into the folder `to` as `NAME.EXT` (by format), with the
 /// VM's description as `VM.toml` beside them; returns the files written, description last.
+/// Every file is written beside its target first and the lot put in place at the end, so a
+/// restore that fails leaves the folder as it found it (or says what it could not undo).
 pub fn restore_vm(
     vault: &Vault,
     manifest: &Manifest,
@@ -157,8 +197,60 @@ pub fn restore_vm(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<PathBuf>> {
+    let made_folder = std::fs::symlink_metadata(to).is_err();
     std::fs::create_dir_all(to)
         .map_err(|e| EngineError::io(format!("creating {}", to.display()), e))?;
+    let mut written = Vec::new();
+    let r = restore_vm_into(vault, manifest, to, opts, progress, &mut written);
+    if let Err(e) = r {
+        let e = undone(e, written.iter().map(Written::discard));
+        if made_folder {
+            // Only if empty: a folder someone else put files in meanwhile stays.
+            let _ = std::fs::remove_dir(to);
+        }
+        return Err(e);
+    }
+    Ok(written.iter().map(|w| w.dest().to_path_buf()).collect())
+}
+
+/// A file of a VM restore, written and waiting to be put in place.
+enum Written {
+    Disk(NewDisk),
+    File(NewFile),
+}
+
+impl Written {
+    fn dest(&self) -> &Path {
+        match self {
+            Written::Disk(d) => d.path(),
+            Written::File(f) => f.dest(),
+        }
+    }
+
+    fn place(&self) -> Result<()> {
+        match self {
+            Written::Disk(d) => d.place()?,
+            Written::File(f) => f.place()?,
+        }
+        Ok(())
+    }
+
+    fn discard(&self) -> Option<String> {
+        match self {
+            Written::Disk(d) => d.discard(),
+            Written::File(f) => f.discard(),
+        }
+    }
+}
+
+fn restore_vm_into(
+    vault: &Vault,
+    manifest: &Manifest,
+    to: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+    written: &mut Vec<Written>,
+) -> Result<()> {
     let desc_path = to.join(format!("{}.toml", manifest.vm));
     let file_name = |d: &DiskRecord| {
         format!(
@@ -167,21 +259,31 @@ pub fn restore_vm(
             vmvault_disk::extension(&opts.format_for(d))
         )
     };
-    // Refuse before writing anything rather than after the first disk.
+    // Refuse before writing anything rather than after the first disk; a symlink, even a
+    // dangling one, counts as a file there.
     if !opts.overwrite {
         let targets = manifest.disks.iter().map(|d| to.join(file_name(d)));
-        if let Some(p) = targets.chain([desc_path.clone()]).find(|p| p.exists()) {
+        let mut targets = targets.chain([desc_path.clone()]);
+        if let Some(p) = targets.find(|p| std::fs::symlink_metadata(p).is_ok()) {
             return Err(EngineError::Input(format!(
                 "{} exists; pass --force to overwrite it",
                 p.display()
             )));
         }
     }
-    let mut files = Vec::new();
+    // A folder holds image files: a block device planted at a disk's name is refused.
+    let create = CreateOptions {
+        overwrite: opts.overwrite,
+        block_devices: false,
+    };
     for disk in &manifest.disks {
+        let format = write_format(opts, disk)?;
         let file = to.join(file_name(disk));
-        restore_disk(vault, manifest, disk, &file, opts, progress)?;
-        files.push(file);
+        let target = vmvault_disk::create_with(&file, &format, disk.size, &create)?;
+        written.push(Written::Disk(target));
+        if let Some(Written::Disk(target)) = written.last() {
+            write_disk(vault, manifest, disk, target, opts, progress)?;
+        }
     }
     let desc = VmDescription::from_config(&manifest.vm_config, |d| {
         let record = manifest.disks.iter().find(|r| r.name == d.name);
@@ -194,8 +296,10 @@ pub fn restore_vm(
             None => (PathBuf::from(format!("{}.raw", d.name)), "raw".to_string()),
         }
     });
-    std::fs::write(&desc_path, desc.to_toml())
-        .map_err(|e| EngineError::io(format!("writing {}", desc_path.display()), e))?;
-    files.push(desc_path);
-    Ok(files)
+    let file = NewFile::write(&desc_path, desc.to_toml().as_bytes(), opts.overwrite)?;
+    written.push(Written::File(file));
+    for w in written.iter() {
+        w.place()?;
+    }
+    Ok(())
 }

@@ -316,12 +316,14 @@ fn tracking_survives_a_restart_and_a_stopped_vm_is_backed_up_from_its_images() {
             path: s.path("os.qcow2"),
             format: "qcow2".into(),
             bus: "virtio".into(),
+            allow_backing: Vec::new(),
         },
         DiskDescription {
             name: "vblk1".into(),
             path: s.path("data.raw"),
             format: "raw".into(),
             bus: "virtio".into(),
+            allow_backing: Vec::new(),
         },
     ];
     let stopped = backup_stopped_vm(
