@@ -2,7 +2,7 @@
 //! recovery point, read-only, over NBD, until SIGINT or SIGTERM.
 
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -46,6 +46,10 @@ pub struct NbdArgs {
     /// Listen on this unix socket (a stale socket left there is replaced).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Let --listen take an address other than loopback. NBD has no authentication and the
+    /// disk is served decrypted: anyone who can reach the address can read it.
+    #[arg(long, requires = "listen")]
+    allow_remote: bool,
 }
 
 #[derive(Serialize)]
@@ -79,9 +83,7 @@ fn nbd(g: &Global, args: NbdArgs) -> Result<()> {
     // it still removes it.
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("catching SIGINT and SIGTERM")?;
     let listener = match (&args.listen, &args.socket) {
-        (Some(addr), _) => Listener::Tcp(
-            TcpListener::bind(addr.as_str()).with_context(|| format!("listening on {addr}"))?,
-        ),
+        (Some(addr), _) => Listener::Tcp(bind_tcp(addr, args.allow_remote)?),
         (None, Some(path)) => Listener::Unix(bind_unix(path)?, path.clone()),
         (None, None) => unreachable!("clap requires --listen or --socket"),
     };
@@ -116,6 +118,18 @@ fn nbd(g: &Global, args: NbdArgs) -> Result<()> {
         m.vm,
         m.id.short()
     );
+    if let Listener::Tcp(l) = &listener {
+        if !l.local_addr()?.ip().to_canonical().is_loopback() {
+            eprintln!(
+                "WARNING: disk {} of {}@{} is served decrypted, with no authentication, to \
+                 anyone who can reach {}",
+                args.disk,
+                m.vm,
+                m.id.short(),
+                l.local_addr()?
+            );
+        }
+    }
 
     let server = Arc::new(
         Server::new(args.disk.clone(), export.clone())
@@ -162,6 +176,30 @@ fn nbd(g: &Global, args: NbdArgs) -> Result<()> {
         export.fetches()
     );
     result
+}
+
+/// Binds `addr` (HOST:PORT), refusing an address other than loopback unless `allow_remote`:
+/// whoever connects reads the decrypted disk, with nothing to prove who they are.
+fn bind_tcp(addr: &str, allow_remote: bool) -> Result<TcpListener> {
+    let mut addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| InputError(format!("--listen {addr}: {e}")))?
+        .collect();
+    if !allow_remote {
+        if let Some(a) = addrs.iter().find(|a| !a.ip().to_canonical().is_loopback()) {
+            return Err(InputError(format!(
+                "--listen {addr}: {} is not a loopback address, and serve nbd gives the \
+                 decrypted disk to anyone who connects (NBD has no authentication): listen on \
+                 127.0.0.1 or a --socket, or pass --allow-remote to expose it",
+                a.ip()
+            ))
+            .into());
+        }
+    }
+    // IPv4 first ("localhost" may resolve to ::1 first): the URL printed then works for
+    // clients without IPv6.
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    TcpListener::bind(&addrs[..]).with_context(|| format!("listening on {addr}"))
 }
 
 /// Binds a unix socket at `path`, replacing a stale socket that nothing listens on.
