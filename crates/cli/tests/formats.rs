@@ -9,18 +9,6 @@ use std::process::Command;
 
 use common::*;
 
-fn qemu_img(args: &[&str]) {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is installed");
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 fn compare(a_fmt: &str, a: &Path, b_fmt: &str, b: &Path) {
     let o = Command::new("qemu-img")
         .args(["compare", "-f", a_fmt, "-F", b_fmt])

@@ -73,26 +73,11 @@ fn full_vault_storage_fails_cleanly_and_the_vault_stays_valid() {
     assert!(same_bytes(&env.path("r.raw"), &env.path("small.raw")));
 }
 
-/// Peak RSS in KiB of a command, measured by Python's getrusage on its child.
+/// Peak RSS in KiB of a command that must succeed.
 fn peak_rss_kib(env: &Env, args: &[&str]) -> u64 {
-    let script = "import resource,subprocess,sys\n\
-                  r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL)\n\
-                  print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
-    let mut c = Command::new("python3");
-    c.args(["-c", script, env!("CARGO_BIN_EXE_vmvault")])
-        .args(args)
-        .env("VMVAULT_PASSWORD", PASS)
-        .env("VMVAULT_VAULT", &env.vault)
-        .current_dir(env.dir.path());
-    let o = out(c.output().unwrap());
-    let mut it = o.stdout.split_whitespace();
-    assert_eq!(
-        it.next(),
-        Some("0"),
-        "vmvault {args:?} failed: {}",
-        o.stderr
-    );
-    it.next().unwrap().parse().unwrap()
+    let (code, rss, err) = measured(env, args);
+    assert_eq!(code, 0, "vmvault {args:?} failed: {err}");
+    rss
 }
 
 #[test]

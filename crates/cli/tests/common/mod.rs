@@ -234,3 +234,91 @@ pub fn is_sparse(p: &Path) -> bool {
     let m = std::fs::metadata(p).unwrap();
     m.blocks() * 512 < m.len()
 }
+
+/// Env with a vault holding one point of VM web01 whose disks are `(name, size, seed)`, each
+/// a sparse raw image `NAME.raw` in the test's folder made by [`make_image`].
+pub fn web01_point(disks: &[(&str, u64, u64)]) -> Env {
+    let env = Env::with_vault();
+    let mut listed = Vec::new();
+    for &(name, size, seed) in disks {
+        let file = format!("{name}.raw");
+        make_image(&env.path(&file), size, seed);
+        listed.push((name, file));
+    }
+    let listed: Vec<(&str, &str)> = listed.iter().map(|(n, f)| (*n, f.as_str())).collect();
+    let desc = write_vm(env.dir.path(), "web01.toml", "web01", &listed);
+    env.backup(&desc);
+    env
+}
+
+/// Runs qemu-img and asserts it succeeded.
+pub fn qemu_img(args: &[&str]) {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is installed");
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Exit code, peak RSS in KiB and stderr of a vmvault run (Python's getrusage on its child:
+/// the kernel's own figure, with no sampling to miss a peak).
+pub fn measured(env: &Env, args: &[&str]) -> (i32, u64, String) {
+    let script = "import resource,subprocess,sys\n\
+                  r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE)\n\
+                  sys.stderr.write(r.stderr.decode())\n\
+                  print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
+    let mut c = Command::new("python3");
+    c.args(["-c", script, env!("CARGO_BIN_EXE_vmvault")])
+        .args(args)
+        .env("VMVAULT_PASSWORD", PASS)
+        .env("VMVAULT_VAULT", &env.vault)
+        .env("VMVAULT_STATE_DIR", env.path("state"))
+        .current_dir(env.dir.path());
+    let o = out(c.output().unwrap());
+    let mut it = o.stdout.split_whitespace();
+    let code = it.next().unwrap().parse().unwrap();
+    let rss = it.next().unwrap().parse().unwrap();
+    (code, rss, o.stderr)
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// A loop device over a file, detached when dropped.
+pub struct Loop {
+    pub dev: PathBuf,
+}
+
+impl Loop {
+    /// None (said on stderr) where loop devices cannot be had.
+    pub fn attach(file: &Path) -> Option<Loop> {
+        let o = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            eprintln!(
+                "no loop device: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return None;
+        }
+        let dev = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        Some(Loop { dev })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
