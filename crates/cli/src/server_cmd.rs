@@ -30,13 +30,21 @@ pub struct ServerArgs {
     max_jobs: Option<usize>,
     /// A folder VMs' disks may be in, or a device pattern (`/dev/vg0/*`); repeat for more.
     /// Added to the config file's `disk_roots`. None at all: nothing can be protected.
-    #[arg(long = "disk-root", env = "VMVAULT_SERVER_DISK_ROOTS", value_name = "DIR",
-          value_delimiter = ':')]
+    #[arg(
+        long = "disk-root",
+        env = "VMVAULT_SERVER_DISK_ROOTS",
+        value_name = "DIR",
+        value_delimiter = ':'
+    )]
     disk_roots: Vec<String>,
     /// A folder restores may write into (each a new folder below it); repeat for more.
     /// Added to the config file's `restore_roots`. None at all: no restore.
-    #[arg(long = "restore-root", env = "VMVAULT_SERVER_RESTORE_ROOTS", value_name = "DIR",
-          value_delimiter = ':')]
+    #[arg(
+        long = "restore-root",
+        env = "VMVAULT_SERVER_RESTORE_ROOTS",
+        value_name = "DIR",
+        value_delimiter = ':'
+    )]
     restore_roots: Vec<PathBuf>,
     /// Connections served at once (default 1024); more wait to be accepted.
     #[arg(long, value_name = "N")]
