@@ -76,6 +76,11 @@ fn a_restore_into_an_existing_folder_outside_the_roots_or_through_a_symlink_is_r
     let j = s.wait_job(a.body["job"].as_i64().unwrap());
     assert_eq!(j["state"], "succeeded", "{j}");
     assert!(target.join("disk0.raw").exists());
+    // What is restored is the VM's data: the new folder is the server user's alone, so
+    // nobody else reaches its files whatever their own modes.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", target.display());
     // An admin may restore over an existing folder, but only under a root, never outside.
     let a = restore(&s, &s.admin.clone(), &point, &target, true);
     assert_eq!(a.status, 202, "{}", a.body);
