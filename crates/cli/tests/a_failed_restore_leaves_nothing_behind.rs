@@ -145,17 +145,10 @@ fn a_failed_forced_restore_keeps_the_files_it_was_to_replace() {
 
 #[test]
 fn a_failed_restore_onto_a_block_device_says_what_is_left() {
-    if !is_root() {
-        eprintln!("skipped: loop devices need root");
-        return;
-    }
     let env = vault_with_a_point();
-    let backing = env.path("device.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(2 << 20)
-        .unwrap();
-    let dev = Loop::attach(&backing).expect("losetup as root");
+    let Some((dev, _)) = loop_device(&env, 2 << 20) else {
+        return;
+    };
     let hidden = break_disk(&env, "os");
     let to = dev.dev.display().to_string();
     let r = env.run(&["restore", "web01@latest", "--disk", "os", "--to", &to]);

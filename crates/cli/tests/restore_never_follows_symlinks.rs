@@ -125,17 +125,9 @@ fn the_live_restore_overlay_does_not_follow_a_symlink() {
 
 #[test]
 fn a_block_device_is_still_a_target() {
-    if !is_root() {
-        eprintln!("skipped: loop devices need root");
-        return;
-    }
     let env = vault_with_a_point();
-    let backing = env.path("device.img");
-    let f = std::fs::File::create(&backing).unwrap();
-    f.set_len(2 << 20).unwrap();
-    drop(f);
-    let Some(dev) = Loop::attach(&backing) else {
-        panic!("losetup failed as root");
+    let Some((dev, backing)) = loop_device(&env, 2 << 20) else {
+        return;
     };
     assert!(std::fs::metadata(&dev.dev)
         .unwrap()

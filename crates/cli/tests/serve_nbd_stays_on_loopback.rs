@@ -37,14 +37,7 @@ fn start(env: &Env, extra: &[&str]) -> Result<(Child, String), (i32, String)> {
     let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
     if line.is_empty() {
         let status = child.wait().unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        return Err((status.code().unwrap_or(-1), err));
+        return Err((status.code().unwrap_or(-1), stderr_of(child)));
     }
     Ok((child, line.trim().to_string()))
 }
@@ -56,6 +49,11 @@ fn stop(mut child: Child) -> String {
         .status()
         .unwrap();
     let _ = child.wait();
+    stderr_of(child)
+}
+
+/// All a stopped child wrote on stderr.
+fn stderr_of(mut child: Child) -> String {
     let mut err = String::new();
     child
         .stderr

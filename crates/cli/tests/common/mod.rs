@@ -317,6 +317,19 @@ impl Loop {
     }
 }
 
+/// A loop device over a new file `device.img` of `size` bytes in the test's folder, and that
+/// file; None (said on stderr) when not root, as loop devices need.
+pub fn loop_device(env: &Env, size: u64) -> Option<(Loop, PathBuf)> {
+    if !is_root() {
+        eprintln!("skipped: loop devices need root");
+        return None;
+    }
+    let backing = env.path("device.img");
+    File::create(&backing).unwrap().set_len(size).unwrap();
+    let dev = Loop::attach(&backing).expect("losetup as root");
+    Some((dev, backing))
+}
+
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
