@@ -25,8 +25,8 @@ fn s(p: &Path) -> &str {
 }
 
 /// A qcow2 of 1 MiB at `image` whose backing file is named `backing` (written as given,
-/// unchecked, as an attacker would), read as raw.
-fn qcow2_backed_by(image: &Path, backing: &str) {
+/// unchecked, as an attacker would), read as `format`.
+fn qcow2_over(image: &Path, backing: &str, format: &str) {
     qemu_img(&[
         "create",
         "-q",
@@ -36,10 +36,15 @@ fn qcow2_backed_by(image: &Path, backing: &str) {
         "-b",
         backing,
         "-F",
-        "raw",
+        format,
         s(image),
         "1M",
     ]);
+}
+
+/// [`qcow2_over`] a raw backing file.
+fn qcow2_backed_by(image: &Path, backing: &str) {
+    qcow2_over(image, backing, "raw");
 }
 
 fn refused(r: Result<Box<dyn DiskReader>, DiskError>, file: &str) -> String {
@@ -137,19 +142,7 @@ fn every_link_of_a_chain_is_judged_against_the_top_images_folder() {
     let mid = dir.path().join("mid.qcow2");
     qcow2_backed_by(&mid, s(&secret));
     let top = dir.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "1M",
-    ]);
+    qcow2_over(&top, "mid.qcow2", "qcow2");
     refused(vmvault_disk::open(&top, "qcow2"), "shadow");
     let r = vmvault_disk::open_allowing(&top, "qcow2", &[other.path().into()]).unwrap();
     assert_eq!(vmvault_disk::files(&*r).len(), 3);
