@@ -185,3 +185,21 @@ fn a_reader_that_goes_away_ends_the_command_without_a_panic() {
     assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
     assert_eq!(o.code, 141, "as SIGPIPE would end it: {}", o.stderr);
 }
+
+#[test]
+fn a_restore_target_in_a_missing_folder_is_named_as_given() {
+    let env = web01_point(&[("os", 1 << 20, 4)]);
+    let args = [
+        "restore",
+        "web01@latest",
+        "--disk",
+        "os",
+        "--to",
+        "nodir/os.raw",
+    ];
+    let err = env.fails(&args, 2);
+    // The image is written under a temporary name beside its target: that name means
+    // nothing to the user, the target does.
+    assert!(err.contains("nodir/os.raw:"), "{err}");
+    assert!(!err.contains(".vmvault-"), "{err}");
+}

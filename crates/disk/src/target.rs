@@ -173,6 +173,13 @@ fn beside<T>(
         ));
         match make(&temp) {
             Err(DiskError::Exists { .. }) => continue,
+            // Named by the target the user gave: the temporary name means nothing to them.
+            Err(DiskError::Io { source, .. }) => {
+                return Err(DiskError::Io {
+                    path: dest.display().to_string(),
+                    source,
+                })
+            }
             r => return r.map(|t| (temp, t)),
         }
     }
