@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_channel::bounded;
-use vmvault_format::{DiskRecord, Manifest};
+use vmvault_format::{DiskIndex, DiskRecord, Manifest};
 use vmvault_store::Vault;
 
 use vmvault_disk::{CreateOptions, NewDisk, NewFile};
@@ -64,8 +64,10 @@ pub fn restore_disk(
     progress: &dyn Progress,
 ) -> Result<()> {
     let format = write_format(opts, disk)?;
+    // Read before the target is made: a point whose index is lost leaves nothing to undo.
+    let index = vault.load_index(&disk.index, disk.size)?;
     let target = vmvault_disk::create(to, &format, disk.size, opts.overwrite)?;
-    let written = write_disk(vault, manifest, disk, &target, opts, progress)
+    let written = write_disk(vault, manifest, disk, &index, &target, opts, progress)
         .and_then(|()| target.place().map_err(EngineError::from));
     written.map_err(|e| undone(e, [target.discard()]))
 }
@@ -94,16 +96,17 @@ fn undone(error: EngineError, left: impl IntoIterator<Item = Option<String>>) ->
     }
 }
 
-/// Writes the point's `disk` into `target` and seals it (not yet at its target's name).
+/// Writes the point's `disk`, whose index is `index`, into `target` and seals it (not yet at
+/// its target's name).
 fn write_disk(
     vault: &Vault,
     manifest: &Manifest,
     disk: &DiskRecord,
+    index: &DiskIndex,
     target: &NewDisk,
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let index = vault.load_index(&disk.index, disk.size)?;
     let to = target.path();
     progress.start(&format!("{} disk {}", manifest.vm, disk.name), disk.size);
     // Workers fetch, open and check chunks into buffers from a fixed pool; this thread alone
@@ -124,7 +127,7 @@ fn write_disk(
     std::thread::scope(|s| {
         for _ in 0..workers {
             let (index, next, stop, done, free) =
-                (&index, &next, &stop, done_tx.clone(), free_rx.clone());
+                (index, &next, &stop, done_tx.clone(), free_rx.clone());
             s.spawn(move || {
                 let mut reader = vault.chunk_reader();
                 loop {
@@ -278,11 +281,12 @@ fn restore_vm_into(
     };
     for disk in &manifest.disks {
         let format = write_format(opts, disk)?;
+        let index = vault.load_index(&disk.index, disk.size)?;
         let file = to.join(file_name(disk));
         let target = vmvault_disk::create_with(&file, &format, disk.size, &create)?;
         written.push(Written::Disk(target));
         if let Some(Written::Disk(target)) = written.last() {
-            write_disk(vault, manifest, disk, target, opts, progress)?;
+            write_disk(vault, manifest, disk, &index, target, opts, progress)?;
         }
     }
     let desc = VmDescription::from_config(&manifest.vm_config, |d| {
