@@ -1,5 +1,6 @@
 //! A restored disk holds everything the VM held: it is created readable by its owner only
-//! (0600), whatever the umask, in every format, and so is the VM description beside it.
+//! (0600), whatever the umask, in every format, and so is the VM description beside it (in
+//! a folder of its owner's only, 0700, when the restore makes it).
 
 mod common;
 
@@ -40,6 +41,8 @@ fn restored_disks_and_descriptions_are_owner_only() {
     for f in ["out/os.raw", "out/web01.toml"] {
         assert_eq!(mode(&env.path(f)), 0o600, "{f}");
     }
+    // The folder the restore made for them, too.
+    assert_eq!(mode(&env.path("out")), 0o700, "out");
     // Replaced files too: --force makes new ones, not ones with the old file's mode.
     std::fs::set_permissions(env.path("out/os.raw"), PermissionsExt::from_mode(0o644)).unwrap();
     run_with_umask(&env, &["restore", "web01@latest", "--to", "out", "--force"]);

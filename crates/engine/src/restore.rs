@@ -201,8 +201,9 @@ pub fn restore_vm(
     progress: &dyn Progress,
 ) -> Result<Vec<PathBuf>> {
     let made_folder = std::fs::symlink_metadata(to).is_err();
-    std::fs::create_dir_all(to)
-        .map_err(|e| EngineError::io(format!("creating {}", to.display()), e))?;
+    if made_folder {
+        make_folder(to)?;
+    }
     let mut written = Vec::new();
     let r = restore_vm_into(vault, manifest, to, opts, progress, &mut written);
     if let Err(e) = r {
@@ -214,6 +215,21 @@ pub fn restore_vm(
         return Err(e);
     }
     Ok(written.iter().map(|w| w.dest().to_path_buf()).collect())
+}
+
+/// Makes the folder of a VM restore, its owner's only (0700: it holds the VM's data), and
+/// whatever parents it lacks (as the umask says).
+fn make_folder(to: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let creating = |e| EngineError::io(format!("creating {}", to.display()), e);
+    if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(creating)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(to) {
+        // Made by someone else meanwhile: used as an existing folder is.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && to.is_dir() => Ok(()),
+        r => r.map_err(creating),
+    }
 }
 
 /// A file of a VM restore, written and waiting to be put in place.
