@@ -19,6 +19,9 @@ pub struct Chain {
     opened: Vec<PathBuf>,
     /// The canonical folder of the top image, once known.
     home: Option<PathBuf>,
+    /// The top image is a block device: its folder (`/dev`, where a device resolves to) holds
+    /// every other disk of the host and `/dev/shm`, so it lends no files; only `allowed` does.
+    device_top: bool,
     /// Canonical folders allowed besides `home`.
     allowed: Vec<PathBuf>,
 }
@@ -51,6 +54,8 @@ impl Chain {
     pub(crate) fn begin(&mut self, image: &Path) -> Result<(), DiskError> {
         if self.home.is_none() {
             let canonical = image.canonicalize().map_err(|e| DiskError::io(image, e))?;
+            self.device_top = std::fs::metadata(&canonical)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
             self.home = Some(canonical.parent().unwrap_or(Path::new("/")).to_path_buf());
         }
         Ok(())
@@ -101,7 +106,8 @@ impl Chain {
                 .unwrap_or(Path::new("/"))
                 .to_path_buf(),
         };
-        if canonical.starts_with(&home) || self.allowed.iter().any(|a| canonical.starts_with(a)) {
+        let at_home = !self.device_top && canonical.starts_with(&home);
+        if at_home || self.allowed.iter().any(|a| canonical.starts_with(a)) {
             return Ok(canonical);
         }
         let dir = canonical

@@ -216,3 +216,40 @@ fn a_vmdk_parent_outside_the_folder_is_refused() {
     refused(vmvault_disk::open(&child, "vmdk"), "parent.vmdk");
     vmvault_disk::open_allowing(&child, "vmdk", &[other.path().into()]).unwrap();
 }
+
+/// A block device's folder is `/dev`, which holds every disk of the host and `/dev/shm`: a
+/// guest that writes a qcow2 header naming `/dev/shm/...` (or another VM's disk) onto its own
+/// disk, read as "auto", must not get it read. Needs root (a loop device); skipped otherwise.
+#[test]
+fn a_block_device_lends_its_folder_to_no_backing_file() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root for a loop device");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = PathBuf::from(format!("/dev/shm/vmvault-secret-{}", std::process::id()));
+    std::fs::write(&secret, vec![0x5a; 1 << 20]).unwrap();
+    let planted = dir.path().join("planted.qcow2");
+    qcow2_backed_by(&planted, s(&secret));
+    let disk = dir.path().join("guest-disk.raw");
+    let mut bytes = std::fs::read(&planted).unwrap();
+    bytes.resize(4 << 20, 0);
+    std::fs::write(&disk, &bytes).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show", s(&disk)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let r = vmvault_disk::open(&dev, "auto");
+    let allowed = vmvault_disk::open_allowing(&dev, "auto", &[PathBuf::from("/dev/shm")]);
+    let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+    let _ = std::fs::remove_file(&secret);
+    refused(r, s(&secret));
+    // Allowed by name, it is read (the rule, not the chain, refused it).
+    allowed.unwrap();
+}

@@ -140,6 +140,44 @@ pub fn disk_path(cfg: &ServerConfig, disk: &Path) -> Result<PathBuf> {
     Ok(resolved)
 }
 
+/// Checks a folder a VM description allows backing files from (`allow_backing`); returns it
+/// resolved. It must be a folder inside a folder of `disk_roots`: otherwise a contributor could
+/// allow `/` and have a planted qcow2 header pull any host file into the vault.
+pub fn backing_dir(cfg: &ServerConfig, dir: &Path) -> Result<PathBuf> {
+    let resolved = dir.canonicalize().map_err(|e| {
+        Error::Forbidden(format!(
+            "allow_backing folder {} cannot be resolved ({e})",
+            dir.display()
+        ))
+    })?;
+    refuse_own(cfg, dir, &resolved, "disk_roots")?;
+    let inside = cfg
+        .disk_roots
+        .iter()
+        .map(Path::new)
+        .filter(|r| !is_pattern(r))
+        .any(|root| root.canonicalize().is_ok_and(|r| resolved.starts_with(&r)));
+    if !inside || !resolved.is_dir() {
+        return Err(Error::Forbidden(format!(
+            "allow_backing folder {} ({}) is not a folder inside the disk_roots the server's              config allows ({})",
+            dir.display(),
+            resolved.display(),
+            listed(&cfg.disk_roots)
+        )));
+    }
+    Ok(resolved)
+}
+
+/// Checks every path of a VM's disk as a job will read it, resolved in place: the image and
+/// the folders it may take backing files from.
+pub fn disk(cfg: &ServerConfig, disk: &mut vmvault_engine::DiskDescription) -> Result<()> {
+    disk.path = disk_path(cfg, &disk.path)?;
+    for a in &mut disk.allow_backing {
+        *a = backing_dir(cfg, a)?;
+    }
+    Ok(())
+}
+
 /// Checks a restore's target folder; returns it resolved (its existing part canonical). A
 /// target that exists (even a dangling symlink) is refused unless `overwrite`, and then it
 /// must be a folder.

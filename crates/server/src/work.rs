@@ -101,7 +101,7 @@ impl App {
         // Checked again now, and read by the resolved path: a symlink planted since the
         // item was protected (or after this check) cannot send the engine elsewhere.
         for d in &mut desc.disks {
-            d.path = crate::confine::disk_path(&self.cfg, &d.path)?;
+            crate::confine::disk(&self.cfg, d)?;
         }
         let vault = self.job_vault(live)?;
         self.job_log(

@@ -152,3 +152,37 @@ fn device_patterns_allow_block_devices_only() {
     // A device no match resolves to is refused.
     assert_confined(&protect(&s, &admin, "vm3", other), other);
 }
+
+/// `allow_backing` in a description widens where an image's backing files may come from; a
+/// contributor who could allow `/` would have a planted qcow2 header pull any host file into
+/// the vault. So each allowed folder must itself lie inside a folder of disk_roots.
+#[test]
+fn allow_backing_cannot_reach_outside_the_roots() {
+    let s = Server::start(Arc::new(SystemClock));
+    s.policy("base", "daily 02:00", json!({}));
+    let contributor = s.user("carl", "contributor");
+    std::fs::write(s.path("web01.raw"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::create_dir(s.path("bases")).unwrap();
+    let with_allow = |dir: &str| {
+        let text =
+            description("web01", &s.path("web01.raw")) + &format!("allow_backing = [\"{dir}\"]\n");
+        s.call(
+            Some(&contributor),
+            "POST",
+            "/api/v1/protected-items",
+            Some(json!({"description": text, "policy": "base"})),
+        )
+    };
+    let state = s.path("state");
+    for dir in ["/", "/etc", "/dev/shm", state.to_str().unwrap()] {
+        let a = with_allow(dir);
+        assert_eq!(a.status, 403, "{dir}: {} {}", a.status, a.body);
+        let msg = a.body["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("allow_backing") || msg.contains("own files"),
+            "{msg}"
+        );
+    }
+    let a = with_allow(s.path("bases").to_str().unwrap());
+    assert_eq!(a.status, 201, "{}", a.body);
+}

@@ -116,8 +116,9 @@ pub async fn protect(
             desc.name, desc.source
         )));
     }
-    for d in &desc.disks {
-        if let Err(e) = crate::confine::disk_path(&app.cfg, &d.path) {
+    // Checked on a copy: the item keeps its description as given.
+    for d in desc.disks.clone().iter_mut() {
+        if let Err(e) = crate::confine::disk(&app.cfg, d) {
             let outcome = format!("denied: {e}");
             crate::auth::audit(&app.db, &actor.user, "item.protect", &desc.name, &outcome);
             return Err(e);
