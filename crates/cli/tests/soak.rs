@@ -153,7 +153,7 @@ impl Soak {
         if self.rng.below(2) == 0 {
             jobs.push(self.spawn(Job::Gc, &["gc".into()]));
         }
-        if self.rng.below(5) < 2 {
+        if self.rng.below(2) == 0 {
             let args = vec!["prune".into(), "--keep-last".into(), KEEP_LAST.to_string()];
             jobs.push(self.spawn(Job::Prune, &args));
         }
@@ -181,8 +181,14 @@ impl Soak {
                 }
             }
         }
+        let mut log = Vec::new();
         for job in jobs {
             let o = out(job.child.wait_with_output().unwrap());
+            log.push(match (job.killed, o.code) {
+                (true, _) => format!("{:?} killed", job.job),
+                (false, 0) => format!("{:?} ok", job.job),
+                (false, code) => format!("{:?} exit {code}", job.job),
+            });
             if job.killed {
                 continue;
             }
@@ -213,6 +219,7 @@ impl Soak {
                 ));
             }
         }
+        eprintln!("soak: round {r}: {}", log.join(", "));
         if let Some((id, to)) = restoring {
             if to.exists() && !same_bytes(&to, &self.truth(&id, "os")) {
                 self.find(format!("the restore of {id} during the round differs"));
