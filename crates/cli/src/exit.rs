@@ -69,6 +69,17 @@ fn engine_code(e: &EngineError) -> i32 {
     }
 }
 
+/// `vmvault server`'s own errors (its start: configuration, state directory, vault).
+fn server_code(e: &vmvault_server::Error) -> i32 {
+    use vmvault_server::Error as S;
+    match e {
+        S::Config(_) | S::Input(_) => INPUT,
+        S::Store(s) => store_code(s),
+        S::Engine(e) => engine_code(e),
+        _ => FAILURE,
+    }
+}
+
 pub fn code(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
         if cause.downcast_ref::<DamageFound>().is_some() {
@@ -93,6 +104,9 @@ pub fn code(e: &anyhow::Error) -> i32 {
                 }
                 FilesError::Disk(_) | FilesError::Output { .. } => FAILURE,
             };
+        }
+        if let Some(e) = cause.downcast_ref::<vmvault_server::Error>() {
+            return server_code(e);
         }
         if let Some(e) = cause.downcast_ref::<crate::remote::ApiError>() {
             return match e.status {

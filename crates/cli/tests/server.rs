@@ -326,3 +326,26 @@ fn schemathesis_finds_no_server_error() {
     assert!(status.success(), "schemathesis found failures:\n{report}");
     assert!(report.contains("passed"), "{report}");
 }
+
+/// Two servers on one state directory would schedule every backup and retention twice: the
+/// second start fails with exit 2 naming the first; once the first is killed, a start works
+/// (the lock dies with its process).
+#[test]
+fn one_server_per_state_directory() {
+    let env = Env::with_vault();
+    let first = start_with(&env, &["--insecure-http"]);
+    let second = Command::new(env!("CARGO_BIN_EXE_vmvault"))
+        .args(["server", "--insecure-http", "--listen", "127.0.0.1:0"])
+        .env("VMVAULT_SERVER_STATE", env.path("server"))
+        .env("VMVAULT_VAULT", &env.vault)
+        .env("VMVAULT_PASSWORD", common::PASS)
+        .output()
+        .unwrap();
+    let o = common::out(second);
+    common::assert_error(&o, 2, &["server"]);
+    let pid = first.child.id();
+    assert!(o.stderr.contains(&format!("pid {pid}")), "{}", o.stderr);
+    drop(first); // kill -9
+    let again = start_with(&env, &["--insecure-http"]);
+    assert!(again.url.starts_with("http://"), "{}", again.url);
+}

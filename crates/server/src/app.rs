@@ -42,10 +42,54 @@ pub struct App {
     pub(crate) http_conns: AtomicUsize,
     /// Called as each job starts, with its kind and VM: fault injection for tests.
     job_hook: Mutex<Option<JobHook>>,
+    /// `STATE/server.pid`, locked for as long as this server runs (see [`lock_state`]).
+    _state_lock: std::fs::File,
 }
 
 /// See [`App::set_job_hook`].
 pub type JobHook = Arc<dyn Fn(&str, Option<&str>) + Send + Sync>;
+
+/// One server per state directory: two would both schedule every policy (double backups,
+/// double retention) and race on the catalog. The lock is an exclusive `flock` on
+/// `STATE/server.pid`, which the kernel releases when the process ends however it ends, so a
+/// killed server never blocks the next; the file holds the holder's PID for the message.
+fn lock_state(dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("server.pid");
+    let io = |what: &str, e: std::io::Error| Error::io(format!("{what} {}", path.display()), e);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io("opening", e))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let pid = pid.trim();
+            let holder = if pid.is_empty() {
+                "another vmvault server".to_string()
+            } else {
+                format!("another vmvault server (pid {pid})")
+            };
+            return Err(Error::Config(format!(
+                "{holder} is running on the state directory {}: one server per state \
+                 directory; stop it first, or give this one its own --state-dir",
+                dir.display()
+            )));
+        }
+        Err(e) => return Err(io("locking", e.into())),
+    }
+    f.set_len(0).map_err(|e| io("writing", e))?;
+    f.rewind().map_err(|e| io("writing", e))?;
+    writeln!(f, "{}", std::process::id()).map_err(|e| io("writing", e))?;
+    Ok(f)
+}
 
 fn create_dir_private(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -62,6 +106,7 @@ impl App {
     pub fn open(cfg: ServerConfig, clock: Arc<dyn Clock>, say: &dyn Fn(&str)) -> Result<Arc<App>> {
         cfg.check()?;
         create_dir_private(&cfg.state_dir)?;
+        let state_lock = lock_state(&cfg.state_dir)?;
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
         let (vault, passphrase) = open_vault(&cfg, say)?;
         let vault_name = cfg.vault_name.clone();
@@ -93,6 +138,7 @@ impl App {
             admin_token_file,
             http_conns: AtomicUsize::new(0),
             job_hook: Mutex::new(None),
+            _state_lock: state_lock,
         });
         // Said at every start: after an upgrade, backups of VMs protected before the
         // allow-lists existed fail until their folders are named.
