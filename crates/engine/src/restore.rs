@@ -21,6 +21,10 @@ pub struct RestoreOptions {
     /// The image format to write (one of `vmvault_disk::WRITE_FORMATS`); `None`: each disk's
     /// source format where vmvault can write it, else raw.
     pub format: Option<String>,
+    /// A VM restore's folder must be new: it is made exclusively (0700), so nothing planted
+    /// at its name (a symlink to elsewhere) is written through, and removed if the restore
+    /// fails. Otherwise an existing folder is restored into.
+    pub new_folder: bool,
 }
 
 impl Default for RestoreOptions {
@@ -29,6 +33,7 @@ impl Default for RestoreOptions {
             overwrite: false,
             workers: crate::worker_count(),
             format: None,
+            new_folder: false,
         }
     }
 }
@@ -200,9 +205,9 @@ pub fn restore_vm(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<PathBuf>> {
-    let made_folder = std::fs::symlink_metadata(to).is_err();
+    let made_folder = opts.new_folder || std::fs::symlink_metadata(to).is_err();
     if made_folder {
-        make_folder(to)?;
+        make_folder(to, opts.new_folder)?;
     }
     let mut written = Vec::new();
     let r = restore_vm_into(vault, manifest, to, opts, progress, &mut written);
@@ -218,8 +223,9 @@ pub fn restore_vm(
 }
 
 /// Makes the folder of a VM restore, its owner's only (0700: it holds the VM's data), and
-/// whatever parents it lacks (as the umask says).
-fn make_folder(to: &Path) -> Result<()> {
+/// whatever parents it lacks (as the umask says). Unless `exclusive`, a folder made by
+/// someone else meanwhile is used as an existing one is.
+fn make_folder(to: &Path, exclusive: bool) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let creating = |e| EngineError::io(format!("creating {}", to.display()), e);
     if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -227,6 +233,12 @@ fn make_folder(to: &Path) -> Result<()> {
     }
     match std::fs::DirBuilder::new().mode(0o700).create(to) {
         // Made by someone else meanwhile: used as an existing folder is.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && exclusive => {
+            Err(EngineError::Input(format!(
+                "{} exists: this restore goes into a new folder",
+                to.display()
+            )))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && to.is_dir() => Ok(()),
         r => r.map_err(creating),
     }

@@ -182,16 +182,16 @@ impl App {
             .as_deref()
             .ok_or_else(|| Error::Input("a restore names no target folder".into()))?;
         let target = crate::confine::restore_target(&self.cfg, Path::new(asked), params.overwrite)?;
-        if !params.overwrite {
-            make_target(&target)?;
-        }
         let vault = self.job_vault(live)?;
         let pid = point
             .parse()
             .map_err(|_| Error::Input(format!("'{point}' is not a point id")))?;
         let m = vault.load_manifest(&pid)?;
+        // A new folder (0700), made by the engine only now, so that nothing planted at its
+        // name since the check is written through, and removed again if the restore fails.
         let opts = RestoreOptions {
             overwrite: params.overwrite,
+            new_folder: !params.overwrite,
             ..Default::default()
         };
         let files = restore_vm(&vault, &m, &target, &opts, progress)?;
@@ -200,21 +200,6 @@ impl App {
         }
         Ok(())
     }
-}
-
-/// Makes a restore's new folder (0700: what is restored is the VM's data). Its parents may
-/// be made as needed; the folder itself must not exist, so that nothing planted there since
-/// the check (a symlink) is written through.
-fn make_target(target: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
-    }
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(target)
-        .map_err(|e| Error::io(format!("creating {}", target.display()), e))
 }
 
 /// The policy's keep-* counts as the engine's retention.
