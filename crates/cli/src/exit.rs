@@ -4,7 +4,8 @@
 //! found damage, a point a name means cannot be read, garbage collection stopped by damage, or
 //! a guest filesystem is damaged or uses what vmvault does not read;
 //! 4 wrong passphrase; 5 busy (another backup of the VM, or a garbage collection, is running);
-//! 6 the server refused (401: no or bad token; 403: the role does not allow it).
+//! 6 refused: by the server (401: no or bad token; 403: the role does not allow it) or by a
+//! vault rule (a locked vault keeps the point, a locked vault's soft delete only grows).
 
 use vmvault_disk::DiskError;
 use vmvault_engine::EngineError;
@@ -52,6 +53,7 @@ fn store_code(e: &StoreError) -> i32 {
         }
         StoreError::Passphrase(_) => INPUT,
         StoreError::DamageStopped(_) => DAMAGE,
+        StoreError::Refused(_) => REFUSED,
         _ => FAILURE,
     }
 }

@@ -21,6 +21,7 @@ mod live;
 mod maintenance;
 mod output;
 mod password;
+mod point;
 mod points;
 mod qemu;
 mod quiesce;
@@ -96,6 +97,9 @@ enum Command {
     Backup(backup::BackupArgs),
     /// List recovery points.
     Points(points::PointsArgs),
+    /// Delete (soft) or undelete a recovery point: VM@ID.
+    #[command(subcommand)]
+    Point(point::PointCommand),
     /// Restore a whole VM, or one disk, from a recovery point.
     Restore(restore::RestoreArgs),
     /// Check that every recovery point is whole; --read-data reads every chunk.
@@ -142,6 +146,7 @@ fn main() {
         Command::Vault(c) => vault::run(g, c),
         Command::Backup(a) => backup::run(g, a),
         Command::Points(a) => points::run(g, a),
+        Command::Point(c) => point::run(g, c),
         Command::Restore(a) => restore::run(g, a),
         Command::Verify(a) => maintenance::verify(g, a),
         Command::Prune(a) => maintenance::prune(g, a),

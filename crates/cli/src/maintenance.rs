@@ -3,9 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
-use vmvault_engine::{
-    plan_prune, prune as apply_prune, verify as run_verify, Retention, VerifyOptions,
-};
+use vmvault_engine::{plan_prune, prune as apply_prune, verify as run_verify, Keep, VerifyOptions};
 
 use crate::exit::DamageFound;
 use crate::output::{bytes, print_json, table, Bar};
@@ -126,24 +124,23 @@ pub struct PruneArgs {
 #[derive(Serialize)]
 struct PruneOutput {
     dry_run: bool,
-    retention: Retention,
+    retention: Keep,
     kept: usize,
-    removed: usize,
+    deleted: usize,
+    /// Points the plan would delete that the vault's lock keeps, with why.
+    refused: Vec<Refused>,
     points: Vec<vmvault_engine::PruneDecision>,
+}
+
+#[derive(Serialize)]
+struct Refused {
+    id: String,
+    why: String,
 }
 
 pub fn prune(g: &Global, a: PruneArgs) -> Result<()> {
     let vault = crate::vault::open(g)?;
-    // The server's lock makes the vault immutable: only the server knows each point's
-    // retention, so a local prune could delete what must stay.
-    if let Some(at) = vmvault_server::softdelete::read_lock(&vault)? {
-        return Err(crate::exit::InputError(format!(
-            "the vault is locked (immutable since {at}): its points are pruned by its server, \
-             which keeps each until its retention ends"
-        ))
-        .into());
-    }
-    let retention = Retention {
+    let keep = Keep {
         last: a.keep_last,
         hourly: a.keep_hourly,
         daily: a.keep_daily,
@@ -152,21 +149,36 @@ pub fn prune(g: &Global, a: PruneArgs) -> Result<()> {
         yearly: a.keep_yearly,
     };
     let (points, _) = vault.points()?;
-    let plan = plan_prune(&points, &retention, a.vm.as_deref(), |t| {
+    let plan = plan_prune(&points, &keep, a.vm.as_deref(), chrono::Utc::now(), |t| {
         t.with_timezone(&chrono::Local).naive_local()
     })?;
-    let removed = if a.dry_run {
+    let outcome = if a.dry_run {
+        vmvault_engine::PruneOutcome::default()
+    } else {
+        let reason = format!("prune (keep {})", keep.describe());
+        apply_prune(&vault, &plan, &crate::vault::who(), &reason)?
+    };
+    let deleted = if a.dry_run {
         plan.iter().filter(|d| !d.keep).count()
     } else {
-        apply_prune(&vault, &plan)?
+        outcome.deleted.len()
     };
-    let kept = plan.len() - plan.iter().filter(|d| !d.keep).count();
+    let kept = plan.len() - deleted;
+    let refused: Vec<Refused> = outcome
+        .refused
+        .iter()
+        .map(|(id, why)| Refused {
+            id: id.to_hex(),
+            why: why.clone(),
+        })
+        .collect();
     if g.json {
         print_json(&PruneOutput {
             dry_run: a.dry_run,
-            retention,
+            retention: keep,
             kept,
-            removed,
+            deleted,
+            refused,
             points: plan,
         });
         return Ok(());
@@ -174,23 +186,40 @@ pub fn prune(g: &Global, a: PruneArgs) -> Result<()> {
     let rows: Vec<Vec<String>> = plan
         .iter()
         .map(|d| {
+            let locked = outcome.refused.iter().any(|(id, _)| *id == d.id);
             vec![
                 d.id.short(),
                 local_time(&d.time),
                 d.vm.clone(),
-                if d.keep { "keep" } else { "remove" }.into(),
-                d.reasons.join(","),
+                if d.keep || locked { "keep" } else { "delete" }.into(),
+                if locked {
+                    "vault lock".into()
+                } else {
+                    d.reasons.join(",")
+                },
             ]
         })
         .collect();
     table(&["ID", "TIME", "VM", "ACTION", "KEPT BY"], &rows);
+    for r in &refused {
+        eprintln!("kept: {}", r.why);
+    }
+    let days = vault.rules()?.soft_delete_days;
+    let after = if days == 0 {
+        "; run `vmvault gc` to free their space".to_string()
+    } else {
+        format!(
+            " (soft delete: `points --deleted` lists them, `point undelete` brings one back for \
+             {days} days; the first `vmvault gc` after that frees their space)"
+        )
+    };
     eprintln!(
-        "{}{kept} kept, {removed} {}; run `vmvault gc` to free the space of removed points",
+        "{}{kept} kept, {deleted} {}{after}",
         if a.dry_run { "dry run: " } else { "" },
         if a.dry_run {
-            "would be removed"
+            "would be deleted"
         } else {
-            "removed"
+            "deleted"
         }
     );
     Ok(())
@@ -203,8 +232,10 @@ pub fn gc(g: &Global) -> Result<()> {
         print_json(&report);
     } else {
         eprintln!(
-            "gc: {} recovery point(s) referenced; removed {} of {} chunk(s) ({}), {} index(es), {} \
-             temporary file(s); spared {} young chunk(s) a running backup may use",
+            "gc: {} soft-deleted point(s) past their window removed; {} recovery point(s) \
+             referenced; removed {} of {} chunk(s) ({}), {} index(es), {} temporary file(s); \
+             spared {} young chunk(s) a running backup may use",
+            report.points_purged,
             report.points,
             report.chunks_removed,
             report.chunks_total,

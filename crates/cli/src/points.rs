@@ -13,6 +13,9 @@ use crate::Global;
 pub struct PointsArgs {
     /// Only this VM's points.
     vm: Option<String>,
+    /// Soft-deleted points instead (restorable with `point undelete` until their window ends).
+    #[arg(long)]
+    deleted: bool,
 }
 
 #[derive(Serialize)]
@@ -42,7 +45,15 @@ pub fn local_time(rfc3339: &str) -> String {
 
 pub fn run(g: &Global, args: PointsArgs) -> Result<()> {
     let vault = crate::vault::open(g)?;
-    let (points, bad) = vault.points()?;
+    let list = vault.list_points()?;
+    let (points, bad) = if args.deleted {
+        (
+            list.deleted.into_iter().map(|(m, _)| m).collect(),
+            Vec::new(),
+        )
+    } else {
+        (list.live, list.unreadable)
+    };
     let shown: Vec<&Manifest> = points
         .iter()
         .filter(|m| args.vm.as_deref().is_none_or(|v| m.vm == v))

@@ -39,6 +39,21 @@ pub enum VaultCommand {
         /// The secondary's Azure storage account.
         #[arg(long, value_name = "ACCOUNT", requires = "secondary")]
         secondary_account: Option<String>,
+        /// Days a deleted point stays restorable (0: deletions are immediate).
+        #[arg(long, default_value_t = vmvault_format::DEFAULT_SOFT_DELETE_DAYS, value_name = "DAYS")]
+        soft_delete_days: u32,
+    },
+    /// Change the vault's rules: how long deleted points stay restorable (0 to 180 days; a
+    /// locked vault's only grows).
+    Set {
+        #[arg(long, value_name = "DAYS")]
+        soft_delete_days: u32,
+    },
+    /// Make the vault immutable: no point leaves it before the retention it was taken under
+    /// ends, and soft delete can only grow. Cannot be undone.
+    Lock {
+        #[arg(long)]
+        yes_i_understand_this_is_irreversible: bool,
     },
     /// Show a vault's settings and regions.
     Info,
@@ -136,6 +151,7 @@ pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
             secondary_endpoint,
             secondary_region,
             secondary_account,
+            soft_delete_days,
         } => {
             let primary = Location::new(
                 &location,
@@ -158,6 +174,7 @@ pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
             let opts = CreateOptions {
                 chunk_size,
                 passphrase,
+                soft_delete_days,
                 ..CreateOptions::default()
             };
             let described = primary.describe();
@@ -198,5 +215,17 @@ pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
             crate::replicate::replicate(g, watch, interval)
         }
         VaultCommand::Status => crate::replicate::status(g),
+        VaultCommand::Set { soft_delete_days } => crate::point::set(g, soft_delete_days),
+        VaultCommand::Lock {
+            yes_i_understand_this_is_irreversible,
+        } => crate::point::lock(g, yes_i_understand_this_is_irreversible),
     }
+}
+
+/// Who a local deletion is recorded as: the user and the host, as `points --deleted` shows.
+pub fn who() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{user}@{}", vmvault_store::locks::hostname())
 }

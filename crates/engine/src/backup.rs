@@ -13,7 +13,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use vmvault_disk::DiskReader;
 use vmvault_format::{
     is_zero, max_disk_size, Consistency, Digest, DiskIndex, DiskRecord, Manifest, ObjectKind,
-    PointId, TransferStats, MANIFEST_VERSION, MAX_DISK_CHUNKS,
+    PointId, PointRetention, TransferStats, MANIFEST_VERSION, MAX_DISK_CHUNKS,
 };
 use vmvault_store::{locks::hostname, Vault};
 
@@ -23,12 +23,15 @@ use crate::{EngineError, Progress, Result, VmDescription};
 pub struct BackupOptions {
     /// Threads that hash, compress, encrypt and write; one per core by default.
     pub workers: usize,
+    /// The retention the point records (its manifest's `retention`).
+    pub retention: PointRetention,
 }
 
 impl Default for BackupOptions {
     fn default() -> Self {
         BackupOptions {
             workers: crate::worker_count(),
+            retention: PointRetention::None,
         }
     }
 }
@@ -93,6 +96,7 @@ pub(crate) fn backup_image_vm_as(
         vm_config: desc.to_config(),
         disks,
         stats: total,
+        retention: opts.retention.clone(),
     };
     vault.commit_point(&lock, &manifest)?;
     Ok(manifest)

@@ -22,10 +22,12 @@ pub use error::{EngineError, Result};
 pub use export::PointExport;
 pub use live::{backup_running_vm, backup_stopped_vm, Quiesce, QuiesceEnd, RunningVm};
 pub use progress::{NoProgress, Progress};
-pub use prune::{plan_prune, prune, PruneDecision, Retention};
+pub use prune::{prune, PruneOutcome, PrunedPoint};
 pub use restore::{restore_disk, restore_vm, RestoreOptions};
 pub use select::{select_disk, select_point, DamagedPoint, Points};
 pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
+pub use vmvault_format::Keep;
+pub use vmvault_store::{plan_prune, PruneDecision};
 
 /// How many threads hash, compress and encrypt: one per core.
 pub(crate) fn worker_count() -> usize {

@@ -370,6 +370,7 @@ impl Job<'_> {
             vm_config: point.config,
             disks: records,
             stats: total,
+            retention: opts.retention.clone(),
         };
         vault.commit_point(lock, &manifest)?;
         Ok(manifest)

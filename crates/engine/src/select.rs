@@ -165,11 +165,7 @@ fn by_prefix<'a>(
     }
 }
 
-pub(crate) fn point_time(m: &Manifest) -> Option<chrono::DateTime<chrono::Utc>> {
-    chrono::DateTime::parse_from_rfc3339(&m.time)
-        .ok()
-        .map(|t| t.with_timezone(&chrono::Utc))
-}
+pub(crate) use vmvault_store::point_time;
 
 /// The disk named `name` of a recovery point; bad input naming the disks it has otherwise.
 pub fn select_disk<'a>(manifest: &'a Manifest, name: &str) -> Result<&'a DiskRecord> {

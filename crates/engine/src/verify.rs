@@ -194,7 +194,7 @@ fn verify_region(
         .into_iter()
         .map(|o| o.name)
         .collect();
-    let (mut points, bad) = vault.points()?;
+    let (mut points, bad) = vault.all_points()?;
     for (id, e) in bad {
         report.problems.push(Problem {
             point: Some(id.to_hex()),

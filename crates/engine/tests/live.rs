@@ -434,7 +434,10 @@ fn a_failed_backup_loses_no_change_and_a_gone_point_means_a_full_read() {
     assert!(s.restored(&next, "vblk0") == os);
 
     // The point the tracking follows is removed: the next backup reads the whole disk.
-    s.vault.remove_manifest(&next.id).unwrap();
+    s.vault.set_soft_delete_days(0).unwrap();
+    s.vault
+        .delete_point(&next.id, "test", "point delete")
+        .unwrap();
     let progress = Recorder::default();
     let after = s.backup(&vm, &progress).unwrap();
     assert!(progress.said("the recovery point its tracking started from is gone"));

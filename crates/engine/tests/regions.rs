@@ -134,6 +134,8 @@ fn encrypted() -> CreateOptions {
             time: 1,
             parallelism: 1,
         },
+        // Pruned points go at once: these tests collect what they held.
+        soft_delete_days: 0,
         ..CreateOptions::default()
     }
 }
@@ -306,7 +308,7 @@ fn collection_sweeps_both_regions_and_keeps_what_either_references() {
         keep: false,
         reasons: vec![],
     }];
-    prune(&vault, &decisions).unwrap();
+    prune(&vault, &decisions, "test", "prune").unwrap();
     assert!(!names(&*q, Kind::Point).contains(&m1.id.to_hex()));
     // Leftovers of an interrupted backup in the secondary, old enough to collect.
     q.write(Kind::Chunk, &"ab".repeat(32), b"junk").unwrap();

@@ -28,6 +28,10 @@ pub enum ObjectKind {
     Chunk,
     Index,
     Manifest,
+    /// The vault's rules: lock and soft-delete window.
+    Rules,
+    /// A soft-deleted point's marker.
+    Deletion,
 }
 
 impl ObjectKind {
@@ -36,6 +40,8 @@ impl ObjectKind {
             ObjectKind::Chunk => *b"VMVCHUNK",
             ObjectKind::Index => *b"VMVINDEX",
             ObjectKind::Manifest => *b"VMVPOINT",
+            ObjectKind::Rules => *b"VMVRULES",
+            ObjectKind::Deletion => *b"VMVDELPT",
         }
     }
 
@@ -44,6 +50,8 @@ impl ObjectKind {
             ObjectKind::Chunk => "chunk",
             ObjectKind::Index => "disk index",
             ObjectKind::Manifest => "recovery point manifest",
+            ObjectKind::Rules => "vault rules",
+            ObjectKind::Deletion => "deletion marker",
         }
     }
 }

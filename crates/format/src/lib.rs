@@ -1,7 +1,8 @@
 //! vmvault's byte formats, written down byte by byte in `docs/format.md`.
 //!
 //! Everything a vault stores passes through this crate: the vault config, the key file, and the
-//! three enveloped object kinds (chunk, disk index, recovery-point manifest). The crate does no
+//! enveloped object kinds (chunk, disk index, recovery-point manifest, vault rules, deletion
+//! marker). The crate does no
 //! I/O and knows nothing of where bytes live; the store crate decides that.
 //!
 //! Rules kept by every format here:
@@ -18,6 +19,7 @@ mod error;
 mod index;
 mod keyfile;
 mod manifest;
+mod rules;
 mod zero;
 
 pub use codec::{Codec, Keys, Opener, Sealer};
@@ -30,6 +32,10 @@ pub use keyfile::{KdfParams, KeyFile, KEYFILE_LEN, KEYFILE_MAGIC};
 pub use manifest::{
     valid_name, Consistency, DiskRecord, Manifest, PointId, TransferStats, VmConfig, VmDisk, VmNic,
     MANIFEST_VERSION, MAX_DISKS, MAX_MANIFEST_LEN, NAME_RULE,
+};
+pub use rules::{
+    Deletion, Keep, Locked, PointRetention, VaultRules, DEFAULT_SOFT_DELETE_DAYS, DELETION_VERSION,
+    MAX_RULES_LEN, MAX_SOFT_DELETE_DAYS, RULES_VERSION,
 };
 pub use zero::is_zero;
 

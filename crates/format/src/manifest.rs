@@ -12,9 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, FormatError};
 use crate::index::MAX_DISK_CHUNKS;
+use crate::rules::PointRetention;
 use crate::{Digest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
-pub const MANIFEST_VERSION: u32 = 1;
+/// The version this build writes. Version 1 (no `retention`) is still read.
+pub const MANIFEST_VERSION: u32 = 2;
 /// A manifest larger than this is refused unread.
 pub const MAX_MANIFEST_LEN: u64 = 16 * 1024 * 1024;
 /// Disks one recovery point may hold: far more than any hypervisor attaches to one VM, and
@@ -196,6 +198,9 @@ pub struct Manifest {
     pub vm_config: VmConfig,
     pub disks: Vec<DiskRecord>,
     pub stats: TransferStats,
+    /// The retention the point was taken under (version 2; a version 1 manifest has none).
+    #[serde(default)]
+    pub retention: PointRetention,
 }
 
 impl Manifest {
@@ -210,7 +215,10 @@ impl Manifest {
     /// disk larger than [`MAX_DISK_CHUNKS`] chunks (its index would be too large to load).
     pub fn decode(b: &[u8]) -> Result<Manifest, FormatError> {
         let m: Manifest = serde_json::from_slice(b).map_err(|e| invalid(WHAT, e.to_string()))?;
-        if m.version != MANIFEST_VERSION {
+        if m.version == 1 && m.retention != PointRetention::None {
+            return Err(invalid(WHAT, "a version 1 manifest has no retention"));
+        }
+        if !(1..=MANIFEST_VERSION).contains(&m.version) {
             return Err(FormatError::UnsupportedVersion {
                 what: WHAT,
                 found: m.version,
@@ -224,6 +232,7 @@ impl Manifest {
     /// The rules [`Manifest::decode`] enforces; a writer may check a manifest with them
     /// before storing it.
     pub fn check(&self) -> Result<(), FormatError> {
+        crate::rules::check_retention(&self.retention).map_err(|e| invalid(WHAT, e))?;
         for (what, name) in [("VM name", &self.vm), ("VM name", &self.vm_config.name)] {
             if !valid_name(name) {
                 return Err(invalid(WHAT, format!("{what} {name:?} is not {NAME_RULE}")));
@@ -317,6 +326,7 @@ mod tests {
                 stats: TransferStats::default(),
             }],
             stats: TransferStats::default(),
+            retention: Default::default(),
         };
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
     }

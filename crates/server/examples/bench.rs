@@ -42,6 +42,7 @@ fn manifest(vm: &str, i: usize) -> Manifest {
         },
         disks: vec![],
         stats: TransferStats::default(),
+        retention: Default::default(),
     }
 }
 

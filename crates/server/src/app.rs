@@ -13,7 +13,7 @@ use crate::config::ServerConfig;
 use crate::db::{parse_ts, ts, Db};
 use crate::jobs::{Params, Runner};
 use crate::schedule::{Clock, Schedule};
-use crate::{auth, catalog, softdelete, Error, Result};
+use crate::{auth, catalog, Error, Result};
 
 /// Per VM: when its last backup succeeded and what it moved (for metrics and alerts).
 #[derive(Default, Clone)]
@@ -110,12 +110,21 @@ impl App {
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
         let (vault, passphrase) = open_vault(&cfg, say)?;
         let vault_name = cfg.vault_name.clone();
-        let locked = softdelete::read_lock(&vault)?;
+        // What vmvault server 0.1 kept as plain JSON becomes sealed vault rules and markers.
+        let migrated = vault.migrate_legacy_markers()?;
+        if migrated > 0 {
+            say(&format!(
+                "sealed {migrated} lock or soft-delete marker(s) written by an older server"
+            ));
+        }
+        // The vault's rules are the truth; the database's copy is only for old readers.
+        let rules = vault.rules()?;
+        let locked = rules.locked.as_ref().map(|l| l.at.clone());
         db.conn().execute(
             "INSERT INTO vaults (name, location, soft_delete_days, locked_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (name) DO UPDATE SET location = ?2,
              locked_at = coalesce(vaults.locked_at, ?4)",
-            params![vault_name, vault.location(), cfg.soft_delete_days, locked],
+            params![vault_name, vault.location(), rules.soft_delete_days, locked],
         )?;
         let admin_token_file = cfg.state_dir.join("admin-token");
         if auth::bootstrap_admin(&db, &admin_token_file)?.is_some() {
@@ -282,7 +291,6 @@ impl App {
             self.check_overdue(&item, &sched, now);
         }
         self.tick_gc(now)?;
-        self.purge_expired(now)?;
         self.refresh_catalog()?;
         Ok(queued)
     }
@@ -339,38 +347,14 @@ impl App {
         Ok(())
     }
 
-    /// Removes for good the points whose soft-delete time is over.
-    fn purge_expired(&self, now: DateTime<Utc>) -> Result<()> {
-        let days = self.soft_delete_days()?;
-        let cutoff = ts(now - chrono::Duration::days(i64::from(days)));
-        for id in catalog::expired_deletions(&self.db, &self.vault_name, &cutoff)? {
-            softdelete::purge(&self.vault, &id)?;
-            catalog::remove(&self.db, &id)?;
-            auth::audit(
-                &self.db,
-                "server",
-                "point.purge",
-                &id,
-                "ok: soft-delete time over",
-            );
-        }
-        Ok(())
-    }
-
+    /// How long deleted points stay restorable, from the vault's own rules.
     pub fn soft_delete_days(&self) -> Result<u32> {
-        Ok(self.db.conn().query_row(
-            "SELECT soft_delete_days FROM vaults WHERE name = ?1",
-            [&self.vault_name],
-            |r| r.get(0),
-        )?)
+        Ok(self.vault.rules()?.soft_delete_days)
     }
 
+    /// When the vault was locked, from its own rules.
     pub fn locked_at(&self) -> Result<Option<String>> {
-        Ok(self.db.conn().query_row(
-            "SELECT locked_at FROM vaults WHERE name = ?1",
-            [&self.vault_name],
-            |r| r.get(0),
-        )?)
+        Ok(self.vault.rules()?.locked.map(|l| l.at))
     }
 
     pub(crate) fn record_success(&self, vm: &str, logical: u64, stored: u64) {
@@ -470,6 +454,7 @@ fn open_vault(cfg: &ServerConfig, say: &dyn Fn(&str)) -> Result<(Vault, Vec<u8>)
         cfg.regions(true),
         CreateOptions {
             passphrase: Some(pass.clone()),
+            soft_delete_days: cfg.soft_delete_days,
             ..Default::default()
         },
     )?;

@@ -35,8 +35,8 @@ pub struct PointRow {
 fn insert(conn: &rusqlite::Connection, vault: &str, m: &Manifest) -> Result<()> {
     let json = serde_json::to_string(m).map_err(|e| Error::Input(e.to_string()))?;
     conn.prepare_cached(
-        "INSERT OR IGNORE INTO points (id, vault, vm, time, bytes_logical, bytes_stored, manifest)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR IGNORE INTO points (id, vault, vm, time, bytes_logical, bytes_stored, manifest,
+         keep_until) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         m.id.to_hex(),
@@ -45,7 +45,12 @@ fn insert(conn: &rusqlite::Connection, vault: &str, m: &Manifest) -> Result<()> 
         m.time,
         m.logical_bytes() as i64,
         m.stats.bytes_stored as i64,
-        json
+        json,
+        // An on-demand point's own retention, as its manifest records it.
+        match &m.retention {
+            vmvault_format::PointRetention::Until { until } => Some(until.as_str()),
+            _ => None,
+        }
     ])?;
     Ok(())
 }
@@ -64,7 +69,17 @@ pub fn remove(db: &Db, id: &str) -> Result<()> {
 /// soft-delete state taken from the vault's markers. Keep-until dates of points still
 /// there stay.
 pub fn rebuild(db: &Db, vault_name: &str, vault: &Vault) -> Result<usize> {
-    let ids: HashSet<String> = vault.point_ids()?.iter().map(|i| i.to_hex()).collect();
+    // One listing gives the points and the soft-delete state, from the vault's sealed markers.
+    let list = vault.list_points()?;
+    for (id, e) in &list.unreadable {
+        eprintln!("vmvault server: recovery point {id} cannot be read: {e}");
+    }
+    let ids: HashSet<String> = list
+        .live
+        .iter()
+        .chain(list.deleted.iter().map(|(m, _)| m))
+        .map(|m| m.id.to_hex())
+        .collect();
     let known: HashSet<String> = {
         let conn = db.conn();
         let mut stmt = conn.prepare("SELECT id FROM points WHERE vault = ?1")?;
@@ -73,23 +88,23 @@ pub fn rebuild(db: &Db, vault_name: &str, vault: &Vault) -> Result<usize> {
             .collect::<rusqlite::Result<HashSet<_>>>()?;
         rows
     };
-    // Manifests are read outside the database lock: the API keeps answering meanwhile.
-    let mut new = Vec::new();
-    for id in ids.difference(&known) {
-        let Ok(pid) = id.parse() else { continue };
-        match vault.load_manifest(&pid) {
-            Ok(m) => new.push(m),
-            Err(vmvault_store::StoreError::NotFound(_)) => {}
-            Err(e) => eprintln!("vmvault server: recovery point {id} cannot be read: {e}"),
-        }
-    }
-    let deleted = crate::softdelete::markers(vault)?;
+    let new: Vec<&Manifest> = list
+        .live
+        .iter()
+        .chain(list.deleted.iter().map(|(m, _)| m))
+        .filter(|m| !known.contains(&m.id.to_hex()))
+        .collect();
+    let deleted: Vec<(String, String)> = list
+        .deleted
+        .iter()
+        .map(|(m, d)| (m.id.to_hex(), d.deleted_at.clone()))
+        .collect();
     let mut conn = db.conn();
     let tx = conn.transaction()?;
     for id in known.difference(&ids) {
         tx.execute("DELETE FROM points WHERE id = ?1", [id])?;
     }
-    for m in &new {
+    for m in new {
         insert(&tx, vault_name, m)?;
     }
     tx.execute(

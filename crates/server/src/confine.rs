@@ -159,7 +159,8 @@ pub fn backing_dir(cfg: &ServerConfig, dir: &Path) -> Result<PathBuf> {
         .any(|root| root.canonicalize().is_ok_and(|r| resolved.starts_with(&r)));
     if !inside || !resolved.is_dir() {
         return Err(Error::Forbidden(format!(
-            "allow_backing folder {} ({}) is not a folder inside the disk_roots the server's              config allows ({})",
+            "allow_backing folder {} ({}) is not a folder inside the disk_roots the server's \
+             config allows ({})",
             dir.display(),
             resolved.display(),
             listed(&cfg.disk_roots)

@@ -68,6 +68,13 @@ impl Error {
             Error::Engine(vmvault_engine::EngineError::Input(_)) => {
                 (StatusCode::BAD_REQUEST, "bad_request")
             }
+            Error::Store(s) | Error::Engine(vmvault_engine::EngineError::Store(s)) => match s {
+                vmvault_store::StoreError::Refused(_) => (StatusCode::FORBIDDEN, "forbidden"),
+                vmvault_store::StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+                vmvault_store::StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+                vmvault_store::StoreError::Busy(_) => (StatusCode::CONFLICT, "conflict"),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -35,6 +35,10 @@ pub struct Runner {
 /// What a job is asked to do beyond its kind and item.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Params {
+    /// Backup: asked for by someone, not by a schedule; its point keeps its own retention
+    /// and never counts toward the policy's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_demand: bool,
     /// Backup: keep the new point at least until this date (RFC 3339 or YYYY-MM-DD).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_until: Option<String>,

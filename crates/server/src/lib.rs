@@ -13,7 +13,6 @@ mod error;
 pub mod jobs;
 pub mod metrics;
 pub mod schedule;
-pub mod softdelete;
 pub mod tls;
 mod work;
 

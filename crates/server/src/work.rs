@@ -8,8 +8,7 @@ use std::time::SystemTime;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use vmvault_engine::{
-    backup_image_vm, plan_prune, restore_vm, BackupOptions, RestoreOptions, Retention,
-    VmDescription,
+    backup_image_vm, plan_prune, restore_vm, BackupOptions, Keep, RestoreOptions, VmDescription,
 };
 use vmvault_store::{Kind, ObjectInfo, ReadBackend, StoreError, Vault, WriteBackend};
 
@@ -18,6 +17,10 @@ use crate::jobs::{JobProgress, Live, Params};
 use crate::{catalog, Error, Result};
 
 /// `2027-01-01` (end of that day, UTC) or a full RFC 3339 time.
+/// How long an on-demand point is kept when its backup names no time (the cloud services'
+/// default).
+pub const ON_DEMAND_KEEP_DAYS: i64 = 30;
+
 pub fn parse_keep_until(s: &str) -> Result<DateTime<Utc>> {
     if let Some(t) = crate::db::parse_ts(s) {
         return Ok(t);
@@ -74,6 +77,10 @@ impl App {
             "gc" => {
                 let report = self.vault.gc(&mut |m| self.job_log(id, m))?;
                 self.job_log(id, &format!("{report:?}"));
+                // Points whose soft-delete window was over are gone from the vault now.
+                if report.points_purged > 0 {
+                    catalog::rebuild(&self.db, &self.vault_name, &self.vault)?;
+                }
                 Ok(None)
             }
             other => Err(Error::Input(format!("unknown job kind '{other}'"))),
@@ -108,7 +115,11 @@ impl App {
             id,
             &format!("backing up {item} ({} disk(s))", desc.disks.len()),
         );
-        let m = backup_image_vm(&vault, &desc, &BackupOptions::default(), progress)?;
+        let opts = BackupOptions {
+            retention: self.point_retention(params, &policy)?,
+            ..Default::default()
+        };
+        let m = backup_image_vm(&vault, &desc, &opts, progress)?;
         let point = m.id.to_hex();
         catalog::add(&self.db, &self.vault_name, &m)?;
         self.job_log(
@@ -120,50 +131,87 @@ impl App {
                 m.stats.bytes_stored
             ),
         );
-        if let Some(k) = &params.keep_until {
-            let until = parse_keep_until(k)?;
-            catalog::set_keep_until(&self.db, &point, Some(&crate::db::ts(until)))?;
-        }
         self.record_success(item, m.logical_bytes(), m.stats.bytes_stored);
         match self.apply_retention(item, &policy) {
             Ok(0) => {}
-            Ok(n) => self.job_log(id, &format!("retention removed {n} older point(s)")),
+            Ok(n) => self.job_log(
+                id,
+                &format!(
+                    "retention soft-deleted {n} older point(s) (`points --deleted` lists them)"
+                ),
+            ),
             // The point is made: a prune that fails is retried after the next backup.
             Err(e) => self.job_log(id, &format!("retention could not be applied: {e}")),
         }
         Ok(point)
     }
 
-    /// The policy's retention over the item's points; points held by keep-until, and
-    /// soft-deleted ones (their own clock), are left alone. Returns how many it removed.
+    /// The retention a new point records: an on-demand backup's own keep-until (30 days
+    /// unless asked otherwise), or the policy's rules and time zone for a scheduled one.
+    fn point_retention(
+        &self,
+        params: &Params,
+        policy: &str,
+    ) -> Result<vmvault_format::PointRetention> {
+        if params.on_demand || params.keep_until.is_some() {
+            let until = match &params.keep_until {
+                Some(k) => parse_keep_until(k)?,
+                None => self.now() + chrono::Duration::days(ON_DEMAND_KEEP_DAYS),
+            };
+            return Ok(vmvault_format::PointRetention::Until {
+                until: crate::db::ts(until),
+            });
+        }
+        let p = crate::api::policies::load(&self.db, policy)?;
+        Ok(vmvault_format::PointRetention::Policy {
+            policy: policy.to_string(),
+            keep: p.retention(),
+            time_zone: p.timezone.clone(),
+        })
+    }
+
+    /// The policy's retention over the item's points, applied through the vault's rules:
+    /// what it no longer keeps is soft-deleted and audited with the rule; on-demand points
+    /// go only when their own time is over, and a locked vault refuses whatever the
+    /// retention recorded in a point still keeps. Returns how many it deleted.
     pub fn apply_retention(&self, item: &str, policy: &str) -> Result<usize> {
         let p = crate::api::policies::load(&self.db, policy)?;
-        let retention = p.retention();
-        if retention.is_empty() {
+        let keep = p.retention();
+        if keep.is_empty() {
             return Ok(0);
         }
         let tz = crate::schedule::parse_tz(&p.timezone)?;
-        let points = catalog::manifests_of(&self.db, &self.vault_name, item)?;
-        let mut plan = plan_prune(&points, &retention, Some(item), |t| {
+        let (points, _) = self.vault.points()?;
+        let plan = plan_prune(&points, &keep, Some(item), self.now(), |t| {
             t.with_timezone(&tz).naive_local()
         })?;
-        let holds = catalog::holds(&self.db, &self.vault_name)?;
+        let reason = format!("retention: policy '{policy}' ({})", keep.describe());
+        let outcome = vmvault_engine::prune(&self.vault, &plan, "server", &reason)?;
         let now = crate::db::ts(self.now());
-        let deleted: std::collections::HashSet<String> = crate::softdelete::markers(&self.vault)?
-            .into_iter()
-            .map(|(i, _)| i)
-            .collect();
-        for d in &mut plan {
+        for d in &outcome.deleted {
             let id = d.id.to_hex();
-            if holds.get(&id).is_some_and(|until| *until > now) || deleted.contains(&id) {
-                d.keep = true;
+            match d.purge_after {
+                Some(_) => catalog::set_deleted(&self.db, &id, Some(&now))?,
+                None => catalog::remove(&self.db, &id)?,
             }
+            crate::auth::audit(
+                &self.db,
+                "server",
+                "point.delete",
+                &id,
+                &format!("ok: {reason}"),
+            );
         }
-        let removed = vmvault_engine::prune(&self.vault, &plan)?;
-        for d in plan.iter().filter(|d| !d.keep) {
-            catalog::remove(&self.db, &d.id.to_hex())?;
+        for (id, why) in &outcome.refused {
+            crate::auth::audit(
+                &self.db,
+                "server",
+                "point.delete",
+                &id.to_hex(),
+                &format!("denied: {reason}: {why}"),
+            );
         }
-        Ok(removed)
+        Ok(outcome.deleted.len())
     }
 
     fn run_restore(
@@ -203,8 +251,8 @@ impl App {
 }
 
 /// The policy's keep-* counts as the engine's retention.
-pub fn retention(p: &crate::api::policies::Policy) -> Retention {
-    Retention {
+pub fn retention(p: &crate::api::policies::Policy) -> Keep {
+    Keep {
         last: p.keep_last,
         hourly: p.keep_hourly,
         daily: p.keep_daily,

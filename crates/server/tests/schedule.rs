@@ -111,7 +111,12 @@ fn hourly_retention_is_applied_after_each_backup_and_gc_runs_on_its_schedule() {
         2,
         "keep_last 2 after each backup"
     );
-    assert_eq!(s.app.vault.point_ids().unwrap().len(), 2);
+    // The two older points are soft-deleted: their manifests stay for the window.
+    assert_eq!(s.app.vault.point_ids().unwrap().len(), 4);
+    let deleted = s
+        .admin("GET", "/api/v1/recovery-points?deleted=true", None)
+        .body;
+    assert_eq!(deleted["items"].as_array().unwrap().len(), 2);
     // GC: due at 04:00 UTC; it is queued once and runs.
     clock.set(utc("2026-05-01T04:00:30Z"));
     s.app.tick().unwrap();
@@ -264,7 +269,7 @@ fn a_vault_with_a_secondary_region_replicates_and_reports_its_lag() {
     );
     // A deleted point's marker reaches the secondary through the queue.
     s.admin("DELETE", &format!("/api/v1/recovery-points/{p}"), None);
-    let marker = s.path("secondary").join(format!("deleted.{p}"));
+    let marker = s.path("secondary/points").join(format!("{p}.deleted"));
     for _ in 0..100 {
         if marker.exists() {
             return;

@@ -30,6 +30,9 @@ pub enum StoreError {
     Passphrase(String),
     #[error("{0}")]
     Invalid(String),
+    /// A vault rule (the lock, a point's retention in force) does not allow it.
+    #[error("{0}")]
+    Refused(String),
     /// An object whose bytes fail their check (digest, tag, decoding), in one region.
     #[error("{object} is damaged in {location}: {reason}")]
     Damaged {

@@ -38,6 +38,8 @@ impl Default for LockTiming {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct GcReport {
     pub points: usize,
+    /// Soft-deleted points whose window was over, removed for good by this collection.
+    pub points_purged: usize,
     pub chunks_total: u64,
     pub chunks_removed: u64,
     pub bytes_removed: u64,
@@ -209,9 +211,16 @@ impl Vault {
         // Mark. Anything unreadable stops the collection before it deletes anything: a point
         // that cannot be read may reference chunks that nothing else does.
         let mut report = GcReport::default();
+        // Points whose soft-delete window is over go first, so that what only they held is
+        // collected now. The storage's time now is its time of this collection's lock.
+        let storage_now = self
+            .backend()
+            .stat(Kind::Lock, guard.name())?
+            .map(|o| o.modified);
+        report.points_purged = self.purge_expired(storage_now)?.len();
         let mut chunks: HashSet<Digest> = HashSet::new();
         let mut indexes: HashSet<Digest> = HashSet::new();
-        let (mut points, bad) = self.points()?;
+        let (mut points, bad) = self.all_points()?;
         let stop = |what: String| {
             StoreError::DamageStopped(format!(
                 "garbage collection stopped before deleting anything: {what}; run `vmvault verify`"

@@ -6,17 +6,26 @@
 //! of their payload), recovery-point manifests (named by the point's id) and lock objects. Their
 //! bytes are described in `docs/format.md`; this crate decides which objects exist and when.
 //!
-//! Objects are written once, atomically, and never modified; only garbage collection deletes
-//! chunks and indexes, only prune deletes manifests. A backup writes its chunks, then its disk
+//! Objects are written once, atomically, and never modified (the vault's `rules` object is the
+//! one that is replaced); only garbage collection deletes chunks and indexes, and manifests go
+//! only through the vault's rules (see below). A backup writes its chunks, then its disk
 //! indexes, syncs, and writes its manifest last: a recovery point exists once its manifest
 //! does, so an interrupted backup leaves only unreferenced objects, which the next backup
 //! reuses and garbage collection eventually removes.
 //!
+//! # The vault's rules
+//! Soft delete, the lock and each point's recorded retention are kept here, under every caller
+//! (the module `rules` says how): a point is deleted only by [`Vault::delete_point`], which
+//! writes a sealed deletion marker (or, with soft delete off in an unlocked vault, removes the
+//! manifest) and refuses in a locked vault while the point's own retention is in force; garbage
+//! collection removes soft-deleted manifests once their window is over by both clocks.
+//!
 //! # Locking
 //! Backups and garbage collection register [lock objects](locks) (see there for liveness).
 //! Two backups of one VM: the younger refuses. Backups of different VMs run side by side.
-//! A backup that finds a garbage collection running waits for it to end. Prune and verify take
-//! no lock: prune only removes manifests, which can only make a collection keep more.
+//! A backup that finds a garbage collection running waits for it to end. Prune, delete and
+//! verify take no lock: a deletion only adds a marker or removes a manifest, which can only make
+//! a collection keep more.
 //!
 //! # Garbage collection and the race with backups
 //! Mark and sweep, with a safety window:
@@ -59,7 +68,9 @@ pub mod journal;
 mod local;
 pub mod locks;
 pub mod replicated;
+pub mod retention;
 pub mod retry;
+mod rules;
 mod vault;
 pub mod verified;
 
@@ -70,6 +81,8 @@ pub use gc::{GcReport, LockTiming};
 pub use local::LocalBackend;
 pub use locks::{LiveLock, LockGuard, LockInfo, LockKind};
 pub use replicated::{Notify, Region, Replicated};
+pub use retention::{in_force, plan_prune, point_time, PruneDecision};
 pub use retry::{RetryPolicy, Retrying};
+pub use rules::{Deleted, PointList};
 pub use vault::{ChunkReader, CreateOptions, Regions, Replication, Unreadable, Vault};
 pub use verified::{VaultVerifier, Verified, Verify};

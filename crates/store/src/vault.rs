@@ -28,6 +28,8 @@ pub struct CreateOptions {
     pub passphrase: Option<Vec<u8>>,
     pub kdf: KdfParams,
     pub zstd_level: i32,
+    /// How long deleted points stay restorable; 0 = deletions are immediate.
+    pub soft_delete_days: u32,
 }
 
 impl Default for CreateOptions {
@@ -37,6 +39,7 @@ impl Default for CreateOptions {
             passphrase: None,
             kdf: KdfParams::default(),
             zstd_level: 1,
+            soft_delete_days: vmvault_format::DEFAULT_SOFT_DELETE_DAYS,
         }
     }
 }
@@ -139,7 +142,12 @@ impl Vault {
             b.write(Kind::Config, CONFIG_NAME, &config.encode())?;
             b.sync()?;
         }
-        Self::assemble(regions, config, keys.map(|(k, _)| k))
+        let vault = Self::assemble(regions, config, keys.map(|(k, _)| k))?;
+        // After the config: a create interrupted here leaves the default rules, the safe side.
+        if opts.soft_delete_days != vmvault_format::DEFAULT_SOFT_DELETE_DAYS {
+            vault.set_soft_delete_days(opts.soft_delete_days)?;
+        }
+        Ok(vault)
     }
 
     /// Opens a vault; `passphrase` is asked only when the vault is encrypted. The config and
@@ -462,7 +470,9 @@ impl Vault {
             .map(|o| o.modified))
     }
 
-    pub fn remove_manifest(&self, id: &PointId) -> Result<()> {
+    /// Only the vault's rules remove a point ([`Vault::delete_point`], gc's purge), and a
+    /// backup takes back its own manifest when its lock was lost.
+    pub(crate) fn remove_manifest(&self, id: &PointId) -> Result<()> {
         self.backend.remove(Kind::Point, &id.to_hex())
     }
 
@@ -476,8 +486,16 @@ impl Vault {
             .collect())
     }
 
-    /// Every recovery point, oldest first, and the ones that could not be read.
+    /// The recovery points that are not deleted, oldest first, and those whose manifest or
+    /// deletion marker could not be read. What listings, restores and prune see.
     pub fn points(&self) -> Result<(Vec<Manifest>, Vec<Unreadable>)> {
+        let list = self.list_points()?;
+        Ok((list.live, list.unreadable))
+    }
+
+    /// Every recovery point whose manifest is stored, soft-deleted ones included, oldest
+    /// first, and the ones that could not be read: what garbage collection and verify walk.
+    pub fn all_points(&self) -> Result<(Vec<Manifest>, Vec<Unreadable>)> {
         let mut good = Vec::new();
         let mut bad = Vec::new();
         for id in self.point_ids()? {

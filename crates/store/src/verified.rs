@@ -65,6 +65,16 @@ impl Verify for VaultVerifier {
                 let max = DiskIndex::encoded_len(DiskIndex::chunk_count(1 << 48, self.chunk_size));
                 self.named_by_digest(ObjectKind::Index, name, bytes, max)
             }
+            Kind::Point if crate::rules::marked_point(name).is_some() => {
+                let id = crate::rules::marked_point(name).expect("checked by the guard");
+                let payload = self
+                    .codec
+                    .open(ObjectKind::Deletion, bytes, vmvault_format::MAX_RULES_LEN)
+                    .map_err(|e| e.to_string())?;
+                vmvault_format::Deletion::decode(&payload, &id)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
             Kind::Point => {
                 let payload = self
                     .codec
@@ -77,6 +87,12 @@ impl Verify for VaultVerifier {
                 Ok(())
             }
             Kind::Config if name == crate::vault::CONFIG_NAME => VaultConfig::decode(bytes)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Kind::Config if name == crate::rules::RULES_NAME => self
+                .codec
+                .open(ObjectKind::Rules, bytes, vmvault_format::MAX_RULES_LEN)
+                .and_then(|p| vmvault_format::VaultRules::decode(&p))
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             Kind::Key => KeyFile::decode(bytes)

@@ -91,6 +91,7 @@ fn manifest(vm: &str, disk: DiskRecord) -> Manifest {
         },
         disks: vec![disk],
         stats: TransferStats::default(),
+        retention: Default::default(),
     }
 }
 

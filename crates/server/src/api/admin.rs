@@ -11,9 +11,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::app::App;
 use crate::auth::{self, AuditEntry, Role};
-use crate::db::ts;
 use crate::error::ErrorBody;
-use crate::{catalog, softdelete, Error, Result};
+use crate::{catalog, Error, Result};
 
 #[derive(Serialize, ToSchema)]
 pub struct VaultInfo {
@@ -34,11 +33,13 @@ pub struct VaultInfo {
 
 fn vault_info(app: &App) -> Result<VaultInfo> {
     let (points, bytes) = catalog::count(&app.db, &app.vault_name)?;
-    let (days, locked, mua): (u32, Option<String>, bool) = app.db.conn().query_row(
-        "SELECT soft_delete_days, locked_at, require_approval FROM vaults WHERE name = ?1",
+    let mua: bool = app.db.conn().query_row(
+        "SELECT require_approval FROM vaults WHERE name = ?1",
         [&app.vault_name],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        |r| r.get(0),
     )?;
+    let rules = app.vault.rules()?;
+    let (days, locked) = (rules.soft_delete_days, rules.locked.map(|l| l.at));
     Ok(VaultInfo {
         name: app.vault_name.clone(),
         location: app.vault.location(),
@@ -154,6 +155,8 @@ pub fn apply_settings(app: &App, params: &serde_json::Value) -> Result<serde_jso
         serde_json::from_value(params.clone()).map_err(|e| Error::Input(e.to_string()))?;
     check_lock_allows(app, &s)?;
     if let Some(d) = s.soft_delete_days {
+        // The vault refuses a shorter window once locked, whoever asks.
+        app.vault.set_soft_delete_days(d)?;
         app.db.conn().execute(
             "UPDATE vaults SET soft_delete_days = ?2 WHERE name = ?1",
             params![app.vault_name, d],
@@ -184,12 +187,11 @@ pub async fn lock(
                 "the vault is locked already (since {at})"
             )));
         }
-        let now = ts(app.now());
-        // The vault's own marker first: from then on a rebuilt catalog knows it too.
-        softdelete::write_lock(&app.vault, &now, &actor.user)?;
+        // In the vault's own rules: from then on every path to the vault honours it.
+        let rules = app.vault.lock_vault(&actor.user)?;
         app.db.conn().execute(
             "UPDATE vaults SET locked_at = ?2 WHERE name = ?1",
-            params![app.vault_name, now],
+            params![app.vault_name, rules.locked.map(|l| l.at)],
         )?;
         Ok(())
     })?;

@@ -202,6 +202,7 @@ pub async fn backup(
         }
         let p = Params {
             keep_until: req.keep_until.clone(),
+            on_demand: true,
             ..Default::default()
         };
         app.enqueue("backup", Some(&name), &p, &actor.user)

@@ -14,7 +14,8 @@ use crate::catalog::{self, PointRow};
 use crate::db::ts;
 use crate::error::ErrorBody;
 use crate::jobs::Params;
-use crate::{softdelete, Error, Result};
+use crate::{Error, Result};
+use vmvault_format::PointId;
 
 #[derive(Deserialize, IntoParams)]
 pub struct PointQuery {
@@ -120,68 +121,43 @@ pub async fn delete(
 }
 
 impl App {
-    /// Soft-deletes: a marker in the vault, the point stays restorable.
+    /// Deletes through the vault's rules: soft (a sealed marker; the point stays restorable)
+    /// unless soft delete is off, refused while a locked vault's retention keeps the point.
     pub fn do_delete_point(&self, id: &str, by: &str) -> Result<serde_json::Value> {
         let p = catalog::find(&self.db, &self.vault_name, None, id)?;
-        self.check_lock_allows_delete(&p)?;
+        let pid = point_id(&p.id)?;
+        let deleted = self.vault.delete_point(&pid, by, "point delete")?;
         let now = self.now();
-        softdelete::mark_deleted(&self.vault, &p.id, &ts(now), by)?;
-        catalog::set_deleted(&self.db, &p.id, Some(&ts(now)))?;
-        let days = self.soft_delete_days()?;
+        let purge_after = match deleted {
+            vmvault_store::Deleted::Until(t) => {
+                catalog::set_deleted(&self.db, &p.id, Some(&ts(now)))?;
+                ts(t)
+            }
+            vmvault_store::Deleted::Removed => {
+                catalog::remove(&self.db, &p.id)?;
+                ts(now)
+            }
+        };
         Ok(serde_json::json!({
             "id": p.id,
             "deleted_at": ts(now),
-            "purge_after": ts(now + chrono::Duration::days(i64::from(days))),
+            "purge_after": purge_after,
         }))
     }
 
-    /// In a locked vault, a point may go only once nothing keeps it: its keep-until date
-    /// has passed and its VM's policy's retention no longer keeps it.
+    /// The vault's answer to "may this point go now?", asked before a delete waits for
+    /// approval, so that nobody approves what the lock will refuse anyway.
     fn check_lock_allows_delete(&self, p: &PointRow) -> Result<()> {
-        let Some(locked) = self.locked_at()? else {
-            return Ok(());
-        };
-        let refuse = |why: String| {
-            Err(Error::Forbidden(format!(
-                "the vault is locked (immutable since {locked}): recovery point {} cannot be \
-                 deleted before its retention ends: {why}",
-                p.id
-            )))
-        };
-        if let Some(until) = &p.keep_until {
-            if *until > ts(self.now()) {
-                return refuse(format!("it is kept until {until}"));
-            }
+        match self.vault.deletion_refused(&point_id(&p.id)?)? {
+            Some(why) => Err(Error::Forbidden(why)),
+            None => Ok(()),
         }
-        let policy: Option<String> = self
-            .db
-            .conn()
-            .query_row(
-                "SELECT policy FROM protected_items WHERE name = ?1",
-                [&p.vm],
-                |r| r.get(0),
-            )
-            .ok();
-        let Some(policy) = policy else {
-            return refuse(format!(
-                "'{}' has no policy whose retention could end",
-                p.vm
-            ));
-        };
-        let pol = crate::api::policies::load(&self.db, &policy)?;
-        let tz = crate::schedule::parse_tz(&pol.timezone)?;
-        let points = catalog::manifests_of(&self.db, &self.vault_name, &p.vm)?;
-        let plan = vmvault_engine::plan_prune(&points, &pol.retention(), Some(&p.vm), |t| {
-            t.with_timezone(&tz).naive_local()
-        })?;
-        if let Some(d) = plan.iter().find(|d| d.id.to_hex() == p.id && d.keep) {
-            return refuse(format!(
-                "policy '{policy}' keeps it ({})",
-                d.reasons.join(", ")
-            ));
-        }
-        Ok(())
     }
+}
+
+fn point_id(id: &str) -> Result<PointId> {
+    id.parse()
+        .map_err(|_| Error::Input(format!("'{id}' is not a recovery point id")))
 }
 
 #[utoipa::path(post, path = "/api/v1/recovery-points/{id}/undelete", tag = "recovery-points",
@@ -202,7 +178,7 @@ pub async fn undelete(
                 p.id
             )));
         }
-        softdelete::unmark_deleted(&app.vault, &p.id)?;
+        app.vault.undelete_point(&point_id(&p.id)?)?;
         catalog::set_deleted(&app.db, &p.id, None)?;
         catalog::find(&app.db, &app.vault_name, None, &p.id)
     })?;

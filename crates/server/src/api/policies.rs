@@ -8,7 +8,7 @@ use axum::Json;
 use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-use vmvault_engine::Retention;
+use vmvault_engine::Keep;
 
 use crate::app::App;
 use crate::auth::Role;
@@ -44,7 +44,7 @@ fn utc() -> String {
 }
 
 impl Policy {
-    pub fn retention(&self) -> Retention {
+    pub fn retention(&self) -> Keep {
         crate::work::retention(self)
     }
 

@@ -215,6 +215,23 @@ impl Server {
         j["point"].as_str().unwrap().to_string()
     }
 
+    /// A backup as the scheduler runs it: its point records the policy's retention and
+    /// counts toward it (an on-demand one, [`Server::backup`], never does).
+    pub fn scheduled_backup(&self, vm: &str) -> String {
+        let id = self
+            .app
+            .enqueue(
+                "backup",
+                Some(vm),
+                &vmvault_server::jobs::Params::default(),
+                "scheduler",
+            )
+            .unwrap();
+        let j = self.wait_job(id);
+        assert_eq!(j["state"], "succeeded", "{j}");
+        j["point"].as_str().unwrap().to_string()
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
