@@ -3,7 +3,8 @@
 //! fails, the change broke format version 1 and needs a new version and a reader for this one.
 
 use vmvault_format::{
-    Codec, DiskIndex, FormatError, KeyFile, Manifest, ObjectKind, VaultConfig, MAX_MANIFEST_LEN,
+    Codec, Deletion, DiskIndex, FormatError, KeyFile, Manifest, ObjectKind, PointId, VaultConfig,
+    VaultRules, MAX_MANIFEST_LEN, MAX_RULES_LEN,
 };
 
 fn bytes(hex: &str) -> Vec<u8> {
@@ -137,4 +138,57 @@ fn the_checked_in_vaults_key_file_opens_its_manifest() {
     assert!(Codec::plain(1)
         .open(ObjectKind::Manifest, &sealed, MAX_MANIFEST_LEN)
         .is_err());
+}
+
+/// Vault rules (unencrypted vault): soft delete 30 days, locked by alice; stored uncompressed.
+const PLAIN_RULES: &str = "564d5652554c4553 01 00 00 00 00000000 5700000000000000
+    000000000000000000000000 00000000
+    7b2276657273696f6e223a312c22736f66745f64656c6574655f64617973223a33302c226c6f636b6564223a7b226174223a22323032362d31322d30325431303a30303a30305a222c226279223a22616c696365227d7d
+    603ab8de7b34e73a28f95fd6b248ec29";
+
+/// The deletion marker of point 1111...11 (unencrypted vault), zstd-compressed.
+const PLAIN_DELETION: &str = "564d5644454c5054 01 01 00 00 00000000 7f00000000000000
+    000000000000000000000000 00000000
+    28b52ffd207fad0200a285121890a7e9985f3436df0086eb60aee55db1556e9b6996df1dd089bb7a1401f2a492a2c8f651e7fc70b607777997870273c560099833e7ab20a0ae1e45db78be92a10a1be649190952c38802006a86016e4013ec97bec39164
+    58af2830fc0b9a53f3cb";
+
+#[test]
+fn the_rules_and_deletion_marker_vectors_decode() {
+    let codec = Codec::plain(1);
+    let rules = codec
+        .open(ObjectKind::Rules, &bytes(PLAIN_RULES), MAX_RULES_LEN)
+        .unwrap();
+    let rules = VaultRules::decode(&rules).unwrap();
+    assert_eq!(rules.soft_delete_days, 30);
+    assert_eq!(rules.locked.unwrap().by, "alice");
+    let point = PointId([0x11; 16]);
+    let marker = codec
+        .open(ObjectKind::Deletion, &bytes(PLAIN_DELETION), MAX_RULES_LEN)
+        .unwrap();
+    let marker = Deletion::decode(&marker, &point).unwrap();
+    assert_eq!(
+        (marker.by.as_str(), marker.reason.as_str()),
+        ("bob", "point delete")
+    );
+    // One is never read as the other, nor a marker as another point's.
+    assert!(codec
+        .open(ObjectKind::Deletion, &bytes(PLAIN_RULES), MAX_RULES_LEN)
+        .is_err());
+    let payload = codec
+        .open(ObjectKind::Deletion, &bytes(PLAIN_DELETION), MAX_RULES_LEN)
+        .unwrap();
+    assert!(Deletion::decode(&payload, &PointId([0x12; 16])).is_err());
+    for v in [PLAIN_RULES, PLAIN_DELETION] {
+        let good = bytes(v);
+        for bit in 0..good.len() * 8 {
+            let mut b = good.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            let kind = if v == PLAIN_RULES {
+                ObjectKind::Rules
+            } else {
+                ObjectKind::Deletion
+            };
+            assert!(codec.open(kind, &b, MAX_RULES_LEN).is_err(), "bit {bit}");
+        }
+    }
 }
