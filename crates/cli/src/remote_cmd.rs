@@ -105,7 +105,8 @@ enum RemoteCommand {
 pub enum PolicyCommand {
     Create(PolicyArgs),
     /// Change a policy's schedule or retention (shortening may need approval).
-    Update(PolicyArgs),
+    /// Change only the fields given; the others keep their values.
+    Update(PolicyUpdateArgs),
     List,
     Show {
         name: String,
@@ -135,6 +136,29 @@ pub struct PolicyArgs {
     pub keep_monthly: u32,
     #[arg(long, default_value_t = 0)]
     pub keep_yearly: u32,
+}
+
+#[derive(Args)]
+pub struct PolicyUpdateArgs {
+    pub name: String,
+    /// `hourly`, `every N hours`, `daily HH:MM[,HH:MM]`, `weekly mon,thu HH:MM`.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// An IANA time zone (Europe/Berlin) for the schedule and the retention's periods.
+    #[arg(long)]
+    pub timezone: Option<String>,
+    #[arg(long)]
+    pub keep_last: Option<u32>,
+    #[arg(long)]
+    pub keep_hourly: Option<u32>,
+    #[arg(long)]
+    pub keep_daily: Option<u32>,
+    #[arg(long)]
+    pub keep_weekly: Option<u32>,
+    #[arg(long)]
+    pub keep_monthly: Option<u32>,
+    #[arg(long)]
+    pub keep_yearly: Option<u32>,
 }
 
 #[derive(Subcommand)]

@@ -25,7 +25,36 @@ pub fn policy(c: &Client, json: bool, cmd: PolicyCommand) -> Result<()> {
     };
     let v: Value = match &cmd {
         PolicyCommand::Create(a) => c.send("POST", "/policies", &body(a))?,
-        PolicyCommand::Update(a) => c.send("PUT", &format!("/policies/{}", a.name), &body(a))?,
+        PolicyCommand::Update(a) => {
+            // The server's PUT replaces the policy: start from what it is now.
+            let path = format!("/policies/{}", a.name);
+            let mut current: Value = c.get(&path)?;
+            let text = [("schedule", &a.schedule), ("timezone", &a.timezone)];
+            for (k, v) in text {
+                if let Some(v) = v {
+                    current[k] = json!(v);
+                }
+            }
+            let counts = [
+                ("keep_last", a.keep_last),
+                ("keep_hourly", a.keep_hourly),
+                ("keep_daily", a.keep_daily),
+                ("keep_weekly", a.keep_weekly),
+                ("keep_monthly", a.keep_monthly),
+                ("keep_yearly", a.keep_yearly),
+            ];
+            for (k, v) in counts {
+                if let Some(v) = v {
+                    current[k] = json!(v);
+                }
+            }
+            let body = json!({"name": a.name, "schedule": current["schedule"],
+                "timezone": current["timezone"], "keep_last": current["keep_last"],
+                "keep_hourly": current["keep_hourly"], "keep_daily": current["keep_daily"],
+                "keep_weekly": current["keep_weekly"], "keep_monthly": current["keep_monthly"],
+                "keep_yearly": current["keep_yearly"]});
+            c.send("PUT", &path, &body)?
+        }
         PolicyCommand::List => c.get("/policies")?,
         PolicyCommand::Show { name } => c.get(&format!("/policies/{name}"))?,
         PolicyCommand::Delete { name } => {

@@ -113,6 +113,27 @@ fn tls_pinning_same_points_output_and_a_kill_during_a_backup() {
     assert!(std::fs::read_to_string(&known)
         .unwrap()
         .contains(&s.fingerprint));
+    // `policy update` changes only what it is given (issue 12, item 5): the schedule may stay,
+    // the time zone and the other keeps are not reset.
+    let o = remote(
+        &env,
+        &s,
+        &admin,
+        &["policy", "update", "daily", "--timezone", "Europe/Berlin"],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = remote(
+        &env,
+        &s,
+        &admin,
+        &["policy", "update", "daily", "--keep-daily", "14"],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let p = remote(&env, &s, &admin, &["policy", "show", "daily", "--json"]).json();
+    assert_eq!(p["schedule"], "daily 02:00", "{p}");
+    assert_eq!(p["timezone"], "Europe/Berlin", "{p}");
+    assert_eq!(p["keep_daily"], 14, "{p}");
+    assert_eq!(p["keep_weekly"], 4, "{p}");
     // No token: refused (exit 6).
     let o = env.run(&["--server", &s.url, "policy", "list"]);
     assert_eq!(o.code, 6, "{}", o.stderr);
