@@ -36,18 +36,52 @@ struct PassReport {
     seconds: f64,
 }
 
-/// One full pass: compare the regions and copy what the secondary lacks.
-fn pass(vault: &Vault) -> Result<PassReport> {
+/// How long the adopted queue may go without copying anything before the comparison starts
+/// anyway (a secondary that is still down makes no progress; the pass then reports why).
+const QUEUE_STALL: Duration = Duration::from_secs(3);
+
+/// Lets the queue adopted at open (entries earlier backups left) copy what it can, so the
+/// comparison after it neither races it for the same objects nor reports their copies as
+/// nothing done. Returns the objects and bytes the queue copied since `since`.
+fn settle_queue(vault: &Vault, since: (u64, u64)) -> Result<(u64, u64)> {
+    let Some(rep) = vault.replication() else {
+        return Ok((0, 0));
+    };
+    let copied = || {
+        let s = rep.stats();
+        (
+            s.copied.load(std::sync::atomic::Ordering::Relaxed),
+            s.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    loop {
+        let before = copied();
+        if rep.drain(QUEUE_STALL)? == 0 || copied().0 == before.0 {
+            break;
+        }
+    }
+    let now = copied();
+    Ok((now.0 - since.0, now.1 - since.1))
+}
+
+/// One full pass: compare the regions and copy what the secondary lacks. `queue_seen` is
+/// what the queue had copied when the previous pass ended (zero at open).
+fn pass(vault: &Vault, queue_seen: &mut (u64, u64)) -> Result<PassReport> {
     let started = Instant::now();
     let _lock = vault.lock_replicate(&mut |m| eprintln!("vmvault: {m}"))?;
+    let (by_queue, queue_bytes) = settle_queue(vault, *queue_seen)?;
+    queue_seen.0 += by_queue;
+    queue_seen.1 += queue_bytes;
     let (primary, secondary) = (&vault.regions()[0], &vault.regions()[1]);
     let bar = Bar::new();
     let threads = secondary.backend.concurrency().max(2);
-    let copy = compare::copy_missing(primary, secondary, threads, &|total, n| match total {
+    let mut copy = compare::copy_missing(primary, secondary, threads, &|total, n| match total {
         Some(total) => bar.start("replicating to the secondary region", total),
         None => bar.advance(n),
     })?;
     bar.finish();
+    copy.objects += by_queue;
+    copy.bytes += queue_bytes;
     // What the queue dropped when it overflowed has now been found and copied.
     if copy.failed == 0 {
         if let Some(j) = vault.replication().and_then(|r| r.journal()) {
@@ -91,8 +125,9 @@ pub fn replicate(g: &Global, watch: bool, interval: u64) -> Result<()> {
     // Opened as a backup is: queues left by earlier runs are adopted and worked too.
     let vault = regions::open(g, Use::Backup)?;
     two_regions(g, &vault)?;
+    let mut queue_seen = (0, 0);
     loop {
-        let r = pass(&vault)?;
+        let r = pass(&vault, &mut queue_seen)?;
         print_pass(g, &r);
         if !watch {
             if r.copy.failed > 0 {
