@@ -16,6 +16,7 @@ mod backup;
 mod disk;
 mod exit;
 mod files;
+mod interrupt;
 mod key;
 mod live;
 mod maintenance;
@@ -133,15 +134,18 @@ fn main() {
     STARTED.get_or_init(std::time::Instant::now);
     let args: Vec<String> = std::env::args().collect();
     if remote_cmd::wanted(&args) {
-        let cli = <remote_cmd::RemoteCli as clap::Parser>::parse();
+        let cli: remote_cmd::RemoteCli = parse();
         if let Err(e) = remote_cmd::run(cli) {
-            eprintln!("vmvault: error: {}", exit::message(&e));
-            std::process::exit(exit::code(&e));
+            fail(&e);
         }
         return;
     }
-    let cli = Cli::parse();
+    let cli: Cli = parse();
     let g = &cli.global;
+    // A server and an NBD export run until a signal and stop cleanly on it themselves.
+    if !matches!(cli.command, Command::Serve(_) | Command::Server(_)) {
+        interrupt::install();
+    }
     let result = match cli.command {
         Command::Vault(c) => vault::run(g, c),
         Command::Backup(a) => backup::run(g, a),
@@ -158,7 +162,42 @@ fn main() {
         Command::Server(a) => server_cmd::run(g, a),
     };
     if let Err(e) = result {
-        eprintln!("vmvault: error: {}", exit::message(&e));
-        std::process::exit(exit::code(&e));
+        fail(&e);
     }
+}
+
+/// The command line, or exit 2 with clap's message as every other error is said:
+/// `vmvault: error: ...` (help and version go to stdout with exit 0, as clap does).
+fn parse<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            eprint!("vmvault: error: {text}");
+            std::process::exit(vmvault_class::Class::Input.exit_code());
+        }
+    }
+}
+
+/// One line for the error, and the exit code of its class.
+fn fail(e: &anyhow::Error) -> ! {
+    let class = exit::class(e);
+    let message = exit::message(e);
+    if class == vmvault_class::Class::Pending {
+        // Said as the server says it: which approval it waits for.
+        let said = e
+            .downcast_ref::<remote::ApiError>()
+            .map_or(message, |a| a.message.clone());
+        eprintln!("vmvault: {said}");
+    } else if class == vmvault_class::Class::Cancelled {
+        // The cause says what was kept; the context before it (what was being done) is
+        // noise after a Ctrl-C.
+        let why = e.chain().last().map(|c| c.to_string()).unwrap_or(message);
+        eprintln!("vmvault: {why}");
+    } else {
+        eprintln!("vmvault: error: {message}");
+    }
+    std::process::exit(class.exit_code());
 }

@@ -21,7 +21,7 @@ pub fn stdout_line(args: std::fmt::Arguments<'_>) {
             std::process::exit(141);
         }
         eprintln!("vmvault: error: writing the output: {e}");
-        std::process::exit(crate::exit::FAILURE);
+        std::process::exit(vmvault_class::Class::Failure.exit_code());
     }
 }
 
@@ -85,6 +85,14 @@ impl Bar {
             bar: Mutex::new(None),
             enabled: std::io::stderr().is_terminal(),
         }
+    }
+}
+
+/// A bar left by work that failed (an error, Ctrl-C) is taken off the terminal, so the
+/// error's line starts at the left.
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

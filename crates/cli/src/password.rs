@@ -1,4 +1,5 @@
-//! Where passphrases come from: a file, the environment, or a prompt on the terminal.
+//! Where passphrases come from: a file or the environment (the rule crates/open shares with
+//! the server), else a prompt on the terminal.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -6,17 +7,6 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::exit::InputError;
-
-fn from_file(path: &Path) -> Result<Vec<u8>> {
-    let text = std::fs::read(path)
-        .with_context(|| format!("reading passphrase file {}", path.display()))?;
-    // A file written by `echo` ends in a newline that is not part of the passphrase.
-    let end = text
-        .iter()
-        .rposition(|&b| b != b'\n' && b != b'\r')
-        .map_or(0, |p| p + 1);
-    Ok(text[..end].to_vec())
-}
 
 /// The passphrase of an existing vault.
 pub fn existing(file: Option<&Path>) -> Result<Vec<u8>, String> {
@@ -29,10 +19,8 @@ pub fn new(file: Option<&Path>, env: &str, prompt: &str) -> Result<Vec<u8>> {
 }
 
 fn get(file: Option<&Path>, env: &str, prompt: &str, confirm: bool) -> Result<Vec<u8>> {
-    let pass = if let Some(f) = file {
-        from_file(f)?
-    } else if let Some(v) = std::env::var_os(env) {
-        v.into_encoded_bytes()
+    let pass = if let Some(p) = vmvault_open::passphrase_from(file, env)? {
+        p
     } else if std::io::stdin().is_terminal() {
         let p = rpassword::prompt_password(prompt).context("reading the passphrase")?;
         if confirm {

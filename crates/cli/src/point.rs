@@ -120,8 +120,15 @@ pub fn lock(g: &Global, confirmed: bool) -> Result<()> {
     }
     let vault = crate::vault::open(g)?;
     let rules = vault.lock_vault(&crate::vault::who())?;
+    // Whether the storage keeps the promise too (a bucket default retention under S3 Object
+    // Lock), said per region rather than left for the user to assume.
+    let (record, _) = crate::regions::record(g)?;
+    let storage = storage_words(&record.primary, record.secondary.as_ref());
     if g.json {
-        print_json(&rules);
+        print_json(&serde_json::json!({
+            "rules": rules,
+            "storage": storage.iter().map(|(r, s)| serde_json::json!({"region": r, "lock": s})).collect::<Vec<_>>(),
+        }));
     } else if let Some(l) = &rules.locked {
         outln!(
             "the vault is locked (immutable since {}, by {}); soft delete {} days",
@@ -129,6 +136,21 @@ pub fn lock(g: &Global, confirmed: bool) -> Result<()> {
             l.by,
             rules.soft_delete_days
         );
+        for (region, s) in &storage {
+            outln!("{region} region: {s}");
+        }
     }
     Ok(())
+}
+
+/// Per region, whether the storage itself keeps objects against deletion, in words.
+pub fn storage_words(
+    primary: &crate::regions::Location,
+    secondary: Option<&crate::regions::Location>,
+) -> Vec<(&'static str, String)> {
+    let mut out = vec![("primary", crate::vault::storage_lock_words(primary, false))];
+    if let Some(s) = secondary {
+        out.push(("secondary", crate::vault::storage_lock_words(s, true)));
+    }
+    out
 }

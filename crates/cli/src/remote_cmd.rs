@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use crate::exit::InputError;
 use crate::output::{print_json, table};
 use crate::remote::Client;
-use crate::remote_show::{cell, points, policy, print_job, print_jobs, vault, wait_job};
+use crate::remote_show::{
+    cell, follow_job, points, policy, print_job, print_jobs, urlencode, vault,
+};
 
 #[derive(Parser)]
 #[command(name = "vmvault", version, about = "vmvault against a vault server")]
@@ -51,7 +53,8 @@ enum RemoteCommand {
         /// Keep this point at least until then (YYYY-MM-DD).
         #[arg(long, value_name = "DATE")]
         keep_until: Option<String>,
-        /// Wait for the job to end and say how it ended.
+        /// Follow the job (progress, log lines) and exit with its outcome: 0, or the code
+        /// the same failure has locally.
         #[arg(long)]
         wait: bool,
     },
@@ -77,13 +80,25 @@ enum RemoteCommand {
     /// Delete (soft) or undelete a recovery point: NAME@ID.
     #[command(subcommand)]
     Point(PointCommand),
-    /// Restore NAME@ID into a folder on the server's host.
+    /// Restore a point (VM@latest, VM@ID, VM@TIME, VM) on the server's host: the whole VM
+    /// into a new folder, or with --disk one disk into a new image file.
     Restore {
         point: String,
-        #[arg(long)]
-        target: String,
+        /// Where on the server's host (a new folder; with --disk, a new file).
+        #[arg(long, visible_alias = "target", value_name = "PATH")]
+        to: String,
+        /// One disk only, by its name in the VM description.
+        #[arg(long, value_name = "NAME")]
+        disk: Option<String>,
+        /// The image format to write (raw, qcow2, vhd, vhdx, vmdk); default: each disk's own.
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
+        /// Write over what exists (admins only).
         #[arg(long)]
         force: bool,
+        /// Follow the job (progress, log lines) and exit with its outcome.
+        #[arg(long)]
+        wait: bool,
     },
     /// The vault: show, settings, lock (irreversible).
     #[command(subcommand, name = "vault")]
@@ -203,7 +218,8 @@ enum UserCommand {
     /// Make a user with a role; prints their token (shown once).
     Create {
         name: String,
-        #[arg(long)]
+        /// What the user may do; each role includes the ones before it.
+        #[arg(long, value_parser = ["reader", "operator", "contributor", "admin"])]
         role: String,
     },
     List,
@@ -252,45 +268,33 @@ pub fn wanted(args: &[String]) -> bool {
         .is_some_and(|c| REMOTE.contains(&c.as_str()))
 }
 
-/// `NAME@ID` (or a bare id) to (VM, id).
-fn split_point(spec: &str) -> (Option<&str>, &str) {
-    match spec.split_once('@') {
-        Some((vm, id)) => (Some(vm), id),
-        None => (None, spec),
-    }
-}
-
+/// The point a name means, as the server resolves it (the local grammar: VM@latest, VM@ID,
+/// VM@TIME, VM, or an id).
 fn find_point(c: &Client, spec: &str) -> Result<Value> {
-    let (vm, id) = split_point(spec);
-    let p: Value = c.get(&format!("/recovery-points/{id}"))?;
-    if let Some(vm) = vm {
-        if p["vm"] != vm {
-            return Err(InputError(format!("recovery point {id} is not one of {vm}'s")).into());
-        }
-    }
-    Ok(p)
+    c.get(&format!("/recovery-points/{}", urlencode(spec)))
 }
 
+/// Runs a command against the server. A request that a second admin must approve ends as
+/// an error of class `Pending` (exit 7): not a failure, but not done either.
 pub fn run(cli: RemoteCli) -> Result<()> {
-    match run_command(cli) {
-        // A request a second admin must approve was made: that is the expected outcome.
-        Err(e)
-            if e.downcast_ref::<crate::remote::ApiError>()
-                .is_some_and(|a| a.code == "approval_required") =>
-        {
-            eprintln!(
-                "vmvault: {}",
-                e.downcast_ref::<crate::remote::ApiError>()
-                    .map(|a| a.message.as_str())
-                    .unwrap_or("")
-            );
-            Ok(())
-        }
-        other => other,
-    }
+    run_command(cli)
 }
 
 fn run_command(cli: RemoteCli) -> Result<()> {
+    if let RemoteCommand::Backup { name, .. } = &cli.command {
+        // The same word must not mean "back up this file" here and "the item named so"
+        // there: a description file is refused, saying which form the server takes.
+        if name.ends_with(".toml") || std::path::Path::new(name.as_str()).is_file() {
+            return Err(InputError(format!(
+                "{name} is a VM description file, but a backup through the server ({}) \
+                 takes the name of a protected VM: protect it first (`vmvault protect \
+                 {name} --policy NAME`) and back it up by its name, or leave out \
+                 --server/VMVAULT_SERVER to back it up here",
+                cli.server
+            ))
+            .into());
+        }
+    }
     let c = Client::connect(
         &cli.server,
         cli.token.clone(),
@@ -348,18 +352,12 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             )?;
             let id = v["job"].as_i64().unwrap_or(0);
             if wait {
-                let j = wait_job(&c, id)?;
+                let j = follow_job(&c, id)?;
                 if json {
                     show(&j);
                 } else {
-                    outln!("{id}");
-                }
-                if j["state"] != "succeeded" {
-                    anyhow::bail!(
-                        "job {id} ended {}: {}",
-                        j["state"].as_str().unwrap_or("?"),
-                        j["error"].as_str().unwrap_or("")
-                    );
+                    // As a local backup does: the new point's id.
+                    outln!("{}", cell(&j["point"]));
                 }
             } else if json {
                 show(&v);
@@ -410,10 +408,11 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             }
         }
         RemoteCommand::Point(PointCommand::Undelete { point }) => {
-            let (_, id) = split_point(&point);
+            // A deleted point is named by its id (VM@ID or the id alone).
+            let id = point.split_once('@').map_or(point.as_str(), |(_, id)| id);
             let v: Value = c.send(
                 "POST",
-                &format!("/recovery-points/{id}/undelete"),
+                &format!("/recovery-points/{}/undelete", urlencode(id)),
                 &json!({}),
             )?;
             emit(&v, &|v| {
@@ -426,18 +425,29 @@ fn run_command(cli: RemoteCli) -> Result<()> {
         }
         RemoteCommand::Restore {
             point,
-            target,
+            to,
+            disk,
+            format,
             force,
+            wait,
         } => {
-            let p = find_point(&c, &point)?;
             let v: Value = c.send(
                 "POST",
                 "/restores",
-                &json!({"point": p["id"], "target": target, "overwrite": force}),
+                &json!({"point": point, "target": to, "overwrite": force,
+                        "disk": disk, "format": format}),
             )?;
-            emit(&v, &|v| {
-                outln!("{}", v["job"]);
-            });
+            let id = v["job"].as_i64().unwrap_or(0);
+            if wait {
+                let j = follow_job(&c, id)?;
+                if json {
+                    show(&j);
+                }
+            } else {
+                emit(&v, &|v| {
+                    outln!("{}", v["job"]);
+                });
+            }
         }
         RemoteCommand::Vault(cmd) => vault(&c, json, cmd)?,
         RemoteCommand::Approval(cmd) => {
@@ -497,7 +507,26 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             let _: Value = c.delete(&format!("/users/{name}/tokens"))?;
             eprintln!("every token of {name} is revoked");
         }
-        RemoteCommand::User(UserCommand::List) => show(&c.get::<Value>("/users")?),
+        RemoteCommand::User(UserCommand::List) => {
+            let v: Value = c.get("/users")?;
+            emit(&v, &|v| {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|u| {
+                        let roles: Vec<String> = u["roles"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|r| format!("{} on {}", cell(&r[1]), cell(&r[0])))
+                            .collect();
+                        vec![cell(&u["name"]), roles.join(", ")]
+                    })
+                    .collect();
+                table(&["USER", "ROLES"], &rows);
+            });
+        }
         RemoteCommand::Audit { limit } => {
             let v: Value = c.get(&format!("/audit?limit={limit}"))?;
             emit(&v, &|v| {

@@ -154,14 +154,79 @@ pub fn print_job(j: &Value) {
     }
 }
 
-pub fn wait_job(c: &Client, id: i64) -> Result<Value> {
+/// A server job that did not succeed, with the class of its error as the server gave it:
+/// the CLI exits as the same failure would locally.
+#[derive(Debug)]
+pub struct JobEnded {
+    pub id: i64,
+    pub state: String,
+    pub error: String,
+    pub code: Option<String>,
+}
+
+impl std::fmt::Display for JobEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "job {} {}", self.id, self.state)?;
+        if !self.error.is_empty() {
+            write!(f, ": {}", self.error)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for JobEnded {}
+
+impl JobEnded {
+    pub fn class(&self) -> vmvault_class::Class {
+        if self.state == "cancelled" {
+            return vmvault_class::Class::Cancelled;
+        }
+        self.code
+            .as_deref()
+            .and_then(vmvault_class::Class::from_api_code)
+            .unwrap_or(vmvault_class::Class::Failure)
+    }
+}
+
+/// Follows a job to its end: its log lines on stderr as they come, its bytes as a progress bar
+/// on a terminal. The job as it ended when it succeeded; [`JobEnded`] otherwise.
+pub fn follow_job(c: &Client, id: i64) -> Result<Value> {
+    use vmvault_engine::Progress;
+    let bar = crate::output::Bar::new();
+    let (mut said, mut total) = (0usize, 0u64);
+    let mut done = 0u64;
     loop {
         let j: Value = c.get(&format!("/jobs/{id}"))?;
-        if matches!(
-            j["state"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
-            return Ok(j);
+        let log = j["log"].as_array().cloned().unwrap_or_default();
+        for l in log.iter().skip(said) {
+            bar.message(&format!("job {id}: {}", cell(&l["line"])));
+        }
+        said = said.max(log.len());
+        let (now_done, now_total) = (
+            j["bytes_done"].as_u64().unwrap_or(0),
+            j["bytes_total"].as_u64().unwrap_or(0),
+        );
+        if now_total != total && now_total > 0 {
+            bar.start("job", now_total);
+            bar.advance(now_done);
+            total = now_total;
+        } else if now_done > done {
+            bar.advance(now_done - done);
+        }
+        done = now_done;
+        let state = j["state"].as_str().unwrap_or("").to_string();
+        if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+            bar.finish();
+            if state == "succeeded" {
+                return Ok(j);
+            }
+            return Err(JobEnded {
+                id,
+                state,
+                error: cell(&j["error"]),
+                code: j["error_code"].as_str().map(str::to_string),
+            }
+            .into());
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
@@ -176,7 +241,7 @@ pub fn points(c: &Client, json: bool, vm: Option<&str>, deleted: bool) -> Result
     loop {
         let mut q = format!("/recovery-points?limit=1000&deleted={deleted}");
         if let Some(vm) = vm {
-            q.push_str(&format!("&item={vm}"));
+            q.push_str(&format!("&item={}", urlencode(vm)));
         }
         if let Some(cur) = &cursor {
             q.push_str(&format!("&cursor={}", urlencode(cur)));
@@ -197,7 +262,7 @@ pub fn points(c: &Client, json: bool, vm: Option<&str>, deleted: bool) -> Result
     Ok(())
 }
 
-fn urlencode(s: &str) -> String {
+pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -230,7 +295,11 @@ pub fn vault(c: &Client, json: bool, cmd: VaultCommand) -> Result<()> {
                 )
                 .into());
             }
-            c.send("POST", &format!("/vaults/{name}/lock"), &json!({}))?
+            c.send(
+                "POST",
+                &format!("/vaults/{}/lock", urlencode(&name)),
+                &json!({}),
+            )?
         }
     };
     if json {

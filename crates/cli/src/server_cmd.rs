@@ -49,15 +49,36 @@ pub struct ServerArgs {
     /// Connections served at once (default 1024); more wait to be accepted.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// A second region to replicate the vault to: a directory, s3://bucket/prefix or
+    /// azblob://container/prefix (not needed when the vault records its secondary).
+    #[arg(long, value_name = "LOCATION")]
+    secondary: Option<String>,
+    /// The secondary's object-store endpoint.
+    #[arg(long, value_name = "URL", requires = "secondary")]
+    secondary_endpoint: Option<String>,
+    /// The secondary's S3 region.
+    #[arg(long, value_name = "REGION", requires = "secondary")]
+    secondary_region: Option<String>,
+    /// The secondary's Azure storage account.
+    #[arg(long, value_name = "ACCOUNT", requires = "secondary")]
+    secondary_account: Option<String>,
 }
 
 pub fn run(g: &Global, args: ServerArgs) -> Result<()> {
-    // The vault is the global --vault (a local directory) when given.
+    // The vault is the global --vault (any location, with --endpoint/--region/--account)
+    // when given.
     let over = Overrides {
         state_dir: args.state_dir,
         listen: args.listen,
         insecure_http: args.insecure_http,
-        vault: g.vault.as_ref().map(PathBuf::from),
+        vault: g.vault.clone(),
+        endpoint: g.endpoint.clone(),
+        region: g.region.clone(),
+        account: g.account.clone(),
+        secondary: args.secondary,
+        secondary_endpoint: args.secondary_endpoint,
+        secondary_region: args.secondary_region,
+        secondary_account: args.secondary_account,
         passphrase_file: g.password_file.clone(),
         passphrase: std::env::var("VMVAULT_PASSWORD").ok(),
         max_jobs: args.max_jobs,

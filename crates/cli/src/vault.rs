@@ -97,6 +97,19 @@ struct Info {
     chunk_size: u32,
     zstd_level: i32,
     created: String,
+    /// Whether the storage itself keeps objects against deletion (S3 Object Lock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    storage_lock: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secondary_storage_lock: Option<String>,
+}
+
+/// The storage's own lock in words; a storage that cannot be asked says so.
+pub fn storage_lock_words(l: &Location, secondary: bool) -> String {
+    match l.storage_lock(secondary) {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("unknown: {e}"),
+    }
 }
 
 fn info_of(location: String, secondary: Option<String>, c: &vmvault_format::VaultConfig) -> Info {
@@ -110,6 +123,8 @@ fn info_of(location: String, secondary: Option<String>, c: &vmvault_format::Vaul
         created: chrono::DateTime::from_timestamp(c.created, 0)
             .map(|t| t.to_rfc3339())
             .unwrap_or_default(),
+        storage_lock: None,
+        secondary_storage_lock: None,
     }
 }
 
@@ -139,6 +154,12 @@ fn print_info(g: &Global, info: &Info) {
     outln!("chunk size  {}", bytes(info.chunk_size as u64));
     outln!("compression zstd level {}", info.zstd_level);
     outln!("created     {}", info.created);
+    if let Some(s) = &info.storage_lock {
+        outln!("storage     {s}");
+    }
+    if let Some(s) = &info.secondary_storage_lock {
+        outln!("secondary storage {s}");
+    }
 }
 
 pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
@@ -203,11 +224,16 @@ pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
                 Some(s) => Vault::read_config(&*s.backend(true)?).map_err(|_| e.into()),
                 None => Err(anyhow::Error::from(e)),
             })?;
-            let info = info_of(
+            let mut info = info_of(
                 record.primary.describe(),
                 record.secondary.as_ref().map(|s| s.describe()),
                 &config,
             );
+            info.storage_lock = Some(storage_lock_words(&record.primary, false));
+            info.secondary_storage_lock = record
+                .secondary
+                .as_ref()
+                .map(|s| storage_lock_words(s, true));
             print_info(g, &info);
             Ok(())
         }

@@ -371,3 +371,148 @@ fn one_server_per_state_directory() {
     let again = start_with(&env, &["--insecure-http"]);
     assert!(again.url.starts_with("http://"), "{}", again.url);
 }
+
+/// One grammar (issue 12, item 6): the point names, `--to`, `--disk`, `--format` and `--wait`
+/// of the local commands work against a server, `--wait` exits with the job's outcome as the
+/// same failure exits locally, and a word does not change meaning with VMVAULT_SERVER.
+#[test]
+fn one_grammar_with_and_without_a_server() {
+    let env = Env::with_vault();
+    let config = env.path("server.toml");
+    std::fs::write(&config, "backup_attempts = 1\n").unwrap();
+    let s = start_with(
+        &env,
+        &["--insecure-http", "--config", config.to_str().unwrap()],
+    );
+    let admin = format!("@{}", env.path("server/admin-token").display());
+    let ok = |args: &[&str]| {
+        let o = remote(&env, &s, &admin, args);
+        assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
+        o
+    };
+    ok(&[
+        "policy",
+        "create",
+        "daily",
+        "--schedule",
+        "daily 02:00",
+        "--keep-daily",
+        "7",
+    ]);
+    // A disk that does not exist is bad input at protect time, not a failed backup later.
+    let missing = write_vm(
+        env.dir.path(),
+        "ghost.toml",
+        "ghost",
+        &[("disk0", "ghost.raw")],
+    );
+    let o = remote(
+        &env,
+        &s,
+        &admin,
+        &["protect", missing.to_str().unwrap(), "--policy", "daily"],
+    );
+    common::assert_error(&o, 2, &["ghost.raw"]);
+
+    let img = env.path("web01.raw");
+    make_image(&img, 4 << 20, 21);
+    let desc = write_vm(
+        env.dir.path(),
+        "web01.toml",
+        "web01",
+        &[("disk0", "web01.raw")],
+    );
+    ok(&["protect", desc.to_str().unwrap(), "--policy", "daily"]);
+    // `backup --wait` prints the new point's id, as the local backup does.
+    let point = ok(&["backup", "web01", "--wait"]).stdout.trim().to_string();
+    let local = env.ok(&["points", "--json"]).json();
+    assert_eq!(local["points"][0]["id"], point.as_str(), "{local}");
+
+    // With VMVAULT_SERVER set, a description file is not taken for an item's name.
+    let o = env.run_env(
+        &["--token", &admin, "backup", desc.to_str().unwrap()],
+        &[("VMVAULT_SERVER", &s.url)],
+    );
+    common::assert_error(&o, 2, &["description file", "protect"]);
+
+    // The local point names, --to, --disk and --format, and --wait.
+    let whole = env.path("whole");
+    ok(&[
+        "restore",
+        "web01@latest",
+        "--to",
+        whole.to_str().unwrap(),
+        "--wait",
+    ]);
+    assert!(common::same_bytes(&whole.join("disk0.raw"), &img));
+    let one = env.path("one.qcow2");
+    ok(&[
+        "restore",
+        &format!("web01@{}", &point[..8]),
+        "--disk",
+        "disk0",
+        "--format",
+        "qcow2",
+        "--to",
+        one.to_str().unwrap(),
+        "--wait",
+    ]);
+    common::qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        one.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    // Names that mean nothing exit as they do locally: 2.
+    let o = remote(
+        &env,
+        &s,
+        &admin,
+        &[
+            "restore",
+            "nosuch@latest",
+            "--to",
+            env.path("x").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let o = env.run(&[
+        "restore",
+        "nosuch@latest",
+        "--to",
+        env.path("x").to_str().unwrap(),
+    ]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+
+    // A job that fails ends `--wait` with the code the same failure has locally: the disk
+    // is gone, which a local backup calls bad input (2).
+    std::fs::remove_file(&img).unwrap();
+    let o = remote(&env, &s, &admin, &["backup", "web01", "--wait"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("failed"), "{}", o.stderr);
+    let o = env.run(&["backup", desc.to_str().unwrap()]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+
+    // A role that does not exist is a usage error naming the roles; `user list` is a table,
+    // and JSON with --json.
+    let o = remote(
+        &env,
+        &s,
+        &admin,
+        &["user", "create", "x", "--role", "superuser"],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.starts_with("vmvault: error: "), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("superuser") && o.stderr.contains("contributor"),
+        "{}",
+        o.stderr
+    );
+    let o = ok(&["user", "list"]);
+    assert!(o.stdout.starts_with("USER"), "{}", o.stdout);
+    let o = ok(&["--json", "user", "list"]);
+    assert!(o.json().is_array(), "{}", o.stdout);
+}

@@ -43,7 +43,7 @@ impl Env {
         Env(pairs.into_iter().filter(|(_, v)| !v.is_empty()).collect())
     }
 
-    fn get(&self, name: &str) -> Option<String> {
+    pub(crate) fn get(&self, name: &str) -> Option<String> {
         self.0.get(name).cloned()
     }
 }
@@ -61,7 +61,7 @@ pub(crate) struct Built {
 
 /// Checks an endpoint: http(s), no user name, password or query; returns it without a
 /// trailing slash and whether it allows plain http.
-fn check_endpoint(endpoint: &str) -> Result<(String, bool), StoreError> {
+pub(crate) fn check_endpoint(endpoint: &str) -> Result<(String, bool), StoreError> {
     let bad = |why: &str| StoreError::Invalid(format!("invalid endpoint: {why}"));
     let (allow_http, rest) = if let Some(rest) = endpoint.strip_prefix("http://") {
         (true, rest)
@@ -241,7 +241,11 @@ fn build_error(url: &str, redactor: &Redactor, e: object_store::Error) -> StoreE
     StoreError::Invalid(format!("{url}: {detail}"))
 }
 
-fn s3_credentials(url: &str, opts: &RemoteOptions, env: &Env) -> Result<Credentials, StoreError> {
+pub(crate) fn s3_credentials(
+    url: &str,
+    opts: &RemoteOptions,
+    env: &Env,
+) -> Result<Credentials, StoreError> {
     if let Some(c) = &opts.credentials {
         return Ok(c.clone());
     }

@@ -48,6 +48,7 @@
 mod backend;
 mod config;
 mod error;
+pub mod object_lock;
 
 use std::fmt;
 use std::sync::Arc;

@@ -245,3 +245,18 @@ pub fn read_exact_at(
         }
     })
 }
+
+impl vmvault_class::Classify for DiskError {
+    fn class(&self) -> vmvault_class::Class {
+        use vmvault_class::Class;
+        match self {
+            DiskError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                Class::NotFound
+            }
+            DiskError::Io { .. } => Class::Failure,
+            DiskError::Exists { .. } => Class::Conflict,
+            // An image that cannot be opened as its format is bad input to whatever reads it.
+            _ => Class::Input,
+        }
+    }
+}

@@ -41,3 +41,23 @@ impl EngineError {
         }
     }
 }
+
+impl vmvault_class::Classify for EngineError {
+    fn class(&self) -> vmvault_class::Class {
+        use vmvault_class::Class;
+        match self {
+            EngineError::Store(s) => s.class(),
+            EngineError::Input(_) => Class::Input,
+            EngineError::DamagedPoint(_) => Class::Damage,
+            // A disk that cannot be opened or read as its format is bad input to a backup,
+            // except one that is simply missing.
+            EngineError::Disk(d) => match d.class() {
+                Class::NotFound => Class::NotFound,
+                _ => Class::Input,
+            },
+            EngineError::Io { .. } | EngineError::Qemu(_) | EngineError::Nbd(_) => Class::Failure,
+            // What failed decides, not what it left behind.
+            EngineError::Partial { error, .. } => error.class(),
+        }
+    }
+}

@@ -60,3 +60,17 @@ impl FilesError {
         )
     }
 }
+
+impl vmvault_class::Classify for FilesError {
+    fn class(&self) -> vmvault_class::Class {
+        use vmvault_class::Class;
+        match self {
+            FilesError::NotFound(_) => Class::NotFound,
+            FilesError::NotADirectory(_) | FilesError::BadPath(_) => Class::Input,
+            FilesError::Damaged { .. } | FilesError::Unsupported(_) | FilesError::Limit(_) => {
+                Class::Damage
+            }
+            FilesError::Disk(_) | FilesError::Output { .. } => Class::Failure,
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, OptionalExtension};
-use vmvault_store::{CreateOptions, LocalBackend, Vault, WriteBackend};
+use vmvault_store::{CreateOptions, Vault, WriteBackend};
 
 use crate::config::ServerConfig;
 use crate::db::{parse_ts, ts, Db};
@@ -44,6 +44,28 @@ pub struct App {
     job_hook: Mutex<Option<JobHook>>,
     /// `STATE/server.pid`, locked for as long as this server runs (see [`lock_state`]).
     _state_lock: std::fs::File,
+    /// What the storage does to keep objects (S3 Object Lock), asked once and after a lock:
+    /// a request to the storage per `GET /vaults` would be too many.
+    storage_lock: Mutex<Option<String>>,
+}
+
+impl App {
+    /// The storage's own lock in words (see `vmvault_open::StorageLock`); `refresh` asks the
+    /// storage again.
+    pub fn storage_lock(&self, refresh: bool) -> String {
+        let mut cached = self.storage_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if refresh || cached.is_none() {
+            let said = match self.cfg.primary_location() {
+                Ok(l) => match l.storage_lock(false) {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("unknown: {e}"),
+                },
+                Err(e) => format!("unknown: {e}"),
+            };
+            *cached = Some(said);
+        }
+        cached.clone().unwrap_or_default()
+    }
 }
 
 /// See [`App::set_job_hook`].
@@ -148,6 +170,7 @@ impl App {
             http_conns: AtomicUsize::new(0),
             job_hook: Mutex::new(None),
             _state_lock: state_lock,
+            storage_lock: Mutex::new(None),
         });
         // Said at every start: after an upgrade, backups of VMs protected before the
         // allow-lists existed fail until their folders are named.
@@ -401,32 +424,35 @@ fn count_missed(sched: &Schedule, first: DateTime<Utc>, now: DateTime<Utc>) -> u
 }
 
 /// Opens the configured vault, making it (and, without a configured passphrase, a random
-/// passphrase kept in the state dir) on first start.
+/// passphrase kept in the state dir) on first start. The vault may be anywhere
+/// crates/open reaches (a directory, S3, Azure Blob); its secondary is the one its regions
+/// record names, or the configured one, which a vault without a record then records.
 fn open_vault(cfg: &ServerConfig, say: &dyn Fn(&str)) -> Result<(Vault, Vec<u8>)> {
-    let path = cfg.vault_path();
+    let primary = cfg.primary_location()?;
+    let configured_secondary = cfg.secondary_location()?;
     let generated = cfg.state_dir.join("vault-passphrase");
-    let configured: Option<Vec<u8>> = match (&cfg.passphrase, &cfg.passphrase_file) {
-        (Some(p), _) => Some(p.as_bytes().to_vec()),
-        (None, Some(f)) => {
-            let text = std::fs::read_to_string(f)
-                .map_err(|e| Error::io(format!("reading {}", f.display()), e))?;
-            Some(text.trim_end_matches(['\r', '\n']).as_bytes().to_vec())
-        }
-        (None, None) if generated.exists() => {
-            let text = std::fs::read_to_string(&generated)
-                .map_err(|e| Error::io(format!("reading {}", generated.display()), e))?;
-            Some(text.trim_end().as_bytes().to_vec())
-        }
+    // The file first, then the environment: the rule crates/open gives the CLI too.
+    let configured = match (&cfg.passphrase_file, &cfg.passphrase) {
+        (Some(f), _) => vmvault_open::passphrase(Some(f))?,
+        (None, Some(p)) => Some(p.as_bytes().to_vec()),
+        (None, None) if generated.exists() => vmvault_open::passphrase(Some(&generated))?,
         (None, None) => None,
     };
-    let backend: Arc<dyn WriteBackend> = Arc::new(LocalBackend::new(&path));
-    if let Some(s) = &cfg.secondary {
-        std::fs::create_dir_all(s)
-            .map_err(|e| Error::io(format!("creating {}", s.display()), e))?;
+    let backend = primary.backend(false)?;
+    if let Some(local) = primary.local_path() {
+        if Vault::read_config(&*backend).is_err() {
+            std::fs::create_dir_all(&local)
+                .map_err(|e| Error::io(format!("creating {}", local.display()), e))?;
+        }
+    }
+    if let Some(local) = configured_secondary.as_ref().and_then(|s| s.local_path()) {
+        std::fs::create_dir_all(&local)
+            .map_err(|e| Error::io(format!("creating {}", local.display()), e))?;
     }
     if Vault::read_config(&*backend).is_ok() {
+        adopt_secondary(&primary, configured_secondary, &*backend, say)?;
         let pass = configured.clone().unwrap_or_default();
-        let vault = Vault::open(cfg.regions(true), move || {
+        let vault = vmvault_open::open(&cfg.spec(true)?, move || {
             configured.ok_or_else(|| {
                 "the vault is encrypted: give its passphrase (passphrase_file, VMVAULT_PASSWORD)"
                     .to_string()
@@ -448,18 +474,52 @@ fn open_vault(cfg: &ServerConfig, say: &dyn Fn(&str)) -> Result<(Vault, Vec<u8>)
             p.into_bytes()
         }
     };
-    std::fs::create_dir_all(&path)
-        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-    let vault = Vault::create(
-        cfg.regions(true),
+    let described = primary.describe();
+    vmvault_open::create(
+        primary,
+        configured_secondary,
         CreateOptions {
             passphrase: Some(pass.clone()),
             soft_delete_days: cfg.soft_delete_days,
             ..Default::default()
         },
+        &cfg.state_dir,
+        cfg.spec(true)?.notify,
     )?;
-    say(&format!("created the vault {}", path.display()));
+    say(&format!("created the vault {described}"));
+    // Reopened as every later start opens it: with the replication queue.
+    let again = pass.clone();
+    let vault = vmvault_open::open(&cfg.spec(true)?, move || Ok(again))?;
     Ok((vault, pass))
+}
+
+/// Reconciles the configured secondary with the vault's regions record: a vault without a
+/// recorded secondary records the configured one (so the CLI replicates there too); one that
+/// records another refuses to start rather than replicate to two places.
+fn adopt_secondary(
+    primary: &vmvault_open::Location,
+    configured: Option<vmvault_open::Location>,
+    backend: &dyn WriteBackend,
+    say: &dyn Fn(&str),
+) -> Result<()> {
+    let recorded = vmvault_open::Record::read(backend)?;
+    let recorded_secondary = recorded.as_ref().and_then(|r| r.secondary.clone());
+    match (configured, recorded_secondary) {
+        (None, _) => Ok(()),
+        (Some(c), Some(r)) if c.location == r.location => Ok(()),
+        (Some(c), Some(r)) => Err(Error::Config(format!(
+            "secondary: the vault records its secondary region as {}, not {}; remove \
+             `secondary` from the configuration or name that one",
+            r.describe(),
+            c.describe()
+        ))),
+        (Some(c), None) => {
+            let record = vmvault_open::Record::new(primary.clone(), Some(c.clone()));
+            record.write(backend)?;
+            say(&format!("the vault now replicates to {}", c.describe()));
+            Ok(())
+        }
+    }
 }
 
 /// A protected item's existence, for handlers.

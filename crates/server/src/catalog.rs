@@ -208,6 +208,38 @@ pub fn find(db: &Db, vault: &str, vm: Option<&str>, id: &str) -> Result<PointRow
     }
 }
 
+/// The live point a name means, in the grammar the CLI uses locally: an id or a unique prefix
+/// of one, or `VM@latest`, `VM@ID-PREFIX`, `VM@RFC3339-TIME` (the newest at or before it),
+/// or `VM` alone (its latest). Soft-deleted points are reached by id only.
+pub fn resolve(db: &Db, vault: &str, spec: &str) -> Result<PointRow> {
+    if !spec.contains('@') && !spec.is_empty() && spec.chars().all(|c| c.is_ascii_hexdigit()) {
+        return find(db, vault, None, spec);
+    }
+    let vm = spec.split_once('@').map_or(spec, |(vm, _)| vm);
+    let live: Vec<Manifest> = {
+        let conn = db.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT manifest FROM points WHERE vault = ?1 AND vm = ?2 AND deleted_at IS NULL
+             ORDER BY time, id",
+        )?;
+        let texts = stmt
+            .query_map(params![vault, vm], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        texts
+            .iter()
+            .map(|t| {
+                serde_json::from_str(t)
+                    .map_err(|e| Error::Input(format!("a manifest in the catalog: {e}")))
+            })
+            .collect::<Result<_>>()?
+    };
+    if live.is_empty() {
+        return Err(Error::NotFound(format!("no recovery point of {vm:?}")));
+    }
+    let m = vmvault_engine::select_point(&live, &[], spec)?;
+    find(db, vault, Some(vm), &m.id.to_hex())
+}
+
 /// The manifests of one VM's points (soft-deleted ones too), from the catalog: what retention
 /// plans over, without reading every manifest in the vault.
 pub fn manifests_of(db: &Db, vault: &str, vm: &str) -> Result<Vec<Manifest>> {

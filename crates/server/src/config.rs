@@ -17,13 +17,24 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Plain HTTP instead of TLS; refused on anything but a loopback address.
     pub insecure_http: bool,
-    /// The vault the server works on: a directory, created when missing.
-    pub vault: Option<PathBuf>,
-    /// A second region the vault is replicated to (a directory, e.g. on another disk or a
-    /// mounted remote filesystem). Jobs write both regions before a write returns; the
-    /// server's own writes (markers, prunes) go through a journaled queue whose length is
-    /// the replication lag in /metrics.
-    pub secondary: Option<PathBuf>,
+    /// The vault the server works on: a directory (created when missing),
+    /// `s3://bucket/prefix` or `azblob://container/prefix`; `STATE_DIR/vault` by default.
+    pub vault: Option<String>,
+    /// The object store's endpoint, for an s3:// or azblob:// vault not on AWS or Azure.
+    pub endpoint: Option<String>,
+    /// The S3 region of an s3:// vault (else AWS_REGION, else us-east-1).
+    pub region: Option<String>,
+    /// The Azure storage account of an azblob:// vault (else AZURE_STORAGE_ACCOUNT).
+    pub account: Option<String>,
+    /// A second region the vault is replicated to, of any kind (a directory, s3:// or
+    /// azblob://; its credentials from `VMVAULT_SECONDARY_*` when they differ). A vault that
+    /// records its secondary (`vault create --secondary`) needs none here. Jobs write both
+    /// regions before a write returns; the server's own writes (markers, prunes) go through
+    /// a journaled queue whose length is the replication lag in /metrics.
+    pub secondary: Option<String>,
+    pub secondary_endpoint: Option<String>,
+    pub secondary_region: Option<String>,
+    pub secondary_account: Option<String>,
     /// Its name in the API.
     pub vault_name: String,
     /// The vault's passphrase, from a file (else VMVAULT_PASSWORD, else one generated into
@@ -71,7 +82,13 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             insecure_http: false,
             vault: None,
+            endpoint: None,
+            region: None,
+            account: None,
             secondary: None,
+            secondary_endpoint: None,
+            secondary_region: None,
+            secondary_account: None,
             vault_name: "default".into(),
             passphrase_file: None,
             passphrase: None,
@@ -123,7 +140,14 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub insecure_http: bool,
-    pub vault: Option<PathBuf>,
+    pub vault: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub account: Option<String>,
+    pub secondary: Option<String>,
+    pub secondary_endpoint: Option<String>,
+    pub secondary_region: Option<String>,
+    pub secondary_account: Option<String>,
     pub passphrase_file: Option<PathBuf>,
     pub passphrase: Option<String>,
     pub max_jobs: Option<usize>,
@@ -152,8 +176,19 @@ impl ServerConfig {
             c.listen = v;
         }
         c.insecure_http |= over.insecure_http;
-        if let Some(v) = over.vault {
-            c.vault = Some(v);
+        for (field, v) in [
+            (&mut c.vault, over.vault),
+            (&mut c.endpoint, over.endpoint),
+            (&mut c.region, over.region),
+            (&mut c.account, over.account),
+            (&mut c.secondary, over.secondary),
+            (&mut c.secondary_endpoint, over.secondary_endpoint),
+            (&mut c.secondary_region, over.secondary_region),
+            (&mut c.secondary_account, over.secondary_account),
+        ] {
+            if v.is_some() {
+                *field = v;
+            }
         }
         if let Some(v) = over.passphrase_file {
             c.passphrase_file = Some(v);
@@ -219,6 +254,15 @@ impl ServerConfig {
             crate::confine::check_root(r, "restore_roots", false)?;
         }
         crate::schedule::Schedule::parse(&self.gc_schedule, &self.timezone)?;
+        let primary = self.primary_location()?;
+        if let Some(s) = self.secondary_location()? {
+            if s.location == primary.location {
+                return Err(Error::Config(format!(
+                    "secondary: {} is the vault itself",
+                    s.describe()
+                )));
+            }
+        }
         if let Some(m) = &self.alert_smtp {
             for a in m.to.iter().chain([&m.from]) {
                 a.parse::<lettre::message::Mailbox>().map_err(|e| {
@@ -232,35 +276,67 @@ impl ServerConfig {
         Ok(())
     }
 
-    /// The vault's regions: the primary directory, and the secondary when there is one,
-    /// replicated synchronously (`journal: None`) or through a journal in the state dir.
-    pub fn regions(&self, journal: bool) -> vmvault_store::Regions {
-        use std::sync::Arc;
-        use vmvault_store::{LocalBackend, Regions, Replication, WriteBackend};
-        let primary: Arc<dyn WriteBackend> = Arc::new(LocalBackend::new(self.vault_path()));
-        let secondary = self.secondary.as_ref().map(|p| {
-            let b: Arc<dyn WriteBackend> = Arc::new(LocalBackend::new(p));
-            b
-        });
-        let replication = if journal {
-            Replication::Async {
-                state_dir: self.state_dir.clone(),
-                capacity: 1_000_000,
-            }
-        } else {
-            Replication::Sync
+    /// Where the vault is, as the configuration names it.
+    pub fn primary_location(&self) -> Result<vmvault_open::Location> {
+        let vault = match &self.vault {
+            Some(v) => v.clone(),
+            None => self.state_dir.join("vault").display().to_string(),
         };
-        Regions {
-            primary,
-            secondary,
-            replication,
-            notify: Arc::new(|m: &str| eprintln!("vmvault server: replication: {m}")),
-        }
+        vmvault_open::Location::new(
+            &vault,
+            self.endpoint.clone(),
+            self.region.clone(),
+            self.account.clone(),
+        )
+        .map_err(|e| Error::Config(format!("vault: {e}")))
     }
 
-    pub fn vault_path(&self) -> PathBuf {
-        self.vault
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("vault"))
+    /// The secondary region the configuration names, if any.
+    pub fn secondary_location(&self) -> Result<Option<vmvault_open::Location>> {
+        self.secondary
+            .as_ref()
+            .map(|s| {
+                vmvault_open::Location::new(
+                    s,
+                    self.secondary_endpoint.clone(),
+                    self.secondary_region.clone(),
+                    self.secondary_account.clone(),
+                )
+                .map_err(|e| Error::Config(format!("secondary: {e}")))
+            })
+            .transpose()
+    }
+
+    /// How the vault is opened: its primary and the regions its record names; writes reach
+    /// the secondary at once (`queue: false`, jobs) or through a journal in the state dir.
+    pub fn spec(&self, queue: bool) -> Result<vmvault_open::Spec> {
+        use std::sync::Arc;
+        Ok(vmvault_open::Spec {
+            given: self.primary_location()?,
+            reach: vmvault_open::Reach::Both,
+            feed: if queue {
+                vmvault_open::Feed::Queue {
+                    capacity: 1_000_000,
+                }
+            } else {
+                vmvault_open::Feed::Sync
+            },
+            state_dir: self.state_dir.clone(),
+            notify: Arc::new(|m: &str| eprintln!("vmvault server: replication: {m}")),
+            cancel: None,
+        })
+    }
+
+    /// The server's own files on this machine (a local vault and secondary among them).
+    pub fn local_paths(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.state_dir.clone()];
+        if let Ok(p) = self.primary_location() {
+            out.extend(p.local_path());
+        }
+        if let Ok(Some(s)) = self.secondary_location() {
+            out.extend(s.local_path());
+        }
+        out.extend(self.passphrase_file.clone());
+        out
     }
 }

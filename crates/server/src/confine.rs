@@ -70,16 +70,10 @@ fn pattern_devices(pattern: &Path) -> Vec<PathBuf> {
 
 /// The server's own files, resolved: never a disk, never a restore target.
 fn own_files(cfg: &ServerConfig) -> Vec<PathBuf> {
-    [
-        Some(cfg.state_dir.clone()),
-        Some(cfg.vault_path()),
-        cfg.secondary.clone(),
-        cfg.passphrase_file.clone(),
-    ]
-    .into_iter()
-    .flatten()
-    .filter_map(|p| p.canonicalize().ok())
-    .collect()
+    cfg.local_paths()
+        .into_iter()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect()
 }
 
 fn refuse_own(cfg: &ServerConfig, given: &Path, resolved: &Path, key: &str) -> Result<()> {
@@ -113,6 +107,10 @@ pub fn disk_path(cfg: &ServerConfig, disk: &Path) -> Result<PathBuf> {
         )));
     }
     let resolved = disk.canonicalize().map_err(|e| {
+        // Nothing there is a mistake in the description, not a rule refusing it.
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return Error::Input(format!("disk {} does not exist", disk.display()));
+        }
         Error::Forbidden(format!(
             "disk {} cannot be resolved ({e}): a disk must exist in disk_roots ({})",
             disk.display(),

@@ -125,6 +125,9 @@ const MIGRATIONS: &[&str] = &[
     // for approval was made with, so that approvals compare people, not token names.
     "ALTER TABLE tokens ADD COLUMN principal_id INTEGER REFERENCES users(id) ON DELETE CASCADE;
     ALTER TABLE approvals ADD COLUMN requested_as TEXT;",
+    // 4: the class of the error that ended a failed job (crates/class's API code), so that a
+    // client waiting for it exits as the same failure would locally.
+    "ALTER TABLE jobs ADD COLUMN error_code TEXT;",
 ];
 
 /// The database behind one lock: every statement is short, and the catalog's reads are

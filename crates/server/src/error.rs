@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
+use vmvault_class::{Class, Classify};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -49,6 +50,15 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<vmvault_open::Error> for Error {
+    fn from(e: vmvault_open::Error) -> Error {
+        match e {
+            vmvault_open::Error::Input(m) => Error::Config(m),
+            vmvault_open::Error::Store(s) => Error::Store(s),
+        }
+    }
+}
+
 impl Error {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
@@ -58,24 +68,25 @@ impl Error {
     }
 
     fn status_and_code(&self) -> (StatusCode, &'static str) {
+        let class = self.class();
+        let status =
+            StatusCode::from_u16(class.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, class.api_code())
+    }
+}
+
+impl Classify for Error {
+    fn class(&self) -> Class {
         match self {
-            Error::Input(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            Error::PendingApproval { .. } => (StatusCode::ACCEPTED, "approval_required"),
-            Error::Engine(vmvault_engine::EngineError::Input(_)) => {
-                (StatusCode::BAD_REQUEST, "bad_request")
-            }
-            Error::Store(s) | Error::Engine(vmvault_engine::EngineError::Store(s)) => match s {
-                vmvault_store::StoreError::Refused(_) => (StatusCode::FORBIDDEN, "forbidden"),
-                vmvault_store::StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-                vmvault_store::StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-                vmvault_store::StoreError::Busy(_) => (StatusCode::CONFLICT, "conflict"),
-                _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-            },
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Error::Input(_) | Error::Config(_) => Class::Input,
+            Error::NotFound(_) => Class::NotFound,
+            Error::Conflict(_) => Class::Conflict,
+            Error::Unauthorized(_) => Class::Unauthorized,
+            Error::Forbidden(_) => Class::Refused,
+            Error::PendingApproval { .. } => Class::Pending,
+            Error::Engine(e) => e.class(),
+            Error::Store(e) => e.class(),
+            Error::Db(_) | Error::Io { .. } | Error::Tls(_) | Error::Panicked(_) => Class::Failure,
         }
     }
 }
@@ -88,8 +99,9 @@ pub struct ErrorBody {
 
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable, machine-readable: bad_request, unauthorized, forbidden, not_found, conflict,
-    /// approval_required, internal.
+    /// Stable, machine-readable, one per error class (crates/class): bad_request, not_found,
+    /// conflict, damaged, wrong_passphrase, busy, forbidden, unauthorized,
+    /// approval_required, unavailable, internal.
     pub code: String,
     pub message: String,
     /// The approval request that must be granted, for `approval_required`.
@@ -120,5 +132,90 @@ impl IntoResponse for Error {
             },
         };
         (status, axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmvault_engine::EngineError;
+    use vmvault_store::StoreError;
+
+    /// The statuses clients meet, from the one classification (crates/class): what the CLI
+    /// turns back into the exit code the same failure has locally.
+    #[test]
+    fn each_error_has_the_status_and_code_of_its_class() {
+        let table: Vec<(Error, u16, &str)> = vec![
+            (
+                StoreError::Busy("a backup of web01 runs".into()).into(),
+                409,
+                "busy",
+            ),
+            (
+                StoreError::WrongPassphrase {
+                    location: "v".into(),
+                }
+                .into(),
+                422,
+                "wrong_passphrase",
+            ),
+            (
+                StoreError::NotFound("point 1234".into()).into(),
+                404,
+                "not_found",
+            ),
+            (
+                StoreError::Refused("locked".into()).into(),
+                403,
+                "forbidden",
+            ),
+            (StoreError::Invalid("bad".into()).into(), 400, "bad_request"),
+            (
+                StoreError::Cancelled("the job was cancelled".into()).into(),
+                409,
+                "cancelled",
+            ),
+            (
+                StoreError::Remote {
+                    location: "s3://b".into(),
+                    detail: "timed out".into(),
+                    transient: true,
+                }
+                .into(),
+                503,
+                "unavailable",
+            ),
+            (
+                EngineError::Store(StoreError::Busy("gc".into())).into(),
+                409,
+                "busy",
+            ),
+            (
+                EngineError::Input("no disks".into()).into(),
+                400,
+                "bad_request",
+            ),
+            (EngineError::DamagedPoint("p".into()).into(), 500, "damaged"),
+            (Error::NotFound("no such item".into()), 404, "not_found"),
+            (Error::Conflict("exists".into()), 409, "conflict"),
+            (Error::Unauthorized("no token".into()), 401, "unauthorized"),
+            (Error::Forbidden("needs admin".into()), 403, "forbidden"),
+            (Error::Config("bad".into()), 400, "bad_request"),
+            (
+                Error::PendingApproval {
+                    message: "m".into(),
+                    approval: 1,
+                    token: None,
+                },
+                202,
+                "approval_required",
+            ),
+            (Error::Panicked("bug".into()), 500, "internal"),
+        ];
+        for (e, status, code) in table {
+            let what = format!("{e:?}");
+            let (s, c) = e.status_and_code();
+            assert_eq!((s.as_u16(), c), (status, code), "{what}");
+        }
     }
 }

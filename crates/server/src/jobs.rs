@@ -49,6 +49,12 @@ pub struct Params {
     pub target: Option<String>,
     #[serde(default)]
     pub overwrite: bool,
+    /// Restore: one disk only, into the target as an image file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Restore: the image format to write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -73,6 +79,9 @@ pub struct Job {
     /// The recovery point a backup made.
     pub point: Option<String>,
     pub requested_by: String,
+    /// For a failed job: the class of its error (bad_request, not_found, busy, damaged,
+    /// wrong_passphrase, forbidden, unavailable, internal, ...), as API errors have it.
+    pub error_code: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -91,7 +100,7 @@ pub struct LogLine {
 pub const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 
 const JOB_COLUMNS: &str = "id, kind, item, state, attempt, created, started, ended, error, \
-                           bytes_done, bytes_total, point, requested_by";
+                           bytes_done, bytes_total, point, requested_by, error_code";
 
 fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
     Ok(Job {
@@ -110,6 +119,7 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
         eta_secs: None,
         point: r.get(11)?,
         requested_by: r.get(12)?,
+        error_code: r.get(13)?,
     })
 }
 
@@ -405,10 +415,7 @@ impl App {
                     params![id, ts(now), done, total, point],
                 )
             }
-            (Err(e), false) => {
-                let retry = !matches!(e, Error::Panicked(_));
-                self.job_failed(id, kind, &e.to_string(), retry, done, total)
-            }
+            (Err(e), false) => self.job_failed(id, kind, e, done, total),
         };
         if let Err(e) = r {
             eprintln!("vmvault server: job {id}: recording its end: {e}");
@@ -421,17 +428,20 @@ impl App {
         self.runner.wake();
     }
 
-    /// A failed backup with attempts left is queued again after a doubling delay (unless
-    /// `retry` is false: a bug fails the same way every time).
+    /// A failed backup with attempts left is queued again after a doubling delay; the error's
+    /// class is kept with the job, so that a client waiting for it exits as locally.
     fn job_failed(
         &self,
         id: i64,
         kind: &str,
-        error: &str,
-        retry: bool,
+        failure: &Error,
         done: i64,
         total: i64,
     ) -> rusqlite::Result<usize> {
+        // A bug fails the same way every time: no retry for a panic.
+        let retry = !matches!(failure, Error::Panicked(_));
+        let code = vmvault_class::Classify::class(failure).api_code();
+        let error = &failure.to_string();
         let attempt: u32 =
             self.db
                 .conn()
@@ -460,8 +470,8 @@ impl App {
         self.alert_job_failed(id, kind, error);
         self.db.conn().execute(
             "UPDATE jobs SET state = 'failed', ended = ?2, error = ?3, bytes_done = ?4,
-             bytes_total = ?5 WHERE id = ?1",
-            params![id, ts(now), error, done, total],
+             bytes_total = ?5, error_code = ?6 WHERE id = ?1",
+            params![id, ts(now), error, done, total, code],
         )
     }
 }

@@ -2,19 +2,21 @@
 //! restore to a folder on the server host, and garbage collection.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use vmvault_engine::{
-    backup_image_vm, plan_prune, restore_vm, BackupOptions, Keep, RestoreOptions, VmDescription,
+    backup_image_vm, plan_prune, restore_disk, restore_vm, BackupOptions, Keep, RestoreOptions,
+    VmDescription,
 };
-use vmvault_store::{Kind, ObjectInfo, ReadBackend, StoreError, Vault, WriteBackend};
+use vmvault_store::Vault;
 
 use crate::app::App;
 use crate::jobs::{JobProgress, Live, Params};
 use crate::{catalog, Error, Result};
+
+/// What a cancelled job's vault operations fail with.
+const CANCELLED: &str = "the job was cancelled";
 
 /// `2027-01-01` (end of that day, UTC) or a full RFC 3339 time.
 /// How long an on-demand point is kept when its backup names no time (the cloud services'
@@ -33,10 +35,9 @@ pub fn parse_keep_until(s: &str) -> Result<DateTime<Utc>> {
 impl App {
     /// The vault opened for one job, its regions wrapped so that a cancel stops the job.
     fn job_vault(&self, live: &Live) -> Result<Vault> {
-        let mut regions = self.cfg.regions(false);
-        let flag = &live.cancel;
-        regions.primary = Cancellable::wrap(regions.primary, flag);
-        regions.secondary = regions.secondary.map(|b| Cancellable::wrap(b, flag));
+        let mut spec = self.cfg.spec(false)?;
+        spec.cancel = Some((live.cancel.clone(), CANCELLED));
+        let (regions, _) = vmvault_open::regions(&spec)?;
         let pass = self.passphrase.clone();
         Ok(Vault::open(regions, move || Ok(pass))?)
     }
@@ -240,8 +241,17 @@ impl App {
         let opts = RestoreOptions {
             overwrite: params.overwrite,
             new_folder: !params.overwrite,
+            format: params.format.clone(),
             ..Default::default()
         };
+        if let Some(name) = &params.disk {
+            // One disk: the target is its new image file (made under a temporary name and
+            // renamed into place by the engine).
+            let disk = vmvault_engine::select_disk(&m, name)?;
+            restore_disk(&vault, &m, disk, &target, &opts, progress)?;
+            self.job_log(id, &format!("wrote {}", target.display()));
+            return Ok(());
+        }
         let files = restore_vm(&vault, &m, &target, &opts, progress)?;
         for f in files {
             self.job_log(id, &format!("wrote {}", f.display()));
@@ -259,90 +269,5 @@ pub fn retention(p: &crate::api::policies::Policy) -> Keep {
         weekly: p.keep_weekly,
         monthly: p.keep_monthly,
         yearly: p.keep_yearly,
-    }
-}
-
-/// A region wrapper that fails every read and write once its job is cancelled: the engine's
-/// backup and restore then stop at the next chunk with an error, and a backup never writes
-/// its manifest, so a cancelled backup leaves no recovery point (its chunks go at gc).
-pub struct Cancellable {
-    pub inner: Arc<dyn WriteBackend>,
-    pub cancelled: Arc<AtomicBool>,
-}
-
-impl Cancellable {
-    fn wrap(inner: Arc<dyn WriteBackend>, cancelled: &Arc<AtomicBool>) -> Arc<dyn WriteBackend> {
-        Arc::new(Cancellable {
-            inner,
-            cancelled: cancelled.clone(),
-        })
-    }
-
-    fn check(&self) -> vmvault_store::Result<()> {
-        if self.cancelled.load(Ordering::Relaxed) {
-            return Err(StoreError::Invalid("the job was cancelled".into()));
-        }
-        Ok(())
-    }
-}
-
-impl ReadBackend for Cancellable {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn read(&self, kind: Kind, name: &str) -> vmvault_store::Result<Vec<u8>> {
-        self.check()?;
-        self.inner.read(kind, name)
-    }
-    fn read_into(&self, kind: Kind, name: &str, buf: &mut Vec<u8>) -> vmvault_store::Result<()> {
-        self.check()?;
-        self.inner.read_into(kind, name, buf)
-    }
-    fn stat(&self, kind: Kind, name: &str) -> vmvault_store::Result<Option<ObjectInfo>> {
-        self.inner.stat(kind, name)
-    }
-    fn list(&self, kind: Kind) -> vmvault_store::Result<Vec<ObjectInfo>> {
-        self.inner.list(kind)
-    }
-    fn concurrency(&self) -> usize {
-        self.inner.concurrency()
-    }
-}
-
-impl WriteBackend for Cancellable {
-    fn create(&self) -> vmvault_store::Result<()> {
-        self.inner.create()
-    }
-    fn write(&self, kind: Kind, name: &str, data: &[u8]) -> vmvault_store::Result<()> {
-        // Lock objects pass: releasing the backup lock must work after a cancel.
-        if kind != Kind::Lock {
-            self.check()?;
-        }
-        self.inner.write(kind, name, data)
-    }
-    fn remove(&self, kind: Kind, name: &str) -> vmvault_store::Result<()> {
-        self.inner.remove(kind, name)
-    }
-    fn touch(&self, kind: Kind, name: &str) -> vmvault_store::Result<Option<u64>> {
-        self.check()?;
-        self.inner.touch(kind, name)
-    }
-    fn remove_unless_touched(
-        &self,
-        kind: Kind,
-        name: &str,
-        cutoff: SystemTime,
-    ) -> vmvault_store::Result<bool> {
-        self.check()?;
-        self.inner.remove_unless_touched(kind, name, cutoff)
-    }
-    fn sync(&self) -> vmvault_store::Result<()> {
-        self.inner.sync()
-    }
-    fn remove_temporaries(&self, older_than: SystemTime) -> vmvault_store::Result<u64> {
-        self.inner.remove_temporaries(older_than)
-    }
-    fn atomic_touch(&self) -> bool {
-        self.inner.atomic_touch()
     }
 }

@@ -251,7 +251,14 @@ fn a_failed_backup_is_mailed() {
 #[test]
 fn a_vault_with_a_secondary_region_replicates_and_reports_its_lag() {
     let s = Server::start_with(Arc::new(vmvault_server::SystemClock), |c| {
-        c.secondary = Some(c.state_dir.parent().unwrap().join("secondary"));
+        c.secondary = Some(
+            c.state_dir
+                .parent()
+                .unwrap()
+                .join("secondary")
+                .display()
+                .to_string(),
+        );
     });
     s.policy("daily", "daily 02:00", json!({}));
     s.protect("web01", "daily");

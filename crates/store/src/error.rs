@@ -48,6 +48,9 @@ pub enum StoreError {
     /// collection meeting a manifest or index it cannot read).
     #[error("{0}")]
     DamageStopped(String),
+    /// The work was cancelled (a server job's cancel, Ctrl-C): see [`crate::Cancellable`].
+    #[error("{0}")]
+    Cancelled(String),
     /// A remote store's failure that is not an I/O error of this machine. Its text never holds
     /// credentials: backends redact before they build it.
     #[error("{location}: {detail}")]
@@ -88,6 +91,33 @@ impl StoreError {
         StoreError::Format {
             context: context.into(),
             source,
+        }
+    }
+}
+
+impl vmvault_class::Classify for StoreError {
+    fn class(&self) -> vmvault_class::Class {
+        use vmvault_class::Class;
+        match self {
+            StoreError::WrongPassphrase { .. } => Class::Passphrase,
+            StoreError::Busy(_) => Class::Busy,
+            StoreError::NotAVault { .. }
+            | StoreError::NotEmpty { .. }
+            | StoreError::Invalid(_)
+            | StoreError::Passphrase(_) => Class::Input,
+            StoreError::NotFound(_) => Class::NotFound,
+            StoreError::Refused(_) => Class::Refused,
+            StoreError::Cancelled(_) => Class::Cancelled,
+            StoreError::DamageStopped(_) => Class::Damage,
+            e if e.is_transient() => Class::Transient,
+            // Damage met while working (a backup, a restore) is the work failing; verify
+            // and GC say "damage" (3) through DamageStopped and their own reports.
+            StoreError::Damaged { .. }
+            | StoreError::Full { .. }
+            | StoreError::Io { .. }
+            | StoreError::Format { .. }
+            | StoreError::LockLost(_)
+            | StoreError::Remote { .. } => Class::Failure,
         }
     }
 }

@@ -57,6 +57,7 @@
 //! collection, and one `touch` per reused chunk (a `utimensat` on a local vault).
 
 mod backend;
+mod cancel;
 pub mod clock;
 pub mod compare;
 #[cfg(any(test, feature = "conformance"))]
@@ -75,6 +76,7 @@ mod vault;
 pub mod verified;
 
 pub use backend::{check_name, Check, Kind, ObjectInfo, ReadBackend, WriteBackend};
+pub use cancel::Cancellable;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Result, StoreError};
 pub use gc::{GcReport, LockTiming};

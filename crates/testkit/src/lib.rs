@@ -178,6 +178,18 @@ impl Moto {
             .unwrap_or_else(|e| self.process.fail(&format!("creating bucket {name}: {e}")));
     }
 
+    /// A bucket made with S3 Object Lock enabled (and so versioned), which moto implements.
+    pub fn create_locked_bucket(&self, name: &str) {
+        s3_create_bucket_with(
+            &self.endpoint(),
+            &self.region(),
+            &self.credentials(),
+            name,
+            &[("x-amz-bucket-object-lock-enabled", "true")],
+        )
+        .unwrap_or_else(|e| self.process.fail(&format!("creating bucket {name}: {e}")));
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         self.process.log()
@@ -363,6 +375,14 @@ impl Azurite {
 
 /// Sends one signed PUT with an empty body; `Err` holds the status and the body.
 fn put(url: &str, sign: impl FnOnce(&mut HttpRequest) -> Result<(), String>) -> Result<(), String> {
+    put_with(url, &[], sign)
+}
+
+fn put_with(
+    url: &str,
+    headers: &[(&str, &str)],
+    sign: impl FnOnce(&mut HttpRequest) -> Result<(), String>,
+) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -372,9 +392,11 @@ fn put(url: &str, sign: impl FnOnce(&mut HttpRequest) -> Result<(), String>) -> 
         let client = ReqwestConnector::default()
             .connect(&ClientOptions::new().with_allow_http(true))
             .map_err(|e| e.to_string())?;
-        let mut request = http::Request::builder()
-            .method(http::Method::PUT)
-            .uri(url)
+        let mut builder = http::Request::builder().method(http::Method::PUT).uri(url);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let mut request = builder
             .body(HttpRequestBody::empty())
             .map_err(|e| e.to_string())?;
         sign(&mut request)?;
@@ -395,6 +417,16 @@ fn s3_create_bucket(
     credentials: &Credentials,
     name: &str,
 ) -> Result<(), String> {
+    s3_create_bucket_with(endpoint, region, credentials, name, &[])
+}
+
+fn s3_create_bucket_with(
+    endpoint: &str,
+    region: &str,
+    credentials: &Credentials,
+    name: &str,
+    headers: &[(&str, &str)],
+) -> Result<(), String> {
     let Credentials::S3 {
         access_key_id,
         secret_access_key,
@@ -408,7 +440,7 @@ fn s3_create_bucket(
         secret_key: secret_access_key.clone(),
         token: session_token.clone(),
     };
-    put(&format!("{endpoint}/{name}"), |request| {
+    put_with(&format!("{endpoint}/{name}"), headers, |request| {
         AwsAuthorizer::new(&credential, "s3", region)
             .try_authorize(request, None)
             .map_err(|e| e.to_string())

@@ -28,6 +28,8 @@ pub struct VaultInfo {
     pub locked_at: Option<String>,
     /// Destructive actions wait for a second admin's approval.
     pub require_approval: bool,
+    /// Whether the storage itself keeps objects against deletion (S3 Object Lock), in words.
+    pub storage_lock: String,
     pub schema_version: usize,
 }
 
@@ -50,6 +52,7 @@ fn vault_info(app: &App) -> Result<VaultInfo> {
         soft_delete_days: days,
         locked_at: locked,
         require_approval: mua,
+        storage_lock: app.storage_lock(false),
         schema_version: crate::db::schema_version(),
     })
 }
@@ -195,6 +198,8 @@ pub async fn lock(
         )?;
         Ok(())
     })?;
+    // `storage_lock` in the answer says whether the storage keeps the promise too.
+    app.storage_lock(true);
     Ok(Json(vault_info(&app)?))
 }
 

@@ -123,6 +123,14 @@ pub async fn protect(
             crate::auth::audit(&app.db, &actor.user, "item.protect", &desc.name, &outcome);
             return Err(e);
         }
+        // Opened as its backups will open it, so that a wrong format, a damaged image or a
+        // missing backing file shows now rather than as the first scheduled backup failing.
+        vmvault_disk::open_allowing(&d.path, &d.format, &d.allow_backing).map_err(|e| {
+            Error::Input(format!(
+                "disk {} of '{}' cannot be opened: {e}",
+                d.name, desc.name
+            ))
+        })?;
     }
     let item = app.audited(&actor, "item.protect", &desc.name, || {
         crate::api::policies::load(&app.db, &req.policy)?;

@@ -253,10 +253,20 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
         s if s >= 500 => "internal",
         _ => "bad_request",
     };
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    // axum's rejection of a body that does not fit the request type (422): bad input, said
+    // as the field and what it expected, not as the deserializer's words.
+    let (status, message) = match text.split_once(": ") {
+        Some((head, rest)) if head.starts_with("Failed to deserialize the JSON body") => (
+            axum::http::StatusCode::BAD_REQUEST,
+            format!("the request body: {rest}"),
+        ),
+        _ => (status, text),
+    };
     let body = crate::ErrorBody {
         error: crate::ErrorDetail {
             code: code.into(),
-            message: String::from_utf8_lossy(&body).trim().to_string(),
+            message,
             approval: None,
             token: None,
         },

@@ -67,7 +67,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/api/v1/recovery-points/{id}", tag = "recovery-points",
-    params(("id" = String, Path, description = "the id or a unique prefix of it")),
+    params(("id" = String, Path, description = "the id or a unique prefix of it, or VM@latest, VM@ID-PREFIX, VM@RFC3339-TIME, VM")),
     responses((status = 200, body = PointRow), (status = 404, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn show(
@@ -76,7 +76,7 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<PointRow>> {
     app.guard(&h, Role::Reader, "point.show", &id)?;
-    Ok(Json(catalog::find(&app.db, &app.vault_name, None, &id)?))
+    Ok(Json(catalog::resolve(&app.db, &app.vault_name, &id)?))
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -97,7 +97,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Json<Deleted>> {
     let actor = app.guard(&h, Role::Contributor, "point.delete", &id)?;
-    let p = catalog::find(&app.db, &app.vault_name, None, &id)?;
+    let p = catalog::resolve(&app.db, &app.vault_name, &id)?;
     if p.deleted_at.is_some() {
         return Err(Error::Conflict(format!(
             "recovery point {} is deleted already",
@@ -187,12 +187,19 @@ pub async fn undelete(
 
 #[derive(Deserialize, ToSchema)]
 pub struct RestoreRequest {
-    /// The point's id (or a unique prefix).
+    /// The point: its id (or a unique prefix), or VM@latest, VM@ID-PREFIX, VM@RFC3339-TIME, VM.
     pub point: String,
-    /// A folder on the server's host; the VM's disks and description are written into it.
+    /// On the server's host: a new folder for the VM's disks and description, or with
+    /// `disk`, the new image file for that disk.
     pub target: String,
     #[serde(default)]
     pub overwrite: bool,
+    /// One disk only, by its name in the VM description.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// The image format to write (raw, qcow2, vhd, vhdx, vmdk); default: each disk's own.
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 #[utoipa::path(post, path = "/api/v1/restores", tag = "restores", request_body = RestoreRequest,
@@ -212,12 +219,27 @@ pub async fn restore(
     };
     let actor = app.guard(&h, need, "restore.start", &req.point)?;
     let job = app.audited(&actor, "restore.start", &req.point, || {
-        let p = catalog::find(&app.db, &app.vault_name, None, &req.point)?;
+        let p = catalog::resolve(&app.db, &app.vault_name, &req.point)?;
+        if let Some(d) = &req.disk {
+            let m: vmvault_format::Manifest = serde_json::from_value(p.manifest.clone())
+                .map_err(|e| Error::Input(format!("a manifest in the catalog: {e}")))?;
+            vmvault_engine::select_disk(&m, d)?;
+        }
+        if let Some(f) = &req.format {
+            if !vmvault_disk::WRITE_FORMATS.contains(&f.as_str()) {
+                return Err(Error::Input(format!(
+                    "cannot write disk images in format {f:?}: choose one of {}",
+                    vmvault_disk::WRITE_FORMATS.join(", ")
+                )));
+            }
+        }
         crate::confine::restore_target(&app.cfg, std::path::Path::new(&req.target), req.overwrite)?;
         let params = Params {
             point: Some(p.id),
             target: Some(req.target.clone()),
             overwrite: req.overwrite,
+            disk: req.disk.clone(),
+            format: req.format.clone(),
             ..Default::default()
         };
         app.enqueue("restore", Some(&p.vm), &params, &actor.user)
