@@ -61,7 +61,7 @@ pub struct GetArgs {
     /// The file or folder to extract.
     path: String,
     /// Into this directory (made if missing); the file or folder keeps its name there.
-    #[arg(long, required_unless_present_any = ["tar", "zip"], conflicts_with_all = ["tar", "zip"])]
+    #[arg(long, conflicts_with_all = ["tar", "zip"])]
     to: Option<PathBuf>,
     /// Write a tar stream to stdout.
     #[arg(long, conflicts_with = "zip")]
@@ -139,7 +139,7 @@ impl Opened {
         if verbose {
             let c = self.chunks();
             eprintln!(
-                "fetched {} of {} chunks ({:.2}%) of disk {} of {}@{} in {:.2} s (parsers confined: {:?})",
+                "fetched {} of {} chunks ({:.2}%) of disk {} of {}@{} in {:.2} s (guest parsers: {})",
                 c.fetched,
                 c.total,
                 100.0 * c.fetched as f64 / c.total.max(1) as f64,
@@ -322,6 +322,14 @@ fn located<'a>(target: Target<'a>, path: &str) -> Result<Located<'a>> {
 }
 
 fn get(g: &Global, a: GetArgs) -> Result<()> {
+    if a.to.is_none() && !a.tar && !a.zip {
+        return Err(InputError(
+            "where to: give --to DIR to extract into a folder, or --tar or --zip to write an \
+             archive to stdout"
+                .into(),
+        )
+        .into());
+    }
     if g.json && a.to.is_none() {
         return Err(
             InputError("--json goes with --to (a tar or zip stream is the output)".into()).into(),

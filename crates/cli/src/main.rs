@@ -50,8 +50,10 @@ struct Cli {
     command: Command,
 }
 
-/// Options every command takes.
+/// Options every command takes. Listed apart from each command's own under "Vault options"
+/// so that `--help` of a command shows what is its own first.
 #[derive(clap::Args, Clone)]
+#[command(next_help_heading = "Vault options (every command)")]
 pub struct Global {
     /// The vault: a directory, s3://bucket/prefix or azblob://container/prefix.
     #[arg(long, global = true, env = "VMVAULT_VAULT", value_name = "LOCATION")]

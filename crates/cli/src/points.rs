@@ -46,6 +46,30 @@ pub fn local_time(rfc3339: &str) -> String {
 pub fn run(g: &Global, args: PointsArgs) -> Result<()> {
     let vault = crate::vault::open(g)?;
     let list = vault.list_points()?;
+    // A VM the vault has never held a point of is a typo, not an empty history (unless a
+    // point that cannot be read might be its).
+    if let Some(vm) = &args.vm {
+        let mut known: Vec<&str> = list
+            .live
+            .iter()
+            .chain(list.deleted.iter().map(|(m, _)| m))
+            .map(|m| m.vm.as_str())
+            .collect();
+        known.sort_unstable();
+        known.dedup();
+        if !known.contains(&vm.as_str()) && list.unreadable.is_empty() {
+            return Err(crate::exit::InputError(format!(
+                "no recovery point of VM {vm:?} in {}{}",
+                vault.location(),
+                if known.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (its VMs: {})", known.join(", "))
+                }
+            ))
+            .into());
+        }
+    }
     let (points, bad) = if args.deleted {
         (
             list.deleted.into_iter().map(|(m, _)| m).collect(),

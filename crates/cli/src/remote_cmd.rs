@@ -41,7 +41,9 @@ enum RemoteCommand {
     Policy(PolicyCommand),
     /// Put a VM (its description, TOML) under a policy.
     Protect {
+        /// The VM's description (TOML); its disks are on the server's host.
         description: PathBuf,
+        /// The policy whose schedule and retention apply.
         #[arg(long)]
         policy: String,
     },
@@ -60,10 +62,13 @@ enum RemoteCommand {
     },
     /// List jobs, newest first.
     Jobs {
+        /// Only jobs running now.
         #[arg(long, conflicts_with = "failed")]
         running: bool,
+        /// Only jobs that failed.
         #[arg(long)]
         failed: bool,
+        /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -111,6 +116,7 @@ enum RemoteCommand {
     User(UserCommand),
     /// The audit log, newest first (admins).
     Audit {
+        /// At most this many entries.
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -137,18 +143,25 @@ pub struct PolicyArgs {
     /// `hourly`, `every N hours`, `daily HH:MM[,HH:MM]`, `weekly mon,thu HH:MM`.
     #[arg(long)]
     pub schedule: String,
+    /// An IANA time zone (Europe/Berlin) for the schedule and the retention's periods.
     #[arg(long, default_value = "UTC")]
     pub timezone: String,
+    /// Keep the newest N scheduled points.
     #[arg(long, default_value_t = 0)]
     pub keep_last: u32,
+    /// Keep the newest point of each of the last N hours.
     #[arg(long, default_value_t = 0)]
     pub keep_hourly: u32,
+    /// Keep the newest point of each of the last N days.
     #[arg(long, default_value_t = 0)]
     pub keep_daily: u32,
+    /// Keep the newest point of each of the last N weeks.
     #[arg(long, default_value_t = 0)]
     pub keep_weekly: u32,
+    /// Keep the newest point of each of the last N months.
     #[arg(long, default_value_t = 0)]
     pub keep_monthly: u32,
+    /// Keep the newest point of each of the last N years.
     #[arg(long, default_value_t = 0)]
     pub keep_yearly: u32,
 }
@@ -162,16 +175,22 @@ pub struct PolicyUpdateArgs {
     /// An IANA time zone (Europe/Berlin) for the schedule and the retention's periods.
     #[arg(long)]
     pub timezone: Option<String>,
+    /// Keep the newest N scheduled points.
     #[arg(long)]
     pub keep_last: Option<u32>,
+    /// Keep the newest point of each of the last N hours.
     #[arg(long)]
     pub keep_hourly: Option<u32>,
+    /// Keep the newest point of each of the last N days.
     #[arg(long)]
     pub keep_daily: Option<u32>,
+    /// Keep the newest point of each of the last N weeks.
     #[arg(long)]
     pub keep_weekly: Option<u32>,
+    /// Keep the newest point of each of the last N months.
     #[arg(long)]
     pub keep_monthly: Option<u32>,
+    /// Keep the newest point of each of the last N years.
     #[arg(long)]
     pub keep_yearly: Option<u32>,
 }
@@ -193,8 +212,10 @@ pub enum VaultCommand {
     Show,
     /// Change soft delete days (1-180) or require a second admin for destructive actions.
     Set {
+        /// Days a deleted point stays restorable (1-180; a locked vault's only grows).
         #[arg(long)]
         soft_delete_days: Option<u32>,
+        /// Destructive and privilege changes wait for a second admin (true or false).
         #[arg(long)]
         require_approval: Option<bool>,
     },

@@ -279,7 +279,7 @@ fn twenty_gib_disk_ls_and_get_fetch_under_one_percent() {
     let seconds = started.elapsed().as_secs_f64();
     same_file(&out.join("big.bin"), &tree.root.join(&tree.big));
     assert!(
-        ls.stderr.contains("fetched") && ls.stderr.contains("parsers confined"),
+        ls.stderr.contains("fetched") && ls.stderr.contains("guest parsers"),
         "{}",
         ls.stderr
     );

@@ -55,6 +55,9 @@ pub enum DiskError {
         folder: String,
         dir: String,
     },
+    /// An image names a backing file that is not there.
+    #[error("{image}: its backing file {file} does not exist")]
+    MissingBacking { image: String, file: String },
     /// What is at a restore's target cannot be written to (a folder, a device not named).
     #[error("{path} {reason}")]
     Target { path: String, reason: String },
@@ -255,6 +258,7 @@ impl vmvault_class::Classify for DiskError {
             }
             DiskError::Io { .. } => Class::Failure,
             DiskError::Exists { .. } => Class::Conflict,
+            DiskError::MissingBacking { .. } => Class::NotFound,
             // An image that cannot be opened as its format is bad input to whatever reads it.
             _ => Class::Input,
         }

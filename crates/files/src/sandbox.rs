@@ -21,6 +21,16 @@ pub enum Confinement {
     None,
 }
 
+impl std::fmt::Display for Confinement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Confinement::Full => "no write outside the output folder (Landlock)",
+            Confinement::Partial => "partly (this kernel's Landlock knows some rights only)",
+            Confinement::None => "not confined (no Landlock on this kernel)",
+        })
+    }
+}
+
 /// Takes every filesystem write right from this thread, except beneath `out` (which must
 /// exist). Call it after the vault is open and before any guest byte is parsed.
 pub fn confine(out: Option<&Path>) -> std::io::Result<Confinement> {

@@ -107,8 +107,20 @@ pub fn disk_path(cfg: &ServerConfig, disk: &Path) -> Result<PathBuf> {
         )));
     }
     let resolved = disk.canonicalize().map_err(|e| {
-        // Nothing there is a mistake in the description, not a rule refusing it.
-        if e.kind() == std::io::ErrorKind::NotFound {
+        // Nothing there, in a folder the roots allow, is a mistake in the description; said
+        // only there, so that the answer tells nobody what exists elsewhere (the state dir).
+        let in_roots = e.kind() == std::io::ErrorKind::NotFound
+            && disk
+                .parent()
+                .and_then(|p| p.canonicalize().ok())
+                .is_some_and(|p| {
+                    own_files(cfg).iter().all(|o| !p.starts_with(o))
+                        && cfg.disk_roots.iter().map(Path::new).any(|root| {
+                            !is_pattern(root)
+                                && root.canonicalize().is_ok_and(|r| p.starts_with(&r))
+                        })
+                });
+        if in_roots {
             return Error::Input(format!("disk {} does not exist", disk.display()));
         }
         Error::Forbidden(format!(

@@ -14,7 +14,7 @@
 //! - backing files (a relative name is resolved against the image's folder, the backing
 //!   format extension is honoured, "auto" detection otherwise), the chain opened through
 //!   [`crate::open_in_chain`], which refuses loops and chains deeper than [`crate::MAX_CHAIN`];
-//!   a missing backing file is an invalid image;
+//!   a missing backing file is said as such ([`crate::DiskError::MissingBacking`]);
 //! - images marked dirty (incompatible bit 0): only refcounts may be stale, and reading does
 //!   not use them;
 //! - internal snapshots are ignored: the active L1 table is what a running VM sees.

@@ -152,11 +152,10 @@ fn open_backing(
         path.parent().unwrap_or(Path::new("")).join(name)
     };
     if !full.try_exists().map_err(|e| DiskError::io(&full, e))? {
-        return Err(DiskError::invalid(
-            path,
-            FORMAT,
-            format!("backing file {} is missing", full.display()),
-        ));
+        return Err(DiskError::MissingBacking {
+            image: path.display().to_string(),
+            file: full.display().to_string(),
+        });
     }
     let format = match format {
         None => "auto",

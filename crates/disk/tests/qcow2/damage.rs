@@ -265,7 +265,7 @@ fn encrypted_and_external_data_file_images_are_unsupported() {
 }
 
 #[test]
-fn backing_loops_and_missing_backing_files_are_invalid() {
+fn backing_loops_are_invalid_and_a_missing_backing_file_is_said_so() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
@@ -294,9 +294,14 @@ fn backing_loops_and_missing_backing_files_are_invalid() {
         s(&c),
     ]);
     std::fs::remove_file(&gone).unwrap();
+    // Said as what it is, not as a damaged image (issue 12, item 8).
     let e = open_err(&c);
-    assert_invalid(&e, "missing");
-    assert!(e.to_string().contains("gone.qcow2"), "{e}");
+    assert!(matches!(e, DiskError::MissingBacking { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("backing file") && e.to_string().contains("gone.qcow2"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("not a valid"), "{e}");
 
     // A backing format vmvault does not read.
     let d = dir.path().join("d.qcow2");
