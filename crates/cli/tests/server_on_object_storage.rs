@@ -283,4 +283,32 @@ fn a_server_on_azure_with_a_secondary_from_its_config_file() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("gs:// is not a kind"), "{}", o.stderr);
     assert!(!env.dir.path().join("gs:").exists());
+
+    // A vault that cannot be read stops the start with its own error: it is not taken for
+    // "no vault there" (which made the server try to create one and say "not empty").
+    let damaged = env.path("damaged");
+    env.ok(&[
+        "vault",
+        "create",
+        damaged.to_str().unwrap(),
+        "--no-encryption",
+    ]);
+    let config = damaged.join("config");
+    let mut bytes = std::fs::read(&config).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&config, bytes).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_vmvault"))
+        .args(["server", "--insecure-http", "--listen", "127.0.0.1:0"])
+        .arg("--vault")
+        .arg(&damaged)
+        .env("VMVAULT_SERVER_STATE", env.path("server3"))
+        .env("VMVAULT_PASSWORD", common::PASS)
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    let o = common::out(o);
+    assert_ne!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("vault config"), "{}", o.stderr);
+    assert!(!o.stderr.contains("not empty"), "{}", o.stderr);
 }

@@ -439,17 +439,22 @@ fn open_vault(cfg: &ServerConfig, say: &dyn Fn(&str)) -> Result<(Vault, Vec<u8>)
         (None, None) => None,
     };
     let backend = primary.backend(false)?;
-    if let Some(local) = primary.local_path() {
-        if Vault::read_config(&*backend).is_err() {
-            std::fs::create_dir_all(&local)
-                .map_err(|e| Error::io(format!("creating {}", local.display()), e))?;
-        }
+    // Only "no vault there" makes one: storage that cannot be read now (a region down, bad
+    // credentials) stops the start with its own error instead of a confusing create.
+    let exists = match Vault::read_config(&*backend) {
+        Ok(_) => true,
+        Err(vmvault_store::StoreError::NotAVault { .. }) => false,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(local) = primary.local_path().filter(|_| !exists) {
+        std::fs::create_dir_all(&local)
+            .map_err(|e| Error::io(format!("creating {}", local.display()), e))?;
     }
     if let Some(local) = configured_secondary.as_ref().and_then(|s| s.local_path()) {
         std::fs::create_dir_all(&local)
             .map_err(|e| Error::io(format!("creating {}", local.display()), e))?;
     }
-    if Vault::read_config(&*backend).is_ok() {
+    if exists {
         adopt_secondary(&primary, configured_secondary, &*backend, say)?;
         let pass = configured.clone().unwrap_or_default();
         let vault = vmvault_open::open(&cfg.spec(true)?, move || {
