@@ -117,8 +117,22 @@ fn bucket(url: &str, opts: &RemoteOptions) -> Result<Option<Bucket>, StoreError>
     }))
 }
 
-/// The signed `GET /?object-lock` on the bucket; the status and the body.
+/// The signed `GET /?object-lock` on the bucket; the status and the body. On a thread of its
+/// own: the caller may be a task of an async runtime (the server's handlers), where another
+/// runtime cannot block.
 fn call(b: &Bucket) -> Result<(u16, String), StoreError> {
+    std::thread::scope(|s| {
+        s.spawn(|| call_here(b)).join().unwrap_or_else(|_| {
+            Err(StoreError::Remote {
+                location: b.base.clone(),
+                detail: "S3 Object Lock: the request's thread panicked".into(),
+                transient: false,
+            })
+        })
+    })
+}
+
+fn call_here(b: &Bucket) -> Result<(u16, String), StoreError> {
     let failed = |e: String| StoreError::Remote {
         location: b.base.clone(),
         detail: format!("S3 Object Lock: {e}"),
