@@ -216,23 +216,7 @@ pub fn resolve(db: &Db, vault: &str, spec: &str) -> Result<PointRow> {
         return find(db, vault, None, spec);
     }
     let vm = spec.split_once('@').map_or(spec, |(vm, _)| vm);
-    let live: Vec<Manifest> = {
-        let conn = db.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT manifest FROM points WHERE vault = ?1 AND vm = ?2 AND deleted_at IS NULL
-             ORDER BY time, id",
-        )?;
-        let texts = stmt
-            .query_map(params![vault, vm], |r| r.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        texts
-            .iter()
-            .map(|t| {
-                serde_json::from_str(t)
-                    .map_err(|e| Error::Input(format!("a manifest in the catalog: {e}")))
-            })
-            .collect::<Result<_>>()?
-    };
+    let live = manifests(db, vault, vm, true)?;
     if live.is_empty() {
         return Err(Error::NotFound(format!("no recovery point of {vm:?}")));
     }
@@ -243,12 +227,18 @@ pub fn resolve(db: &Db, vault: &str, spec: &str) -> Result<PointRow> {
 /// The manifests of one VM's points (soft-deleted ones too), from the catalog: what retention
 /// plans over, without reading every manifest in the vault.
 pub fn manifests_of(db: &Db, vault: &str, vm: &str) -> Result<Vec<Manifest>> {
+    manifests(db, vault, vm, false)
+}
+
+/// One VM's manifests from the catalog, oldest first; `live_only` leaves out deleted ones.
+fn manifests(db: &Db, vault: &str, vm: &str, live_only: bool) -> Result<Vec<Manifest>> {
     let conn = db.conn();
     let mut stmt = conn.prepare_cached(
-        "SELECT manifest FROM points WHERE vault = ?1 AND vm = ?2 ORDER BY time, id",
+        "SELECT manifest FROM points WHERE vault = ?1 AND vm = ?2
+         AND (?3 = 0 OR deleted_at IS NULL) ORDER BY time, id",
     )?;
     let texts = stmt
-        .query_map(params![vault, vm], |r| r.get::<_, String>(0))?
+        .query_map(params![vault, vm, live_only], |r| r.get::<_, String>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     texts
         .iter()
