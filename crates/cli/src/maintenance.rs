@@ -244,6 +244,12 @@ pub fn gc(g: &Global) -> Result<()> {
             report.temporaries_removed,
             report.chunks_spared
         );
+        if report.holds_renewed > 0 {
+            eprintln!(
+                "gc: the storage's hold renewed on {} object(s)",
+                report.holds_renewed
+            );
+        }
     }
     Ok(())
 }

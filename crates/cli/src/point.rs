@@ -2,6 +2,8 @@
 //! vault opened directly, the same words as against a server. Every decision is the store's
 //! (`Vault::delete_point` and friends), so a local command keeps the same promises.
 
+use std::io::IsTerminal;
+
 use anyhow::Result;
 use clap::Subcommand;
 use serde::Serialize;
@@ -107,8 +109,8 @@ pub fn set(g: &Global, soft_delete_days: u32) -> Result<()> {
     Ok(())
 }
 
-/// `vault lock --yes-i-understand-this-is-irreversible`.
-pub fn lock(g: &Global, confirmed: bool) -> Result<()> {
+/// `vault lock --yes-i-understand-this-is-irreversible [--hold-days N]`.
+pub fn lock(g: &Global, confirmed: bool, hold_days: u32) -> Result<()> {
     if !confirmed {
         return Err(InputError(
             "locking a vault cannot be undone: no point leaves it before the retention it was \
@@ -119,15 +121,46 @@ pub fn lock(g: &Global, confirmed: bool) -> Result<()> {
         .into());
     }
     let vault = crate::vault::open(g)?;
-    let rules = vault.lock_vault(&crate::vault::who())?;
-    // Whether the storage keeps the promise too (a bucket default retention under S3 Object
-    // Lock), said per region rather than left for the user to assume.
+    let rules = vault.lock_vault_holding(&crate::vault::who(), hold_days)?;
+    // What was written before the lock, and chunks older than a hold, are held from now on.
+    let terminal = std::io::stderr().is_terminal();
+    let renewed = vault.renew_holds(&|n| {
+        if terminal && n % 500 == 0 {
+            eprint!("\rholding the vault's objects: {n}");
+        }
+    })?;
+    if terminal && renewed >= 500 {
+        eprintln!();
+    }
+    let holds = vault.apply_hold()?;
+    // Whether the storage keeps the promise too, said per region rather than left for the
+    // user to assume.
     let (record, _) = crate::regions::record(g)?;
-    let storage = storage_words(&record.primary, record.secondary.as_ref());
+    let days = rules.locked.as_ref().and_then(|l| l.hold_days);
+    let storage: Vec<(&str, String)> = storage_words(&record.primary, record.secondary.as_ref())
+        .into_iter()
+        .map(|(region, words)| {
+            let held = holds
+                .iter()
+                .any(|(r, s)| r == region && *s == vmvault_store::HoldState::Enforced);
+            match days {
+                Some(d) if held => (
+                    region,
+                    format!(
+                        "enforced by the storage: S3 Object Lock holds every object for {d} \
+                         day(s) after it is written or renewed (compliance mode; gc and \
+                         `vault lock` renew them)"
+                    ),
+                ),
+                _ => (region, words),
+            }
+        })
+        .collect();
     if g.json {
         print_json(&serde_json::json!({
             "rules": rules,
             "storage": storage.iter().map(|(r, s)| serde_json::json!({"region": r, "lock": s})).collect::<Vec<_>>(),
+            "holds_renewed": renewed,
         }));
     } else if let Some(l) = &rules.locked {
         outln!(
@@ -138,6 +171,9 @@ pub fn lock(g: &Global, confirmed: bool) -> Result<()> {
         );
         for (region, s) in &storage {
             outln!("{region} region: {s}");
+        }
+        if renewed > 0 {
+            outln!("{renewed} object(s) in the vault are held from now on");
         }
     }
     Ok(())

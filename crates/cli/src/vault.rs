@@ -50,10 +50,17 @@ pub enum VaultCommand {
         soft_delete_days: u32,
     },
     /// Make the vault immutable: no point leaves it before the retention it was taken under
-    /// ends, and soft delete can only grow. Cannot be undone.
+    /// ends, and soft delete can only grow. Cannot be undone. On a bucket with S3 Object Lock
+    /// the storage holds every object too, so that not even its credentials can delete one
+    /// early. Run again to renew those holds (gc renews them as well).
     Lock {
         #[arg(long)]
         yes_i_understand_this_is_irreversible: bool,
+        /// How long the storage holds each object after it is written or renewed (S3 Object
+        /// Lock, compliance mode); can be made longer later, never shorter.
+        #[arg(long, value_name = "DAYS", default_value_t = vmvault_format::DEFAULT_HOLD_DAYS,
+              value_parser = clap::value_parser!(u32).range(1..=vmvault_format::MAX_HOLD_DAYS as i64))]
+        hold_days: u32,
     },
     /// Show a vault's settings and regions.
     Info,
@@ -244,7 +251,8 @@ pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
         VaultCommand::Set { soft_delete_days } => crate::point::set(g, soft_delete_days),
         VaultCommand::Lock {
             yes_i_understand_this_is_irreversible,
-        } => crate::point::lock(g, yes_i_understand_this_is_irreversible),
+            hold_days,
+        } => crate::point::lock(g, yes_i_understand_this_is_irreversible, hold_days),
     }
 }
 

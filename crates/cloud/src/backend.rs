@@ -1,17 +1,21 @@
 //! The backend: the vault's objects as objects under a prefix, one request per call.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use futures_util::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::runtime::Runtime;
-use vmvault_store::{check_name, Kind, ObjectInfo, ReadBackend, StoreError, WriteBackend};
+use vmvault_store::{
+    check_name, Hold, HoldState, Kind, ObjectInfo, ReadBackend, StoreError, WriteBackend,
+};
 
 use crate::config::Built;
 use crate::error::{classify, Failure, Redactor};
+use crate::hold::S3Requests;
+use crate::object_lock::{self, StorageLock};
 
 /// Reading more than this ahead of the bytes arriving is not worth trusting a server's
 /// `Content-Length` for.
@@ -26,10 +30,18 @@ pub(crate) struct ObjectBackend {
     bucket_label: String,
     redactor: Redactor,
     concurrency: usize,
+    /// The requests object_store does not make (S3 only).
+    s3: Option<S3Requests>,
+    /// The hold every write other than a lock carries, once the bucket was found to take it.
+    held: RwLock<Option<Hold>>,
 }
 
 impl ObjectBackend {
-    pub fn new(built: Built) -> Result<ObjectBackend, StoreError> {
+    pub fn new(
+        built: Built,
+        bucket: Option<object_lock::Bucket>,
+    ) -> Result<ObjectBackend, StoreError> {
+        let s3 = bucket.map(S3Requests::new).transpose()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("vmvault-cloud")
@@ -48,6 +60,8 @@ impl ObjectBackend {
             bucket_label: built.bucket_label,
             redactor: built.redactor,
             concurrency: built.concurrency,
+            s3,
+            held: RwLock::new(None),
         })
     }
 
@@ -127,6 +141,26 @@ impl ObjectBackend {
                 transient,
             ),
         }
+    }
+
+    /// The vault's error for a failed request of our own on one object.
+    fn failed(&self, doing: &str, kind: Kind, name: &str, f: Failure) -> StoreError {
+        match f {
+            Failure::Missing => StoreError::NotFound(format!("{} {name}", kind.name())),
+            Failure::NoBucket => self.no_bucket(),
+            Failure::Other { detail, transient } => self.remote(
+                format!(
+                    "{doing} {} {name}: {}",
+                    kind.name(),
+                    self.redactor.redact(&detail)
+                ),
+                transient,
+            ),
+        }
+    }
+
+    fn hold(&self) -> Option<Hold> {
+        self.held.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The vault's error for a failed listing, where "not found" is the bucket.
@@ -257,6 +291,11 @@ impl WriteBackend for ObjectBackend {
 
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
         let path = self.path(kind, name)?;
+        if let (Some(hold), Some(s3)) = (self.hold().filter(|_| Hold::holds(kind)), &self.s3) {
+            return self
+                .run(s3.put_held(path.as_ref(), data, hold.until()))
+                .map_err(|f| self.failed("writing (held)", kind, name, f));
+        }
         let payload = PutPayload::from(data.to_vec());
         self.run(self.store.put(&path, payload))
             .map(|_| ())
@@ -309,6 +348,46 @@ impl WriteBackend for ObjectBackend {
 
     fn atomic_touch(&self) -> bool {
         false
+    }
+
+    /// Holds writes from now on when the bucket has Object Lock (one request to find out).
+    fn set_hold(&self, hold: Option<Hold>) -> Result<HoldState, StoreError> {
+        let Some(hold) = hold else {
+            *self.held.write().unwrap_or_else(|e| e.into_inner()) = None;
+            return Ok(HoldState::NotEnforced("no hold was asked for".into()));
+        };
+        let Some(s3) = &self.s3 else {
+            return Ok(HoldState::NotEnforced(
+                "Azure Blob immutability policies are not used by vmvault yet".into(),
+            ));
+        };
+        let (status, body) = self.run(s3.object_lock()).map_err(|f| {
+            self.failed(
+                "reading the Object Lock setting of",
+                Kind::Config,
+                "(the bucket)",
+                f,
+            )
+        })?;
+        let state = match object_lock::parse_status(status, &body) {
+            StorageLock::Enabled { .. } => HoldState::Enforced,
+            other => HoldState::NotEnforced(other.to_string()),
+        };
+        *self.held.write().unwrap_or_else(|e| e.into_inner()) =
+            (state == HoldState::Enforced).then_some(hold);
+        Ok(state)
+    }
+
+    fn extend_hold(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
+        let path = self.path(kind, name)?;
+        let (Some(hold), Some(s3)) = (self.hold(), &self.s3) else {
+            return Err(StoreError::Invalid(format!(
+                "{}: this storage holds nothing (no Object Lock hold was given)",
+                self.location
+            )));
+        };
+        self.run(s3.extend(path.as_ref(), hold.until()))
+            .map_err(|f| self.failed("holding", kind, name, f))
     }
 }
 

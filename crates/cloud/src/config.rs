@@ -79,7 +79,7 @@ pub(crate) fn check_endpoint(endpoint: &str) -> Result<(String, bool), StoreErro
     Ok((endpoint.trim_end_matches('/').to_string(), allow_http))
 }
 
-fn client_options(allow_http: bool) -> ClientOptions {
+pub(crate) fn client_options(allow_http: bool) -> ClientOptions {
     ClientOptions::new()
         .with_allow_http(allow_http)
         .with_connect_timeout(CONNECT_TIMEOUT)

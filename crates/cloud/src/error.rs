@@ -203,7 +203,7 @@ fn reason_phrase(text: &str, status: u16) -> Option<&str> {
 }
 
 /// The text of the first `<NAME>...</NAME>` element, if short and plain.
-fn xml_element<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn xml_element<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     let open = format!("<{name}>");
     let close = format!("</{name}>");
     let start = text.find(&open)? + open.len();

@@ -48,6 +48,7 @@
 mod backend;
 mod config;
 mod error;
+mod hold;
 pub mod object_lock;
 
 use std::fmt;
@@ -161,7 +162,8 @@ pub fn is_remote(location: &str) -> bool {
 pub fn open(url: &str, opts: &RemoteOptions) -> Result<Arc<dyn WriteBackend>, StoreError> {
     let target = parse_url(url)?;
     let built = config::build(&target, opts, &config::Env::process())?;
-    Ok(Arc::new(backend::ObjectBackend::new(built)?))
+    let bucket = object_lock::bucket(url, opts)?;
+    Ok(Arc::new(backend::ObjectBackend::new(built, bucket)?))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

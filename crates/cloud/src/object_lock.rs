@@ -2,21 +2,19 @@
 //! for a time nobody can shorten, so that `vault info` and `vault lock` can say plainly
 //! whether the storage enforces the vault's lock or only vmvault does.
 //!
-//! `vault lock` makes vmvault refuse early deletions; a bucket default retention makes the
-//! storage refuse them too, so that someone holding the storage credentials (or vmvault's
-//! own, stolen) cannot destroy points early either. vmvault reads that setting; it does not
-//! set it yet: S3 takes a write into such a bucket only with a Content-MD5 or
-//! x-amz-sdk-checksum-algorithm header, which object_store does not send.
+//! `vault lock` makes vmvault refuse early deletions; on a bucket with Object Lock it also
+//! has the storage hold every object it writes (the `hold` module), so that someone holding
+//! the storage credentials (or vmvault's own, stolen) cannot destroy points early either.
 //!
 //! object_store has no call for the setting, so the request (GET `/?object-lock` on the
-//! bucket) is signed with object_store's own SigV4 signer and sent by its HTTP client.
+//! bucket) is made by [`crate::hold::S3Requests`].
 
-use object_store::aws::{AwsAuthorizer, AwsCredential};
-use object_store::client::{HttpConnector, HttpRequestBody, ReqwestConnector};
-use object_store::ClientOptions;
+use object_store::aws::AwsCredential;
 use vmvault_store::StoreError;
 
 use crate::config::{self, Env};
+use crate::error::Failure;
+use crate::hold::S3Requests;
 use crate::{parse_url, Credentials, RemoteOptions, Service};
 
 /// What the storage does to keep a vault's objects.
@@ -47,8 +45,8 @@ impl std::fmt::Display for StorageLock {
                  when a bucket is made)",
             ),
             StorageLock::Enabled { default: None } => f.write_str(
-                "not enforced by the storage: the bucket has S3 Object Lock but no default \
-                 retention",
+                "enforced by the storage once the vault is locked: the bucket has S3 Object \
+                 Lock, and a locked vault has it hold every object written (compliance mode)",
             ),
             StorageLock::Enabled {
                 default: Some(r), ..
@@ -63,15 +61,17 @@ impl std::fmt::Display for StorageLock {
     }
 }
 
-/// Where the bucket's subresources are, and who signs for them.
-struct Bucket {
-    base: String,
-    region: String,
-    allow_http: bool,
-    credential: AwsCredential,
+/// Where the bucket's objects and subresources are (path-style under an endpoint), and who
+/// signs for them.
+pub(crate) struct Bucket {
+    pub base: String,
+    pub region: String,
+    pub allow_http: bool,
+    pub credential: AwsCredential,
 }
 
-fn bucket(url: &str, opts: &RemoteOptions) -> Result<Option<Bucket>, StoreError> {
+/// The S3 bucket `url` names; `None` for an Azure container.
+pub(crate) fn bucket(url: &str, opts: &RemoteOptions) -> Result<Option<Bucket>, StoreError> {
     let target = parse_url(url)?;
     if target.service != Service::S3 {
         return Ok(None);
@@ -120,48 +120,30 @@ fn bucket(url: &str, opts: &RemoteOptions) -> Result<Option<Bucket>, StoreError>
 /// The signed `GET /?object-lock` on the bucket; the status and the body. On a thread of its
 /// own: the caller may be a task of an async runtime (the server's handlers), where another
 /// runtime cannot block.
-fn call(b: &Bucket) -> Result<(u16, String), StoreError> {
-    std::thread::scope(|s| {
-        s.spawn(|| call_here(b)).join().unwrap_or_else(|_| {
-            Err(StoreError::Remote {
-                location: b.base.clone(),
-                detail: "S3 Object Lock: the request's thread panicked".into(),
-                transient: false,
-            })
-        })
-    })
-}
-
-fn call_here(b: &Bucket) -> Result<(u16, String), StoreError> {
+fn call(b: Bucket) -> Result<(u16, String), StoreError> {
+    let base = b.base.clone();
     let failed = |e: String| StoreError::Remote {
-        location: b.base.clone(),
+        location: base.clone(),
         detail: format!("S3 Object Lock: {e}"),
         transient: false,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| failed(e.to_string()))?;
-    runtime.block_on(async {
-        let client = ReqwestConnector::default()
-            .connect(&ClientOptions::new().with_allow_http(b.allow_http))
-            .map_err(|e| failed(e.to_string()))?;
-        let mut request = http::Request::builder()
-            .method(http::Method::GET)
-            .uri(format!("{}/?object-lock", b.base))
-            .body(HttpRequestBody::empty())
-            .map_err(|e| failed(e.to_string()))?;
-        AwsAuthorizer::new(&b.credential, "s3", &b.region)
-            .try_authorize(&mut request, None)
-            .map_err(|e| failed(e.to_string()))?;
-        let response = client
-            .execute(request)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let status = response.status().as_u16();
-        let text = response.into_body().bytes().await.unwrap_or_default();
-        Ok((status, String::from_utf8_lossy(&text).into_owned()))
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()
+                .map_err(|e| failed(e.to_string()))?;
+            let requests = S3Requests::new(b)?;
+            runtime
+                .block_on(requests.object_lock())
+                .map_err(|f| match f {
+                    Failure::Other { detail, .. } => failed(detail),
+                    Failure::Missing | Failure::NoBucket => failed("no such bucket".into()),
+                })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(failed("the request's thread panicked".into())))
     })
 }
 
@@ -179,11 +161,11 @@ pub fn status(url: &str, opts: &RemoteOptions) -> Result<StorageLock, StoreError
             "Azure Blob immutability policies are not used by vmvault yet".into(),
         ));
     };
-    let (status, body) = call(&b)?;
+    let (status, body) = call(b)?;
     Ok(parse_status(status, &body))
 }
 
-fn parse_status(status: u16, body: &str) -> StorageLock {
+pub(crate) fn parse_status(status: u16, body: &str) -> StorageLock {
     match status {
         200 if element(body, "ObjectLockEnabled") == Some("Enabled") => StorageLock::Enabled {
             default: element(body, "DefaultRetention").and_then(|r| {

@@ -34,8 +34,9 @@ pub use manifest::{
     MANIFEST_VERSION, MAX_DISKS, MAX_MANIFEST_LEN, NAME_RULE,
 };
 pub use rules::{
-    Deletion, Keep, Locked, PointRetention, VaultRules, DEFAULT_SOFT_DELETE_DAYS, DELETION_VERSION,
-    MAX_RULES_LEN, MAX_SOFT_DELETE_DAYS, RULES_VERSION,
+    Deletion, Keep, Locked, PointRetention, VaultRules, DEFAULT_HOLD_DAYS,
+    DEFAULT_SOFT_DELETE_DAYS, DELETION_VERSION, MAX_HOLD_DAYS, MAX_RULES_LEN, MAX_SOFT_DELETE_DAYS,
+    RULES_VERSION,
 };
 pub use zero::is_zero;
 

@@ -98,6 +98,11 @@ pub const MAX_SOFT_DELETE_DAYS: u32 = 180;
 /// Rules and deletion markers are a few hundred bytes; anything larger is refused unread.
 pub const MAX_RULES_LEN: u64 = 64 * 1024;
 
+/// How long a locked vault asks its storage to hold each object it writes, unless told.
+pub const DEFAULT_HOLD_DAYS: u32 = 30;
+/// The longest storage hold a vault may ask for (ten years).
+pub const MAX_HOLD_DAYS: u32 = 3650;
+
 /// Who locked the vault, and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +110,11 @@ pub struct Locked {
     /// RFC 3339, UTC.
     pub at: String,
     pub by: String,
+    /// Days the storage is asked to hold every object written (S3 Object Lock, compliance
+    /// mode), where it can. Absent in vaults locked before storage holds existed: those ask
+    /// for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_days: Option<u32>,
 }
 
 /// The vault's rules object (`rules`).
@@ -152,6 +162,11 @@ impl VaultRules {
         }
         if r.locked.is_some() && r.soft_delete_days == 0 {
             return Err(invalid(WHAT, "locked without soft delete"));
+        }
+        if let Some(days) = r.locked.as_ref().and_then(|l| l.hold_days) {
+            if !(1..=MAX_HOLD_DAYS).contains(&days) {
+                return Err(invalid(WHAT, format!("a storage hold of {days} days")));
+            }
         }
         Ok(r)
     }
@@ -224,10 +239,25 @@ mod tests {
             locked: Some(Locked {
                 at: "2026-12-02T10:00:00Z".into(),
                 by: "alice".into(),
+                hold_days: None,
             }),
             ..VaultRules::default()
         };
         assert_eq!(VaultRules::decode(&r.encode()).unwrap(), r);
+        // A vault locked before storage holds existed says nothing of them, and reads back so.
+        assert!(!String::from_utf8(r.encode()).unwrap().contains("hold"));
+        let held =
+            br#"{"version":1,"soft_delete_days":14,"locked":{"at":"x","by":"y","hold_days":30}}"#;
+        assert_eq!(
+            VaultRules::decode(held).unwrap().locked.unwrap().hold_days,
+            Some(30)
+        );
+        for days in [0, MAX_HOLD_DAYS + 1] {
+            let text = format!(
+                r#"{{"version":1,"soft_delete_days":14,"locked":{{"at":"x","by":"y","hold_days":{days}}}}}"#
+            );
+            assert!(VaultRules::decode(text.as_bytes()).is_err(), "{days}");
+        }
         let unlocked_off = br#"{"version":1,"soft_delete_days":0,"locked":{"at":"x","by":"y"}}"#;
         assert!(VaultRules::decode(unlocked_off).is_err());
         assert!(

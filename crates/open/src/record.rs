@@ -11,7 +11,7 @@ use vmvault_store::{Kind, StoreError, WriteBackend};
 use crate::{Location, Result};
 
 /// The name of the regions record among the vault's config objects.
-pub const RECORD: &str = "regions";
+pub const RECORD: &str = vmvault_store::REGIONS_RECORD;
 
 /// The vault's regions, as recorded in it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,9 +17,50 @@
 //!   object's time or delete on a condition of it: there `touch` only says whether the object
 //!   exists, and garbage collection waits until no backup runs instead (see the crate doc).
 
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use crate::clock::Clock;
 use crate::{Result, StoreError};
+
+/// What a locked vault asks of its storage: to keep every object version written for `days`
+/// days, so that nobody, not even someone holding the storage's own credentials, can destroy
+/// a point before then (S3 Object Lock in compliance mode). Locks, which come and go by the
+/// second, are not held.
+#[derive(Clone)]
+pub struct Hold {
+    pub days: u32,
+    /// Where the end of a hold is reckoned from (the storage refuses an end in its past).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Hold {
+    /// The end of a hold that starts now.
+    pub fn until(&self) -> SystemTime {
+        self.clock.now() + Duration::from_secs(u64::from(self.days) * 86_400)
+    }
+
+    /// Whether objects of this kind are held.
+    pub fn holds(kind: Kind) -> bool {
+        kind != Kind::Lock
+    }
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold").field("days", &self.days).finish()
+    }
+}
+
+/// Whether a region's storage keeps objects as a [`Hold`] asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldState {
+    /// Every object written from now on is held, and [`WriteBackend::extend_hold`] works.
+    Enforced,
+    /// This storage does not hold objects (a directory, Azure Blob, a bucket without Object
+    /// Lock), and why; the vault's own lock still applies.
+    NotEnforced(String),
+}
 
 /// What an object is, which decides where a backend keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -140,6 +181,24 @@ pub trait WriteBackend: ReadBackend {
     /// so that garbage collection may run beside backups (see the module doc).
     fn atomic_touch(&self) -> bool {
         true
+    }
+    /// From now on, has the storage hold every object written (`Some`), or stops (`None`).
+    /// Says whether this storage can: one that cannot writes as before.
+    fn set_hold(&self, hold: Option<Hold>) -> Result<HoldState> {
+        let _ = hold;
+        Ok(HoldState::NotEnforced(
+            "this storage cannot hold objects against deletion".into(),
+        ))
+    }
+    /// Holds an existing object for the hold's days from now: what was written before the
+    /// vault was locked, and chunks that new points reuse long after they were written. Only
+    /// called after [`WriteBackend::set_hold`] said [`HoldState::Enforced`].
+    fn extend_hold(&self, kind: Kind, name: &str) -> Result<()> {
+        let _ = name;
+        Err(StoreError::Invalid(format!(
+            "this storage cannot hold a {} object against deletion",
+            kind.name()
+        )))
     }
 }
 

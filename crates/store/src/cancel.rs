@@ -93,4 +93,11 @@ impl WriteBackend for Cancellable {
     fn atomic_touch(&self) -> bool {
         self.inner.atomic_touch()
     }
+    fn set_hold(&self, hold: Option<crate::Hold>) -> Result<crate::HoldState> {
+        self.inner.set_hold(hold)
+    }
+    fn extend_hold(&self, kind: Kind, name: &str) -> Result<()> {
+        self.check()?;
+        self.inner.extend_hold(kind, name)
+    }
 }

@@ -48,6 +48,8 @@ pub struct GcReport {
     pub temporaries_removed: u64,
     /// The regions swept, primary first.
     pub regions: Vec<String>,
+    /// Objects whose storage hold was renewed (a locked vault on storage that holds objects).
+    pub holds_renewed: u64,
 }
 
 impl Vault {
@@ -81,6 +83,8 @@ impl Vault {
     ) -> Result<LockGuard> {
         let mut told = false;
         let mut steps_back = 0;
+        // A vault locked by another process since this one opened it is held from now on.
+        self.apply_hold_unless_damaged()?;
         loop {
             let guard = locks::acquire(self.backend(), &self.clock, kind, vm, false)?;
             let live = locks::live_locks(&**self.backend(), &*self.clock)?;
@@ -318,6 +322,9 @@ impl Vault {
             report.temporaries_removed += backend.remove_temporaries(cutoff)?;
             backend.sync()?;
         }
+        // What the points still need stays held at least `hold_days` after every collection,
+        // however long ago it was written (see `hold`).
+        report.holds_renewed = self.renew_holds(&|_| {})?;
         drop(guard);
         Ok(report)
     }

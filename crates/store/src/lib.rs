@@ -65,6 +65,8 @@ pub mod conformance;
 mod error;
 pub mod faulty;
 pub mod gc;
+mod hold;
+pub use hold::REGIONS_RECORD;
 pub mod journal;
 mod local;
 pub mod locks;
@@ -75,7 +77,9 @@ mod rules;
 mod vault;
 pub mod verified;
 
-pub use backend::{check_name, Check, Kind, ObjectInfo, ReadBackend, WriteBackend};
+pub use backend::{
+    check_name, Check, Hold, HoldState, Kind, ObjectInfo, ReadBackend, WriteBackend,
+};
 pub use cancel::Cancellable;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Result, StoreError};

@@ -377,4 +377,17 @@ impl WriteBackend for Replicated {
     fn atomic_touch(&self) -> bool {
         self.primary.backend.atomic_touch() && self.secondary.backend.atomic_touch()
     }
+    /// Each region holds what it is given; enforced only when both do.
+    fn set_hold(&self, hold: Option<crate::Hold>) -> Result<crate::HoldState> {
+        let primary = self.primary.backend.set_hold(hold.clone())?;
+        let secondary = self.secondary.backend.set_hold(hold)?;
+        Ok(match (primary, secondary) {
+            (crate::HoldState::Enforced, s) => s,
+            (p, _) => p,
+        })
+    }
+    fn extend_hold(&self, kind: Kind, name: &str) -> Result<()> {
+        self.primary.backend.extend_hold(kind, name)?;
+        self.secondary.backend.extend_hold(kind, name)
+    }
 }

@@ -127,4 +127,10 @@ impl WriteBackend for Retrying {
     fn atomic_touch(&self) -> bool {
         self.inner.atomic_touch()
     }
+    fn set_hold(&self, hold: Option<crate::Hold>) -> Result<crate::HoldState> {
+        self.run(|| self.inner.set_hold(hold.clone()))
+    }
+    fn extend_hold(&self, kind: Kind, name: &str) -> Result<()> {
+        self.run(|| self.inner.extend_hold(kind, name))
+    }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Utc};
 use vmvault_format::{
     Deletion, Locked, Manifest, ObjectKind, PointId, PointRetention, VaultRules, DELETION_VERSION,
-    MAX_RULES_LEN, MAX_SOFT_DELETE_DAYS,
+    MAX_HOLD_DAYS, MAX_RULES_LEN, MAX_SOFT_DELETE_DAYS,
 };
 
 use crate::backend::Kind;
@@ -110,6 +110,7 @@ impl Vault {
                             .and_then(|v| v["locked_at"].as_str().map(str::to_string))
                             .unwrap_or_else(|| ts(self.now_utc())),
                         by: "vmvault server 0.1".into(),
+                        hold_days: None,
                     });
                 }
                 Ok(rules)
@@ -147,21 +148,48 @@ impl Vault {
         Ok(rules)
     }
 
-    /// Locks the vault for good. Soft delete is turned on (14 days) if it was off. Locking a
-    /// locked vault changes nothing.
+    /// Locks the vault for good, asking the storage to hold each object for the default
+    /// [`vmvault_format::DEFAULT_HOLD_DAYS`] (see [`Vault::lock_vault_holding`]).
     pub fn lock_vault(&self, by: &str) -> Result<VaultRules> {
+        self.lock_vault_holding(by, vmvault_format::DEFAULT_HOLD_DAYS)
+    }
+
+    /// Locks the vault for good. Soft delete is turned on (14 days) if it was off. The rules
+    /// ask each region's storage to hold every object written for `hold_days` days where it
+    /// can (see `hold`); the caller renews the holds of what is already there
+    /// ([`Vault::renew_holds`]). Locking a locked vault can lengthen its hold (or give one to a
+    /// vault locked before holds existed), never shorten it; it changes nothing else.
+    pub fn lock_vault_holding(&self, by: &str, hold_days: u32) -> Result<VaultRules> {
+        if !(1..=MAX_HOLD_DAYS).contains(&hold_days) {
+            return Err(StoreError::Invalid(format!(
+                "a storage hold of {hold_days} days: give 1 to {MAX_HOLD_DAYS}"
+            )));
+        }
         let mut rules = self.rules()?;
-        if rules.locked.is_some() {
-            return Ok(rules);
+        let changed = match &mut rules.locked {
+            Some(l) => {
+                let longer = l.hold_days.is_none_or(|d| d < hold_days);
+                if longer {
+                    l.hold_days = Some(hold_days);
+                }
+                longer
+            }
+            None => {
+                if rules.soft_delete_days == 0 {
+                    rules.soft_delete_days = vmvault_format::DEFAULT_SOFT_DELETE_DAYS;
+                }
+                rules.locked = Some(Locked {
+                    at: ts(self.now_utc()),
+                    by: by.into(),
+                    hold_days: Some(hold_days),
+                });
+                true
+            }
+        };
+        if changed {
+            self.write_rules(&rules)?;
         }
-        if rules.soft_delete_days == 0 {
-            rules.soft_delete_days = vmvault_format::DEFAULT_SOFT_DELETE_DAYS;
-        }
-        rules.locked = Some(Locked {
-            at: ts(self.now_utc()),
-            by: by.into(),
-        });
-        self.write_rules(&rules)?;
+        self.apply_hold()?;
         Ok(rules)
     }
 

@@ -96,6 +96,8 @@ pub struct Vault {
     /// What the vault's rules read the time from (lock ages, waits).
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) lock_timing: LockTiming,
+    /// The storage hold the regions were last given (see `hold`).
+    pub(crate) applied_hold: crate::hold::AppliedHold,
 }
 
 impl Vault {
@@ -200,6 +202,8 @@ impl Vault {
             vault.regions[0].name = "secondary".into();
             vault.failed_over = true;
         }
+        // Before anything is written: a locked vault's storage holds it from the first object.
+        vault.apply_hold_unless_damaged()?;
         Ok(vault)
     }
 
@@ -282,6 +286,7 @@ impl Vault {
             codec,
             clock: crate::clock::system(),
             lock_timing: LockTiming::default(),
+            applied_hold: Default::default(),
         })
     }
 
@@ -324,6 +329,8 @@ impl Vault {
             codec: self.codec.clone(),
             clock: self.clock.clone(),
             lock_timing: self.lock_timing.clone(),
+            // Its own: the backends keep the hold they were given; this records one region.
+            applied_hold: Default::default(),
         }
     }
 

@@ -194,6 +194,37 @@ impl Moto {
     pub fn log(&self) -> String {
         self.process.log()
     }
+
+    /// A request signed with the server's credentials, as someone holding them (an attacker
+    /// with stolen storage credentials, in the tests) makes it: path-style, `path_and_query`
+    /// after the endpoint (`/bucket/key?versionId=...`). The status and the body.
+    pub fn signed(&self, method: http::Method, path_and_query: &str) -> (u16, String) {
+        let Credentials::S3 {
+            access_key_id,
+            secret_access_key,
+            session_token,
+        } = self.credentials()
+        else {
+            unreachable!("moto takes S3 credentials")
+        };
+        let credential = AwsCredential {
+            key_id: access_key_id,
+            secret_key: secret_access_key,
+            token: session_token,
+        };
+        let region = self.region();
+        request(
+            method,
+            &format!("{}{path_and_query}", self.endpoint()),
+            &[],
+            |r| {
+                AwsAuthorizer::new(&credential, "s3", &region)
+                    .try_authorize(r, None)
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .unwrap_or_else(|e| self.process.fail(&format!("{path_and_query}: {e}")))
+    }
 }
 
 /// The S3 server the tests use: Garage when it is installed, else moto.
@@ -383,6 +414,19 @@ fn put_with(
     headers: &[(&str, &str)],
     sign: impl FnOnce(&mut HttpRequest) -> Result<(), String>,
 ) -> Result<(), String> {
+    match request(http::Method::PUT, url, headers, sign)? {
+        (200..=299, _) => Ok(()),
+        (status, body) => Err(format!("HTTP {status}: {body}")),
+    }
+}
+
+/// Any signed request; the status and the body.
+fn request(
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    sign: impl FnOnce(&mut HttpRequest) -> Result<(), String>,
+) -> Result<(u16, String), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -392,7 +436,7 @@ fn put_with(
         let client = ReqwestConnector::default()
             .connect(&ClientOptions::new().with_allow_http(true))
             .map_err(|e| e.to_string())?;
-        let mut builder = http::Request::builder().method(http::Method::PUT).uri(url);
+        let mut builder = http::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
@@ -401,12 +445,9 @@ fn put_with(
             .map_err(|e| e.to_string())?;
         sign(&mut request)?;
         let response = client.execute(request).await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
+        let status = response.status().as_u16();
         let body = response.into_body().bytes().await.unwrap_or_default();
-        Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)))
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     })
 }
 
