@@ -1,6 +1,7 @@
 //! The client side of `--server`: a blocking HTTPS client that pins the server's
 //! certificate by its SHA-256 fingerprint on first use (as Proxmox Backup Server's client
-//! does), then refuses any other certificate for that server.
+//! does), then refuses any other certificate for that server. Requests and answers are the
+//! API crate's types (crates/api), paths its percent-encoded builders.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use vmvault_api::path::PathError;
+use vmvault_api::{ErrorBody, ErrorDetail};
 
 use crate::exit::InputError;
 
@@ -148,6 +151,29 @@ pub struct ApiError {
     pub status: u16,
     pub code: String,
     pub message: String,
+    /// A request that mints a token and waits for approval: the token, shown this once.
+    pub token: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: u16, detail: Option<ErrorDetail>) -> ApiError {
+        match detail {
+            Some(d) => ApiError {
+                status,
+                code: d.code,
+                message: d.message,
+                token: d.token,
+            },
+            // Not the server's own answer (a proxy's page, a cut connection): the status
+            // alone says what class it is.
+            None => ApiError {
+                status,
+                code: String::new(),
+                message: "(no message)".into(),
+                token: None,
+            },
+        }
+    }
 }
 
 impl std::fmt::Display for ApiError {
@@ -161,6 +187,22 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// A request path from the API crate's builders; a name no path can carry is bad input.
+pub fn route(p: std::result::Result<String, PathError>) -> Result<String> {
+    p.map_err(|e| InputError(e.to_string()).into())
+}
+
+/// The body, up to `limit` bytes: an answer (a page of manifests) can be larger than ureq's
+/// string limit, while an error is a line of JSON and whatever else is only skimmed.
+fn body(resp: ureq::Response, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(resp.into_reader(), limit),
+        &mut buf,
+    )?;
+    Ok(buf)
+}
 
 fn host_port(url: &str) -> Result<(bool, String)> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
@@ -311,43 +353,35 @@ impl Client {
         }
     }
 
+    /// The answer as `T`. 202 is both "accepted" (a job queued) and "waiting for a second
+    /// admin" (an error body); 204 has no body, which reads as `()`.
     fn answer<T: DeserializeOwned>(
         &self,
         r: std::result::Result<ureq::Response, ureq::Error>,
     ) -> Result<T> {
         match r {
-            Ok(resp)
-                if resp.status() == 202
-                    && resp
-                        .header("content-type")
-                        .is_some_and(|c| c.contains("json")) =>
-            {
-                let v: serde_json::Value = resp.into_json()?;
-                if let Some(e) = v.get("error") {
-                    return Err(ApiError {
-                        status: 202,
-                        code: e["code"].as_str().unwrap_or("").into(),
-                        message: e["message"].as_str().unwrap_or("").into(),
+            Ok(resp) => {
+                let status = resp.status();
+                if status == 204 {
+                    return serde_json::from_slice(b"null")
+                        .context("the server answered 204 (no content) where an answer was due");
+                }
+                let bytes = body(resp, u64::MAX)
+                    .with_context(|| format!("reading {}'s answer", self.base))?;
+                if status == 202 {
+                    if let Ok(e) = serde_json::from_slice::<ErrorBody>(&bytes) {
+                        return Err(ApiError::new(status, Some(e.error)).into());
                     }
-                    .into());
                 }
-                Ok(serde_json::from_value(v)?)
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("the answer of {} (status {status})", self.base))
             }
-            Ok(resp) if resp.status() == 204 => {
-                Ok(serde_json::from_value(serde_json::Value::Null)?)
-            }
-            Ok(resp) => Ok(resp.into_json()?),
             Err(ureq::Error::Status(status, resp)) => {
-                let v: serde_json::Value = resp.into_json().unwrap_or_default();
-                Err(ApiError {
-                    status,
-                    code: v["error"]["code"].as_str().unwrap_or("").into(),
-                    message: v["error"]["message"]
-                        .as_str()
-                        .unwrap_or("(no message)")
-                        .into(),
-                }
-                .into())
+                let detail = body(resp, 1 << 20)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<ErrorBody>(&b).ok())
+                    .map(|b| b.error);
+                Err(ApiError::new(status, detail).into())
             }
             Err(e) => Err(anyhow!("{}: {e}", self.base)),
         }
@@ -364,6 +398,11 @@ impl Client {
         body: &impl Serialize,
     ) -> Result<T> {
         self.answer(self.request(method, path).send_json(body))
+    }
+
+    /// A POST with no body: the action is all in the path.
+    pub fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.answer(self.request("POST", path).call())
     }
 
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {

@@ -5,14 +5,19 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
-use serde_json::{json, Value};
+use vmvault_api::{
+    approvals, audit, items, jobs, points as api_points, users, Approval, AuditEntry, AuditQuery,
+    BackupRequest, Cancelled, Decision, Deleted, Item, Job, JobDetail, JobQuery, JobRef, NewToken,
+    NewUser, PointRow, ProtectRequest, RestoreRequest, Role, User,
+};
 
 use crate::exit::InputError;
 use crate::output::{print_json, table};
-use crate::remote::Client;
+use crate::remote::{route, ApiError, Client};
 use crate::remote_show::{
-    cell, follow_job, points, policy, print_job, print_jobs, urlencode, vault,
+    cell, emit, find_point, follow_job, points, policy, print_job, print_jobs, vault,
 };
 
 #[derive(Parser)]
@@ -240,8 +245,8 @@ enum UserCommand {
     Create {
         name: String,
         /// What the user may do; each role includes the ones before it.
-        #[arg(long, value_parser = ["reader", "operator", "contributor", "admin"])]
-        role: String,
+        #[arg(long, value_parser = role_parser())]
+        role: Role,
     },
     List,
     /// A new token for a user (shown once).
@@ -252,6 +257,12 @@ enum UserCommand {
     Revoke {
         name: String,
     },
+}
+
+/// The roles by name, listed in `--help` and in the refusal of any other word.
+fn role_parser() -> impl TypedValueParser<Value = Role> {
+    PossibleValuesParser::new(Role::ALL.map(Role::as_str))
+        .map(|s| s.parse::<Role>().expect("a role the parser lists"))
 }
 
 /// Whether this command line is meant for a server: `--server` given, or VMVAULT_SERVER
@@ -289,12 +300,6 @@ pub fn wanted(args: &[String]) -> bool {
         .is_some_and(|c| REMOTE.contains(&c.as_str()))
 }
 
-/// The point a name means, as the server resolves it (the local grammar: VM@latest, VM@ID,
-/// VM@TIME, VM, or an id).
-fn find_point(c: &Client, spec: &str) -> Result<Value> {
-    c.get(&format!("/recovery-points/{}", urlencode(spec)))
-}
-
 /// Runs a command against the server. A request that a second admin must approve ends as
 /// an error of class `Pending` (exit 7): not a failure, but not done either.
 pub fn run(cli: RemoteCli) -> Result<()> {
@@ -322,43 +327,29 @@ fn run_command(cli: RemoteCli) -> Result<()> {
         cli.trust_fingerprint.as_deref(),
     )?;
     let json = cli.json;
-    let show = |v: &Value| print_json(v);
-    // `--json` prints the server's answer as it is; otherwise `human` says it in words.
-    let emit = |v: &Value, human: &dyn Fn(&Value)| {
-        if json {
-            print_json(v)
-        } else {
-            human(v)
-        }
-    };
     match cli.command {
         RemoteCommand::Policy(p) => policy(&c, json, p)?,
         RemoteCommand::Protect {
             description,
             policy,
         } => {
-            let desc = vmvault_engine::VmDescription::load(&description)?;
+            let mut desc = vmvault_engine::VmDescription::load(&description)?;
             // Paths go to the server absolute: it reads the disks on its own host.
-            let mut desc = desc;
             for d in &mut desc.disks {
                 d.path = std::path::absolute(&d.path)
                     .with_context(|| format!("resolving {}", d.path.display()))?;
             }
-            let v: Value = c.send(
-                "POST",
-                "/protected-items",
-                &json!({"description": desc.to_toml(), "policy": policy}),
-            )?;
-            emit(&v, &|v| {
-                outln!(
-                    "{} is protected by policy {}",
-                    v["name"].as_str().unwrap_or(""),
-                    policy
-                );
+            let req = ProtectRequest {
+                description: desc.to_toml(),
+                policy,
+            };
+            let item: Item = c.send("POST", items::COLLECTION, &req)?;
+            emit(json, &item, |i| {
+                outln!("{} is protected by policy {}", i.name, i.policy);
             });
         }
         RemoteCommand::Unprotect { name } => {
-            let _: Value = c.delete(&format!("/protected-items/{name}"))?;
+            let () = c.delete(&route(items::item_path(&name))?)?;
             eprintln!("{name} is no longer protected; its recovery points stay");
         }
         RemoteCommand::Backup {
@@ -366,25 +357,21 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             keep_until,
             wait,
         } => {
-            let v: Value = c.send(
-                "POST",
-                &format!("/protected-items/{name}/backup"),
-                &json!({"keep_until": keep_until}),
-            )?;
-            let id = v["job"].as_i64().unwrap_or(0);
+            let path = route(items::backup_path(&name))?;
+            let r: JobRef = c.send("POST", &path, &BackupRequest { keep_until })?;
             if wait {
-                let j = follow_job(&c, id)?;
-                if json {
-                    show(&j);
-                } else {
-                    // As a local backup does: the new point's id.
-                    outln!("{}", cell(&j["point"]));
-                }
-            } else if json {
-                show(&v);
+                // As a local backup does: the new point's id.
+                emit(json, &follow_job(&c, r.job)?, |d| {
+                    outln!("{}", cell(&d.job.point));
+                });
             } else {
-                outln!("{id}");
-                eprintln!("backup job {id} queued; `vmvault job show {id}` follows it");
+                emit(json, &r, |r| {
+                    outln!("{}", r.job);
+                    eprintln!(
+                        "backup job {} queued; `vmvault job show {}` follows it",
+                        r.job, r.job
+                    );
+                });
             }
         }
         RemoteCommand::Jobs {
@@ -393,56 +380,46 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             limit,
         } => {
             let state = if running {
-                "&state=running"
+                Some("running")
             } else if failed {
-                "&state=failed"
+                Some("failed")
             } else {
-                ""
+                None
             };
-            let v: Value = c.get(&format!("/jobs?limit={limit}{state}"))?;
-            emit(&v, &print_jobs);
+            let q = JobQuery {
+                state: state.map(str::to_string),
+                limit: Some(limit),
+                before: None,
+            };
+            let list: Vec<Job> = c.get(&route(jobs::list_path(&q))?)?;
+            emit(json, &list, |l| print_jobs(l));
         }
         RemoteCommand::Job(JobCommand::Show { id }) => {
-            let v: Value = c.get(&format!("/jobs/{id}"))?;
-            emit(&v, &print_job);
+            let d: JobDetail = c.get(&jobs::job_path(id))?;
+            emit(json, &d, print_job);
         }
         RemoteCommand::Job(JobCommand::Cancel { id }) => {
-            let v: Value = c.send("POST", &format!("/jobs/{id}/cancel"), &json!({}))?;
-            emit(&v, &|v| {
-                outln!("job {id}: {}", v["state"].as_str().unwrap_or(""));
-            });
+            let r: Cancelled = c.post(&jobs::cancel_path(id))?;
+            emit(json, &r, |r| outln!("job {}: {}", r.id, r.state));
         }
         RemoteCommand::Points { vm, deleted } => points(&c, json, vm.as_deref(), deleted)?,
         RemoteCommand::Point(PointCommand::Delete { point }) => {
             let p = find_point(&c, &point)?;
-            let id = p["id"].as_str().unwrap_or("");
-            let v: Value = c.delete(&format!("/recovery-points/{id}"))?;
-            if json {
-                show(&v);
-            } else {
+            let d: Deleted = c.delete(&route(api_points::point_path(&p.id))?)?;
+            emit(json, &d, |d| {
                 outln!(
                     "{}@{} deleted; restorable and undeletable until {}",
-                    p["vm"].as_str().unwrap_or(""),
-                    &id[..id.len().min(8)],
-                    v["purge_after"].as_str().unwrap_or("?")
+                    p.vm,
+                    short(&p.id),
+                    d.purge_after
                 );
-            }
+            });
         }
         RemoteCommand::Point(PointCommand::Undelete { point }) => {
             // A deleted point is named by its id (VM@ID or the id alone).
             let id = point.split_once('@').map_or(point.as_str(), |(_, id)| id);
-            let v: Value = c.send(
-                "POST",
-                &format!("/recovery-points/{}/undelete", urlencode(id)),
-                &json!({}),
-            )?;
-            emit(&v, &|v| {
-                outln!(
-                    "{}@{} is back",
-                    v["vm"].as_str().unwrap_or(""),
-                    &id[..id.len().min(8)]
-                );
-            });
+            let row: PointRow = c.post(&route(api_points::undelete_path(id))?)?;
+            emit(json, &row, |r| outln!("{}@{} is back", r.vm, short(id)));
         }
         RemoteCommand::Restore {
             point,
@@ -452,114 +429,101 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             force,
             wait,
         } => {
-            let v: Value = c.send(
-                "POST",
-                "/restores",
-                &json!({"point": point, "target": to, "overwrite": force,
-                        "disk": disk, "format": format}),
-            )?;
-            let id = v["job"].as_i64().unwrap_or(0);
+            let req = RestoreRequest {
+                point,
+                target: to,
+                overwrite: force,
+                disk,
+                format,
+            };
+            let r: JobRef = c.send("POST", api_points::RESTORES, &req)?;
             if wait {
-                let j = follow_job(&c, id)?;
+                let d = follow_job(&c, r.job)?;
                 if json {
-                    show(&j);
+                    print_json(&d);
                 }
             } else {
-                emit(&v, &|v| {
-                    outln!("{}", v["job"]);
-                });
+                emit(json, &r, |r| outln!("{}", r.job));
             }
         }
         RemoteCommand::Vault(cmd) => vault(&c, json, cmd)?,
-        RemoteCommand::Approval(cmd) => {
-            let v: Value = match cmd {
-                ApprovalCommand::List => c.get("/approvals")?,
-                ApprovalCommand::Approve { id } => c.send(
-                    "POST",
-                    &format!("/approvals/{id}"),
-                    &json!({"approve": true}),
-                )?,
-                ApprovalCommand::Reject { id } => c.send(
-                    "POST",
-                    &format!("/approvals/{id}"),
-                    &json!({"approve": false}),
-                )?,
-            };
-            if json || !v.is_array() {
-                show(&v);
-            } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|a| {
-                        [
-                            "id",
-                            "state",
-                            "action",
-                            "target",
-                            "requested_by",
-                            "requested_at",
-                            "decided_by",
-                        ]
-                        .iter()
-                        .map(|k| cell(&a[*k]))
-                        .collect()
-                    })
-                    .collect();
-                table(
-                    &["ID", "STATE", "ACTION", "TARGET", "BY", "AT", "DECIDED BY"],
-                    &rows,
-                );
-            }
+        RemoteCommand::Approval(ApprovalCommand::List) => {
+            let list: Vec<Approval> = c.get(approvals::COLLECTION)?;
+            emit(json, &list, |l| approval_table(l));
+        }
+        RemoteCommand::Approval(ApprovalCommand::Approve { id }) => {
+            let a: Approval = c.send(
+                "POST",
+                &approvals::approval_path(id),
+                &Decision { approve: true },
+            )?;
+            print_json(&a);
+        }
+        RemoteCommand::Approval(ApprovalCommand::Reject { id }) => {
+            let a: Approval = c.send(
+                "POST",
+                &approvals::approval_path(id),
+                &Decision { approve: false },
+            )?;
+            print_json(&a);
         }
         RemoteCommand::User(UserCommand::Create { name, role }) => {
-            let v: Value = c.send("POST", "/users", &json!({"name": name, "role": role}))?;
-            emit(&v, &|v| {
-                outln!("{}", v["token"].as_str().unwrap_or(""));
+            let req = NewUser {
+                name: name.clone(),
+                role,
+            };
+            let t: NewToken = c
+                .send("POST", users::COLLECTION, &req)
+                .inspect_err(pending_token)?;
+            emit(json, &t, |t| {
+                outln!("{}", t.token);
                 eprintln!("the token of {name} ({role}): shown this once");
             });
         }
         RemoteCommand::User(UserCommand::Token { name }) => {
-            let v: Value = c.send("POST", &format!("/users/{name}/tokens"), &json!({}))?;
-            outln!("{}", v["token"].as_str().unwrap_or(""));
+            let t: NewToken = c
+                .post(&route(users::tokens_path(&name))?)
+                .inspect_err(pending_token)?;
+            outln!("{}", t.token);
         }
         RemoteCommand::User(UserCommand::Revoke { name }) => {
-            let _: Value = c.delete(&format!("/users/{name}/tokens"))?;
+            let () = c.delete(&route(users::tokens_path(&name))?)?;
             eprintln!("every token of {name} is revoked");
         }
         RemoteCommand::User(UserCommand::List) => {
-            let v: Value = c.get("/users")?;
-            emit(&v, &|v| {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+            let list: Vec<User> = c.get(users::COLLECTION)?;
+            emit(json, &list, |l| {
+                let rows: Vec<Vec<String>> = l
+                    .iter()
                     .map(|u| {
-                        let roles: Vec<String> = u["roles"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .map(|r| format!("{} on {}", cell(&r[1]), cell(&r[0])))
+                        let roles: Vec<String> = u
+                            .roles
+                            .iter()
+                            .map(|(vault, role)| format!("{role} on {vault}"))
                             .collect();
-                        vec![cell(&u["name"]), roles.join(", ")]
+                        vec![u.name.clone(), roles.join(", ")]
                     })
                     .collect();
                 table(&["USER", "ROLES"], &rows);
             });
         }
         RemoteCommand::Audit { limit } => {
-            let v: Value = c.get(&format!("/audit?limit={limit}"))?;
-            emit(&v, &|v| {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+            let q = AuditQuery {
+                limit: Some(limit),
+                before: None,
+            };
+            let list: Vec<AuditEntry> = c.get(&route(audit::list_path(&q))?)?;
+            emit(json, &list, |l| {
+                let rows: Vec<Vec<String>> = l
+                    .iter()
                     .map(|a| {
-                        ["time", "user", "action", "target", "outcome"]
-                            .iter()
-                            .map(|k| cell(&a[*k]))
-                            .collect()
+                        vec![
+                            a.time.clone(),
+                            a.user.clone(),
+                            a.action.clone(),
+                            a.target.clone(),
+                            a.outcome.clone(),
+                        ]
                     })
                     .collect();
                 table(&["TIME", "USER", "ACTION", "TARGET", "OUTCOME"], &rows);
@@ -567,4 +531,39 @@ fn run_command(cli: RemoteCli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A point's id as the local commands show it: its first 8 digits.
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+/// A token minted by a request that waits for a second admin comes only in the 202 answer,
+/// and works once approved: print it now, or it is lost.
+fn pending_token(e: &anyhow::Error) {
+    if let Some(t) = e.downcast_ref::<ApiError>().and_then(|a| a.token.as_ref()) {
+        outln!("{t}");
+        eprintln!("vmvault: the token above works once the request is approved; shown this once");
+    }
+}
+
+fn approval_table(list: &[Approval]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.to_string(),
+                a.state.clone(),
+                a.action.clone(),
+                a.target.clone(),
+                a.requested_by.clone(),
+                a.requested_at.clone(),
+                cell(&a.decided_by),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "STATE", "ACTION", "TARGET", "BY", "AT", "DECIDED BY"],
+        &rows,
+    );
 }

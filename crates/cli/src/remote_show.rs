@@ -1,110 +1,136 @@
 //! What the server commands print: tables like the local commands', JSON with `--json`.
+//!
+//! `--json` prints the API type the answer was read into, written back: the fields, names
+//! and order the server sent (crates/api holds both sides' definition).
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
+use serde::Serialize;
+use vmvault_api::{
+    jobs, points as api_points, policies, vaults, Job, JobDetail, PointPage, PointQuery, PointRow,
+    Policy, VaultInfo, VaultSettings,
+};
 use vmvault_format::Manifest;
 
 use crate::exit::InputError;
 use crate::output::{bytes, print_json, table};
-use crate::remote::Client;
+use crate::remote::{route, Client};
 use crate::remote_cmd::{PolicyArgs, PolicyCommand, VaultCommand};
 
-pub fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+/// A value that may be absent, as a table cell: `-` for none.
+pub fn cell<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".into(), T::to_string)
+}
+
+/// The answer as JSON with `--json`, else said in words by `human`.
+pub fn emit<T: Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
+    if json {
+        print_json(v)
+    } else {
+        human(v)
+    }
+}
+
+fn new_policy(a: &PolicyArgs) -> Policy {
+    Policy {
+        name: a.name.clone(),
+        schedule: a.schedule.clone(),
+        timezone: a.timezone.clone(),
+        keep_last: a.keep_last,
+        keep_hourly: a.keep_hourly,
+        keep_daily: a.keep_daily,
+        keep_weekly: a.keep_weekly,
+        keep_monthly: a.keep_monthly,
+        keep_yearly: a.keep_yearly,
     }
 }
 
 pub fn policy(c: &Client, json: bool, cmd: PolicyCommand) -> Result<()> {
-    let body = |a: &PolicyArgs| {
-        json!({"name": a.name, "schedule": a.schedule, "timezone": a.timezone,
-            "keep_last": a.keep_last, "keep_hourly": a.keep_hourly, "keep_daily": a.keep_daily,
-            "keep_weekly": a.keep_weekly, "keep_monthly": a.keep_monthly, "keep_yearly": a.keep_yearly})
-    };
-    let v: Value = match &cmd {
-        PolicyCommand::Create(a) => c.send("POST", "/policies", &body(a))?,
+    let one: Policy = match &cmd {
+        PolicyCommand::Create(a) => c.send("POST", policies::COLLECTION, &new_policy(a))?,
         PolicyCommand::Update(a) => {
             // The server's PUT replaces the policy: start from what it is now.
-            let path = format!("/policies/{}", a.name);
-            let mut current: Value = c.get(&path)?;
-            let text = [("schedule", &a.schedule), ("timezone", &a.timezone)];
-            for (k, v) in text {
-                if let Some(v) = v {
-                    current[k] = json!(v);
+            let path = route(policies::policy_path(&a.name))?;
+            let mut p: Policy = c.get(&path)?;
+            let text = [
+                (&mut p.schedule, &a.schedule),
+                (&mut p.timezone, &a.timezone),
+            ];
+            for (field, given) in text {
+                if let Some(v) = given {
+                    field.clone_from(v);
                 }
             }
             let counts = [
-                ("keep_last", a.keep_last),
-                ("keep_hourly", a.keep_hourly),
-                ("keep_daily", a.keep_daily),
-                ("keep_weekly", a.keep_weekly),
-                ("keep_monthly", a.keep_monthly),
-                ("keep_yearly", a.keep_yearly),
+                (&mut p.keep_last, a.keep_last),
+                (&mut p.keep_hourly, a.keep_hourly),
+                (&mut p.keep_daily, a.keep_daily),
+                (&mut p.keep_weekly, a.keep_weekly),
+                (&mut p.keep_monthly, a.keep_monthly),
+                (&mut p.keep_yearly, a.keep_yearly),
             ];
-            for (k, v) in counts {
-                if let Some(v) = v {
-                    current[k] = json!(v);
+            for (field, given) in counts {
+                if let Some(v) = given {
+                    *field = v;
                 }
             }
-            let body = json!({"name": a.name, "schedule": current["schedule"],
-                "timezone": current["timezone"], "keep_last": current["keep_last"],
-                "keep_hourly": current["keep_hourly"], "keep_daily": current["keep_daily"],
-                "keep_weekly": current["keep_weekly"], "keep_monthly": current["keep_monthly"],
-                "keep_yearly": current["keep_yearly"]});
-            c.send("PUT", &path, &body)?
+            p.name.clone_from(&a.name);
+            c.send("PUT", &path, &p)?
         }
-        PolicyCommand::List => c.get("/policies")?,
-        PolicyCommand::Show { name } => c.get(&format!("/policies/{name}"))?,
+        PolicyCommand::List => {
+            let all: Vec<Policy> = c.get(policies::COLLECTION)?;
+            emit(json, &all, |all| policy_table(all));
+            return Ok(());
+        }
+        PolicyCommand::Show { name } => c.get(&route(policies::policy_path(name))?)?,
         PolicyCommand::Delete { name } => {
-            let _: Value = c.delete(&format!("/policies/{name}"))?;
+            let () = c.delete(&route(policies::policy_path(name))?)?;
             eprintln!("policy {name} deleted");
             return Ok(());
         }
     };
-    if json {
-        print_json(&v);
-        return Ok(());
-    }
-    let list = if v.is_array() {
-        v.as_array().cloned().unwrap_or_default()
-    } else {
-        vec![v]
-    };
+    emit(json, &one, |p| policy_table(std::slice::from_ref(p)));
+    Ok(())
+}
+
+fn policy_table(list: &[Policy]) {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|p| {
-            let keep: Vec<String> = ["last", "hourly", "daily", "weekly", "monthly", "yearly"]
+            let counts = [
+                ("last", p.keep_last),
+                ("hourly", p.keep_hourly),
+                ("daily", p.keep_daily),
+                ("weekly", p.keep_weekly),
+                ("monthly", p.keep_monthly),
+                ("yearly", p.keep_yearly),
+            ];
+            let keep: Vec<String> = counts
                 .iter()
-                .filter(|k| p[format!("keep_{k}")].as_u64().unwrap_or(0) > 0)
-                .map(|k| format!("{k}={}", p[format!("keep_{k}")]))
+                .filter(|(_, n)| *n > 0)
+                .map(|(k, n)| format!("{k}={n}"))
                 .collect();
             vec![
-                cell(&p["name"]),
-                cell(&p["schedule"]),
-                cell(&p["timezone"]),
+                p.name.clone(),
+                p.schedule.clone(),
+                p.timezone.clone(),
                 keep.join(" "),
             ]
         })
         .collect();
     table(&["NAME", "SCHEDULE", "TIMEZONE", "KEEP"], &rows);
-    Ok(())
 }
 
-pub fn print_jobs(v: &Value) {
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .into_iter()
-        .flatten()
+pub fn print_jobs(list: &[Job]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
         .map(|j| {
             vec![
-                cell(&j["id"]),
-                cell(&j["kind"]),
-                cell(&j["item"]),
-                cell(&j["state"]),
-                cell(&j["started"]),
-                cell(&j["ended"]),
+                j.id.to_string(),
+                j.kind.clone(),
+                cell(&j.item),
+                j.state.clone(),
+                cell(&j.started),
+                cell(&j.ended),
                 progress(j),
             ]
         })
@@ -117,40 +143,40 @@ pub fn print_jobs(v: &Value) {
     );
 }
 
-fn progress(j: &Value) -> String {
-    let done = j["bytes_done"].as_u64().unwrap_or(0);
-    let total = j["bytes_total"].as_u64().unwrap_or(0);
-    let mut s = format!("{}/{}", bytes(done), bytes(total));
-    if let Some(r) = j["rate"].as_f64() {
+fn progress(j: &Job) -> String {
+    let mut s = format!("{}/{}", bytes(j.bytes_done), bytes(j.bytes_total));
+    if let Some(r) = j.rate {
         s.push_str(&format!(" {}/s", bytes(r as u64)));
     }
-    if let Some(e) = j["eta_secs"].as_f64() {
+    if let Some(e) = j.eta_secs {
         s.push_str(&format!(" ETA {}s", e.round()));
     }
     s
 }
 
-pub fn print_job(j: &Value) {
-    for k in [
-        "id",
-        "kind",
-        "item",
-        "state",
-        "attempt",
-        "requested_by",
-        "created",
-        "started",
-        "ended",
-        "point",
-        "error",
-    ] {
-        if !j[k].is_null() {
-            outln!("{k:<13}{}", cell(&j[k]));
+pub fn print_job(d: &JobDetail) {
+    let j = &d.job;
+    let fields = [
+        ("id", Some(j.id.to_string())),
+        ("kind", Some(j.kind.clone())),
+        ("item", j.item.clone()),
+        ("state", Some(j.state.clone())),
+        ("attempt", Some(j.attempt.to_string())),
+        ("requested_by", Some(j.requested_by.clone())),
+        ("created", Some(j.created.clone())),
+        ("started", j.started.clone()),
+        ("ended", j.ended.clone()),
+        ("point", j.point.clone()),
+        ("error", j.error.clone()),
+    ];
+    for (k, v) in fields {
+        if let Some(v) = v {
+            outln!("{k:<13}{v}");
         }
     }
     outln!("{:<13}{}", "progress", progress(j));
-    for l in j["log"].as_array().into_iter().flatten() {
-        outln!("  {} {}", cell(&l["time"]), cell(&l["line"]));
+    for l in &d.log {
+        outln!("  {} {}", l.time, l.line);
     }
 }
 
@@ -190,41 +216,36 @@ impl JobEnded {
 
 /// Follows a job to its end: its log lines on stderr as they come, its bytes as a progress bar
 /// on a terminal. The job as it ended when it succeeded; [`JobEnded`] otherwise.
-pub fn follow_job(c: &Client, id: i64) -> Result<Value> {
+pub fn follow_job(c: &Client, id: i64) -> Result<JobDetail> {
     use vmvault_engine::Progress;
     let bar = crate::output::Bar::new();
     let (mut said, mut total) = (0usize, 0u64);
     let mut done = 0u64;
     loop {
-        let j: Value = c.get(&format!("/jobs/{id}"))?;
-        let log = j["log"].as_array().cloned().unwrap_or_default();
-        for l in log.iter().skip(said) {
-            bar.message(&format!("job {id}: {}", cell(&l["line"])));
+        let d: JobDetail = c.get(&jobs::job_path(id))?;
+        for l in d.log.iter().skip(said) {
+            bar.message(&format!("job {id}: {}", l.line));
         }
-        said = said.max(log.len());
-        let (now_done, now_total) = (
-            j["bytes_done"].as_u64().unwrap_or(0),
-            j["bytes_total"].as_u64().unwrap_or(0),
-        );
-        if now_total != total && now_total > 0 {
-            bar.start("job", now_total);
-            bar.advance(now_done);
-            total = now_total;
-        } else if now_done > done {
-            bar.advance(now_done - done);
+        said = said.max(d.log.len());
+        let j = &d.job;
+        if j.bytes_total != total && j.bytes_total > 0 {
+            bar.start("job", j.bytes_total);
+            bar.advance(j.bytes_done);
+            total = j.bytes_total;
+        } else if j.bytes_done > done {
+            bar.advance(j.bytes_done - done);
         }
-        done = now_done;
-        let state = j["state"].as_str().unwrap_or("").to_string();
-        if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+        done = j.bytes_done;
+        if j.ended() {
             bar.finish();
-            if state == "succeeded" {
-                return Ok(j);
+            if j.state == "succeeded" {
+                return Ok(d);
             }
             return Err(JobEnded {
                 id,
-                state,
-                error: cell(&j["error"]),
-                code: j["error_code"].as_str().map(str::to_string),
+                state: j.state.clone(),
+                error: j.error.clone().unwrap_or_default(),
+                code: j.error_code.clone(),
             }
             .into());
         }
@@ -232,59 +253,61 @@ pub fn follow_job(c: &Client, id: i64) -> Result<Value> {
     }
 }
 
+/// The one vault a server keeps.
+fn the_vault(c: &Client) -> Result<VaultInfo> {
+    let all: Vec<VaultInfo> = c.get(vaults::COLLECTION)?;
+    all.into_iter().next().context("the server lists no vault")
+}
+
 pub fn points(c: &Client, json: bool, vm: Option<&str>, deleted: bool) -> Result<()> {
-    let vaults: Value = c.get("/vaults")?;
-    let location = vaults[0]["location"].as_str().unwrap_or("").to_string();
-    let encrypted = vaults[0]["encrypted"].as_bool().unwrap_or(true);
+    let v = the_vault(c)?;
     let mut manifests: Vec<Manifest> = Vec::new();
-    let mut cursor: Option<String> = None;
+    let mut q = PointQuery {
+        item: vm.map(str::to_string),
+        limit: Some(1000),
+        cursor: None,
+        deleted,
+    };
     loop {
-        let mut q = format!("/recovery-points?limit=1000&deleted={deleted}");
-        if let Some(vm) = vm {
-            q.push_str(&format!("&item={}", urlencode(vm)));
+        let page: PointPage = c.get(&route(api_points::list_path(&q))?)?;
+        for p in &page.items {
+            manifests.push(p.read_manifest().context("a manifest from the server")?);
         }
-        if let Some(cur) = &cursor {
-            q.push_str(&format!("&cursor={}", urlencode(cur)));
-        }
-        let page: Value = c.get(&q)?;
-        for p in page["items"].as_array().into_iter().flatten() {
-            manifests.push(
-                serde_json::from_value(p["manifest"].clone())
-                    .context("a manifest from the server")?,
-            );
-        }
-        match page["next_cursor"].as_str() {
-            Some(n) => cursor = Some(n.to_string()),
+        match page.next_cursor {
+            Some(n) => q.cursor = Some(n),
             None => break,
         }
     }
-    crate::points::show(json, location, encrypted, manifests.iter().collect(), &[]);
+    crate::points::show(
+        json,
+        v.location,
+        v.encrypted,
+        manifests.iter().collect(),
+        &[],
+    );
     Ok(())
 }
 
-pub fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+/// The point a name means, as the server resolves it (the local grammar: VM@latest, VM@ID,
+/// VM@TIME, VM, or an id).
+pub fn find_point(c: &Client, spec: &str) -> Result<PointRow> {
+    c.get(&route(api_points::point_path(spec))?)
 }
 
 pub fn vault(c: &Client, json: bool, cmd: VaultCommand) -> Result<()> {
-    let vaults: Value = c.get("/vaults")?;
-    let name = vaults[0]["name"].as_str().unwrap_or("default").to_string();
-    let v: Value = match cmd {
-        VaultCommand::Show => vaults[0].clone(),
+    let current = the_vault(c)?;
+    let v: VaultInfo = match cmd {
+        VaultCommand::Show => current,
         VaultCommand::Set {
             soft_delete_days,
             require_approval,
         } => c.send(
             "PATCH",
-            &format!("/vaults/{name}"),
-            &json!({"soft_delete_days": soft_delete_days, "require_approval": require_approval}),
+            &route(vaults::vault_path(&current.name))?,
+            &VaultSettings {
+                soft_delete_days,
+                require_approval,
+            },
         )?,
         VaultCommand::Lock {
             yes_i_understand_this_is_irreversible,
@@ -295,19 +318,29 @@ pub fn vault(c: &Client, json: bool, cmd: VaultCommand) -> Result<()> {
                 )
                 .into());
             }
-            c.send(
-                "POST",
-                &format!("/vaults/{}/lock", urlencode(&name)),
-                &json!({}),
-            )?
+            c.post(&route(vaults::lock_path(&current.name))?)?
         }
     };
-    if json {
-        print_json(&v);
-    } else if let Some(o) = v.as_object() {
-        for (k, val) in o {
-            outln!("{k:<18}{}", cell(val));
-        }
-    }
+    emit(json, &v, print_vault);
     Ok(())
+}
+
+fn print_vault(v: &VaultInfo) {
+    // By name, as `vault show` has always listed them.
+    let fields = [
+        ("bytes_stored", v.bytes_stored.to_string()),
+        ("chunk_size", v.chunk_size.to_string()),
+        ("encrypted", v.encrypted.to_string()),
+        ("location", v.location.clone()),
+        ("locked_at", cell(&v.locked_at)),
+        ("name", v.name.clone()),
+        ("recovery_points", v.recovery_points.to_string()),
+        ("require_approval", v.require_approval.to_string()),
+        ("schema_version", v.schema_version.to_string()),
+        ("soft_delete_days", v.soft_delete_days.to_string()),
+        ("storage_lock", v.storage_lock.clone()),
+    ];
+    for (k, val) in fields {
+        outln!("{k:<18}{val}");
+    }
 }

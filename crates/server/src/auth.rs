@@ -4,55 +4,11 @@
 //! against its BLAKE3 hash (a random 256-bit secret needs no slow hash: it cannot be
 //! guessed, only stolen, and the database holds no usable copy). The secret is shown once.
 
-use std::fmt;
-use std::str::FromStr;
-
 use rusqlite::{params, OptionalExtension};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+pub use vmvault_api::{AuditEntry, Role};
 
 use crate::db::{ts, Db};
 use crate::{Error, Result};
-
-/// What a user may do on a vault; each role includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Sees everything: vaults, policies, items, points, jobs.
-    Reader,
-    /// Backs up and restores.
-    Operator,
-    /// Manages policies and protected items, deletes and undeletes points.
-    Contributor,
-    /// Users, tokens, vault settings, lock, approvals, audit.
-    Admin,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Reader => "reader",
-            Role::Operator => "operator",
-            Role::Contributor => "contributor",
-            Role::Admin => "admin",
-        })
-    }
-}
-
-impl FromStr for Role {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Role> {
-        match s {
-            "reader" => Ok(Role::Reader),
-            "operator" => Ok(Role::Operator),
-            "contributor" => Ok(Role::Contributor),
-            "admin" => Ok(Role::Admin),
-            _ => Err(Error::Input(format!(
-                "'{s}' is not a role (reader, operator, contributor, admin)"
-            ))),
-        }
-    }
-}
 
 /// Who made a request, once their token checked out.
 ///
@@ -95,7 +51,10 @@ fn hash(secret: &str) -> String {
 
 /// Refuses what is not a user name.
 pub fn check_user_name(name: &str) -> Result<()> {
+    // `.` and `..` would be steps in a path, never one user's segment of it.
     if name.is_empty()
+        || name == "."
+        || name == ".."
         || name.len() > 64
         || !name
             .chars()
@@ -270,17 +229,6 @@ pub fn audit(db: &Db, user: &str, action: &str, target: &str, outcome: &str) {
     ) {
         eprintln!("vmvault server: could not write the audit log: {e}");
     }
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct AuditEntry {
-    pub id: i64,
-    pub time: String,
-    pub user: String,
-    pub action: String,
-    pub target: String,
-    /// `ok`, `denied: ...`, `failed: ...` or `pending approval N`.
-    pub outcome: String,
 }
 
 pub fn audit_entries(db: &Db, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {

@@ -5,32 +5,12 @@
 use std::collections::{HashMap, HashSet};
 
 use rusqlite::{params, OptionalExtension};
-use serde::Serialize;
-use utoipa::ToSchema;
+pub use vmvault_api::PointRow;
 use vmvault_format::Manifest;
 use vmvault_store::Vault;
 
 use crate::db::Db;
 use crate::{Error, Result};
-
-/// A recovery point as the API shows it.
-#[derive(Serialize, ToSchema)]
-pub struct PointRow {
-    /// The point's id (32 hex digits).
-    pub id: String,
-    /// The protected VM it belongs to.
-    pub vm: String,
-    pub time: String,
-    pub bytes_logical: u64,
-    pub bytes_stored: u64,
-    /// When it was (soft-)deleted; it is removed for good `soft_delete_days` later.
-    pub deleted_at: Option<String>,
-    /// Kept at least until then, whatever the policy's retention says.
-    pub keep_until: Option<String>,
-    /// The whole manifest, as `vmvault points --json` shows it.
-    #[schema(value_type = Object)]
-    pub manifest: serde_json::Value,
-}
 
 fn insert(conn: &rusqlite::Connection, vault: &str, m: &Manifest) -> Result<()> {
     let json = serde_json::to_string(m).map_err(|e| Error::Input(e.to_string()))?;

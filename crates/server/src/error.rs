@@ -3,8 +3,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
+use vmvault_api::{ErrorBody, ErrorDetail, UnknownRole};
 use vmvault_class::{Class, Classify};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +58,12 @@ impl From<vmvault_open::Error> for Error {
     }
 }
 
+impl From<UnknownRole> for Error {
+    fn from(e: UnknownRole) -> Error {
+        Error::Input(e.to_string())
+    }
+}
+
 impl Error {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
@@ -89,28 +94,6 @@ impl Classify for Error {
             Error::Db(_) | Error::Io { .. } | Error::Tls(_) | Error::Panicked(_) => Class::Failure,
         }
     }
-}
-
-/// The body of every error answer.
-#[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, machine-readable, one per error class (crates/class): bad_request, not_found,
-    /// conflict, damaged, wrong_passphrase, busy, forbidden, unauthorized,
-    /// approval_required, unavailable, internal.
-    pub code: String,
-    pub message: String,
-    /// The approval request that must be granted, for `approval_required`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub approval: Option<i64>,
-    /// For `approval_required` on a request that mints a token (a new admin, a token for
-    /// another user): the token, shown this once, which works from its approval on.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
 }
 
 impl IntoResponse for Error {

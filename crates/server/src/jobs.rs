@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+pub use vmvault_api::{Job, JobDetail, LogLine};
 use vmvault_engine::Progress;
 
 use crate::app::App;
@@ -55,46 +55,6 @@ pub struct Params {
     /// Restore: the image format to write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Job {
-    pub id: i64,
-    /// backup, restore or gc.
-    pub kind: String,
-    pub item: Option<String>,
-    /// queued, running, succeeded, failed or cancelled.
-    pub state: String,
-    pub attempt: u32,
-    pub created: String,
-    pub started: Option<String>,
-    pub ended: Option<String>,
-    pub error: Option<String>,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    /// Bytes per second while running (or over the whole run once ended).
-    pub rate: Option<f64>,
-    /// Seconds left at the current rate, while running.
-    pub eta_secs: Option<f64>,
-    /// The recovery point a backup made.
-    pub point: Option<String>,
-    pub requested_by: String,
-    /// For a failed job: the class of its error (bad_request, not_found, busy, damaged,
-    /// wrong_passphrase, forbidden, unavailable, internal, ...), as API errors have it.
-    pub error_code: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct JobDetail {
-    #[serde(flatten)]
-    pub job: Job,
-    pub log: Vec<LogLine>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct LogLine {
-    pub time: String,
-    pub line: String,
 }
 
 pub const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];

@@ -20,8 +20,9 @@ use std::sync::Arc;
 
 pub use app::App;
 pub use config::{Overrides, ServerConfig};
-pub use error::{Error, ErrorBody, ErrorDetail, Result};
+pub use error::{Error, Result};
 pub use schedule::{Clock, ManualClock, SystemClock};
+pub use vmvault_api::{ErrorBody, ErrorDetail};
 
 /// A started server: where it listens and what a client needs to reach it.
 pub struct Started {

@@ -166,7 +166,7 @@ impl App {
         let p = crate::api::policies::load(&self.db, policy)?;
         Ok(vmvault_format::PointRetention::Policy {
             policy: policy.to_string(),
-            keep: p.retention(),
+            keep: retention(&p),
             time_zone: p.timezone.clone(),
         })
     }
@@ -177,7 +177,7 @@ impl App {
     /// retention recorded in a point still keeps. Returns how many it deleted.
     pub fn apply_retention(&self, item: &str, policy: &str) -> Result<usize> {
         let p = crate::api::policies::load(&self.db, policy)?;
-        let keep = p.retention();
+        let keep = retention(&p);
         if keep.is_empty() {
             return Ok(0);
         }

@@ -6,32 +6,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use rusqlite::params;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use vmvault_api::{AuditEntry, AuditQuery, ErrorBody, VaultInfo, VaultSettings};
 
 use crate::app::App;
-use crate::auth::{self, AuditEntry, Role};
-use crate::error::ErrorBody;
+use crate::auth::{self, Role};
 use crate::{catalog, Error, Result};
-
-#[derive(Serialize, ToSchema)]
-pub struct VaultInfo {
-    pub name: String,
-    pub location: String,
-    pub encrypted: bool,
-    pub chunk_size: u32,
-    pub recovery_points: i64,
-    pub bytes_stored: i64,
-    /// Days a deleted point stays restorable.
-    pub soft_delete_days: u32,
-    /// When the vault was made immutable (irreversible), if it was.
-    pub locked_at: Option<String>,
-    /// Destructive actions wait for a second admin's approval.
-    pub require_approval: bool,
-    /// Whether the storage itself keeps objects against deletion (S3 Object Lock), in words.
-    pub storage_lock: String,
-    pub schema_version: usize,
-}
 
 fn vault_info(app: &App) -> Result<VaultInfo> {
     let (points, bytes) = catalog::count(&app.db, &app.vault_name)?;
@@ -86,13 +65,6 @@ pub async fn show(
     app.guard(&h, Role::Reader, "vault.show", &name)?;
     check_vault(&app, &name)?;
     Ok(Json(vault_info(&app)?))
-}
-
-#[derive(Deserialize, Serialize, ToSchema)]
-pub struct VaultSettings {
-    /// 1..=180.
-    pub soft_delete_days: Option<u32>,
-    pub require_approval: Option<bool>,
 }
 
 #[utoipa::path(patch, path = "/api/v1/vaults/{name}", tag = "vaults", params(("name" = String, Path)),
@@ -201,13 +173,6 @@ pub async fn lock(
     // `storage_lock` in the answer says whether the storage keeps the promise too.
     app.storage_lock(true);
     Ok(Json(vault_info(&app)?))
-}
-
-#[derive(Deserialize, IntoParams)]
-pub struct AuditQuery {
-    pub limit: Option<u32>,
-    /// Entries older than this id.
-    pub before: Option<i64>,
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),

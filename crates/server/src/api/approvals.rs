@@ -10,30 +10,12 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use rusqlite::{params, OptionalExtension};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use vmvault_api::{Approval, Decision, ErrorBody};
 
 use crate::app::App;
 use crate::auth::{self, Actor, Role};
 use crate::db::ts;
-use crate::error::ErrorBody;
 use crate::{Error, Result};
-
-#[derive(Serialize, ToSchema)]
-pub struct Approval {
-    pub id: i64,
-    /// point.delete, item.unprotect, policy.shorten, vault.settings, user.create,
-    /// token.create or user.role.
-    pub action: String,
-    pub target: String,
-    /// Who asked: the holder of the token the request was made with.
-    pub requested_by: String,
-    pub requested_at: String,
-    /// pending, deciding (being carried out), approved, rejected or failed.
-    pub state: String,
-    pub decided_by: Option<String>,
-    pub decided_at: Option<String>,
-}
 
 fn approval_row(r: &rusqlite::Row) -> rusqlite::Result<Approval> {
     Ok(Approval {
@@ -64,12 +46,6 @@ pub async fn approvals(State(app): State<Arc<App>>, h: HeaderMap) -> Result<Json
         .query_map([], approval_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Json(rows))
-}
-
-#[derive(Deserialize, ToSchema)]
-pub struct Decision {
-    /// true grants and runs the action; false rejects it.
-    pub approve: bool,
 }
 
 /// A request as stored.

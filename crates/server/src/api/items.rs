@@ -6,46 +6,14 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use rusqlite::params;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use vmvault_api::{BackupRequest, ErrorBody, Item, JobRef, ProtectRequest};
 use vmvault_engine::VmDescription;
 
 use crate::app::{item_exists, App};
 use crate::auth::Role;
 use crate::db::ts;
-use crate::error::ErrorBody;
 use crate::jobs::Params;
 use crate::{Error, Result};
-
-#[derive(Deserialize, ToSchema)]
-pub struct ProtectRequest {
-    /// The VM description (the TOML `vmvault backup` reads), disk paths absolute on the
-    /// server's host.
-    pub description: String,
-    pub policy: String,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Item {
-    pub name: String,
-    pub policy: String,
-    pub next_run: Option<String>,
-    pub created: String,
-    /// The VM description (TOML).
-    pub description: String,
-}
-
-#[derive(Deserialize, ToSchema, Default)]
-pub struct BackupRequest {
-    /// Keep the new point at least until this date (YYYY-MM-DD or RFC 3339).
-    #[serde(default)]
-    pub keep_until: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct JobRef {
-    pub job: i64,
-}
 
 fn item_row(r: &rusqlite::Row) -> rusqlite::Result<Item> {
     Ok(Item {

@@ -5,24 +5,11 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use vmvault_api::{Cancelled, ErrorBody, Job, JobDetail, JobQuery};
 
 use crate::app::App;
 use crate::auth::Role;
-use crate::error::ErrorBody;
-use crate::jobs::{Job, JobDetail};
 use crate::Result;
-
-#[derive(Deserialize, IntoParams)]
-pub struct JobQuery {
-    /// queued, running, succeeded, failed or cancelled.
-    pub state: Option<String>,
-    /// 1..=1000, default 100.
-    pub limit: Option<u32>,
-    /// Jobs older than this id (the last id of the previous page).
-    pub before: Option<i64>,
-}
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", params(JobQuery),
     responses((status = 200, body = Vec<Job>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
@@ -47,13 +34,6 @@ pub async fn show(
 ) -> Result<Json<JobDetail>> {
     app.guard(&h, Role::Reader, "job.show", &id.to_string())?;
     Ok(Json(app.job(id)?))
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Cancelled {
-    pub id: i64,
-    /// `cancelled` (it had not started) or `cancelling` (it stops at its next chunk).
-    pub state: String,
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = i64, Path)),

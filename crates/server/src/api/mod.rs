@@ -23,9 +23,12 @@ use crate::auth::{self, Actor, Role};
 use crate::db::ts;
 use crate::{Error, Result};
 
-/// Names of policies (and the like): what fits in a URL path segment and a table cell.
+/// Names of policies (and the like): what fits in a URL path segment and a table cell. A
+/// name of `.` or `..` would be a step in the path instead, and could never be addressed.
 pub fn check_name(name: &str, what: &str) -> Result<()> {
     let ok = !name.is_empty()
+        && name != "."
+        && name != ".."
         && name.len() <= 64
         && name
             .chars()
@@ -163,7 +166,9 @@ impl App {
         by: &str,
     ) -> Result<serde_json::Value> {
         match action {
-            "point.delete" => self.do_delete_point(target, by),
+            "point.delete" => self
+                .do_delete_point(target, by)
+                .and_then(|d| serde_json::to_value(d).map_err(|e| Error::Input(e.to_string()))),
             "item.unprotect" => items::do_unprotect(self, target).map(|_| serde_json::Value::Null),
             "policy.shorten" => {
                 let p: policies::Policy = serde_json::from_value(params.clone())

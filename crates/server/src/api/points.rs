@@ -5,37 +5,15 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use vmvault_api::{Deleted, ErrorBody, JobRef, PointPage, PointQuery, PointRow, RestoreRequest};
 
 use crate::app::App;
 use crate::auth::Role;
-use crate::catalog::{self, PointRow};
+use crate::catalog;
 use crate::db::ts;
-use crate::error::ErrorBody;
 use crate::jobs::Params;
 use crate::{Error, Result};
 use vmvault_format::PointId;
-
-#[derive(Deserialize, IntoParams)]
-pub struct PointQuery {
-    /// Only this protected item's (VM's) points.
-    pub item: Option<String>,
-    /// 1..=1000, default 100.
-    pub limit: Option<u32>,
-    /// `next_cursor` of the previous page.
-    pub cursor: Option<String>,
-    /// List soft-deleted points instead.
-    #[serde(default)]
-    pub deleted: bool,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct PointPage {
-    pub items: Vec<PointRow>,
-    /// Give it as `cursor` for the next page; absent on the last one.
-    pub next_cursor: Option<String>,
-}
 
 pub fn limit(l: Option<u32>) -> Result<u32> {
     match l {
@@ -79,14 +57,6 @@ pub async fn show(
     Ok(Json(catalog::resolve(&app.db, &app.vault_name, &id)?))
 }
 
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct Deleted {
-    pub id: String,
-    pub deleted_at: String,
-    /// Undelete is possible until then; after it the point is removed for good.
-    pub purge_after: String,
-}
-
 #[utoipa::path(delete, path = "/api/v1/recovery-points/{id}", tag = "recovery-points",
     params(("id" = String, Path)),
     responses((status = 200, body = Deleted), (status = 202, body = ErrorBody, description = "waiting for a second admin"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
@@ -123,7 +93,7 @@ pub async fn delete(
 impl App {
     /// Deletes through the vault's rules: soft (a sealed marker; the point stays restorable)
     /// unless soft delete is off, refused while a locked vault's retention keeps the point.
-    pub fn do_delete_point(&self, id: &str, by: &str) -> Result<serde_json::Value> {
+    pub fn do_delete_point(&self, id: &str, by: &str) -> Result<Deleted> {
         let p = catalog::find(&self.db, &self.vault_name, None, id)?;
         let pid = point_id(&p.id)?;
         let deleted = self.vault.delete_point(&pid, by, "point delete")?;
@@ -138,11 +108,11 @@ impl App {
                 ts(now)
             }
         };
-        Ok(serde_json::json!({
-            "id": p.id,
-            "deleted_at": ts(now),
-            "purge_after": purge_after,
-        }))
+        Ok(Deleted {
+            id: p.id,
+            deleted_at: ts(now),
+            purge_after,
+        })
     }
 
     /// The vault's answer to "may this point go now?", asked before a delete waits for
@@ -185,31 +155,14 @@ pub async fn undelete(
     Ok(Json(row))
 }
 
-#[derive(Deserialize, ToSchema)]
-pub struct RestoreRequest {
-    /// The point: its id (or a unique prefix), or VM@latest, VM@ID-PREFIX, VM@RFC3339-TIME, VM.
-    pub point: String,
-    /// On the server's host: a new folder for the VM's disks and description, or with
-    /// `disk`, the new image file for that disk.
-    pub target: String,
-    #[serde(default)]
-    pub overwrite: bool,
-    /// One disk only, by its name in the VM description.
-    #[serde(default)]
-    pub disk: Option<String>,
-    /// The image format to write (raw, qcow2, vhd, vhdx, vmdk); default: each disk's own.
-    #[serde(default)]
-    pub format: Option<String>,
-}
-
 #[utoipa::path(post, path = "/api/v1/restores", tag = "restores", request_body = RestoreRequest,
-    responses((status = 202, body = crate::api::items::JobRef), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 202, body = JobRef), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn restore(
     State(app): State<Arc<App>>,
     h: HeaderMap,
     Json(req): Json<RestoreRequest>,
-) -> Result<(StatusCode, Json<crate::api::items::JobRef>)> {
+) -> Result<(StatusCode, Json<JobRef>)> {
     // Overwriting files on the server's host is an admin's call; an operator restores into
     // places that do not exist yet.
     let need = if req.overwrite {
@@ -221,7 +174,8 @@ pub async fn restore(
     let job = app.audited(&actor, "restore.start", &req.point, || {
         let p = catalog::resolve(&app.db, &app.vault_name, &req.point)?;
         if let Some(d) = &req.disk {
-            let m: vmvault_format::Manifest = serde_json::from_value(p.manifest.clone())
+            let m: vmvault_format::Manifest = p
+                .read_manifest()
                 .map_err(|e| Error::Input(format!("a manifest in the catalog: {e}")))?;
             vmvault_engine::select_disk(&m, d)?;
         }
@@ -244,8 +198,5 @@ pub async fn restore(
         };
         app.enqueue("restore", Some(&p.vm), &params, &actor.user)
     })?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(crate::api::items::JobRef { job }),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(JobRef { job })))
 }

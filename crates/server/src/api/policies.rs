@@ -6,79 +6,37 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use rusqlite::{params, OptionalExtension};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
-use vmvault_engine::Keep;
+use vmvault_api::ErrorBody;
+pub use vmvault_api::Policy;
 
 use crate::app::App;
 use crate::auth::Role;
 use crate::db::{ts, Db};
-use crate::error::ErrorBody;
 use crate::schedule::Schedule;
 use crate::{Error, Result};
 
-#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
-pub struct Policy {
-    pub name: String,
-    /// `hourly`, `every N hours`, `daily HH:MM[,HH:MM]`, `weekly mon,thu HH:MM`.
-    pub schedule: String,
-    /// IANA time zone of the schedule and of retention's periods.
-    #[serde(default = "utc")]
-    pub timezone: String,
-    #[serde(default)]
-    pub keep_last: u32,
-    #[serde(default)]
-    pub keep_hourly: u32,
-    #[serde(default)]
-    pub keep_daily: u32,
-    #[serde(default)]
-    pub keep_weekly: u32,
-    #[serde(default)]
-    pub keep_monthly: u32,
-    #[serde(default)]
-    pub keep_yearly: u32,
-}
-
-fn utc() -> String {
-    "UTC".into()
-}
-
-impl Policy {
-    pub fn retention(&self) -> Keep {
-        crate::work::retention(self)
+/// A policy the server can run: a name that fits a path, a schedule that parses, retention
+/// that keeps something, counts the database and the planner handle.
+fn check(p: &Policy) -> Result<()> {
+    crate::api::check_name(&p.name, "policy")?;
+    Schedule::parse(&p.schedule, &p.timezone)?;
+    if crate::work::retention(p).is_empty() {
+        return Err(Error::Input(
+            "give at least one keep_* count: a policy keeps its recovery points".into(),
+        ));
     }
-
-    fn check(&self) -> Result<()> {
-        crate::api::check_name(&self.name, "policy")?;
-        Schedule::parse(&self.schedule, &self.timezone)?;
-        if self.retention().is_empty() {
-            return Err(Error::Input(
-                "give at least one keep_* count: a policy keeps its recovery points".into(),
-            ));
-        }
-        let counts = [
-            self.keep_last,
-            self.keep_hourly,
-            self.keep_daily,
-            self.keep_weekly,
-            self.keep_monthly,
-            self.keep_yearly,
-        ];
-        if counts.iter().any(|c| *c > 100_000) {
-            return Err(Error::Input("keep_* counts are at most 100000".into()));
-        }
-        Ok(())
+    let counts = [
+        p.keep_last,
+        p.keep_hourly,
+        p.keep_daily,
+        p.keep_weekly,
+        p.keep_monthly,
+        p.keep_yearly,
+    ];
+    if counts.iter().any(|c| *c > 100_000) {
+        return Err(Error::Input("keep_* counts are at most 100000".into()));
     }
-
-    /// Whether `new` keeps less than `self` by any rule (the vault lock and MUA care).
-    pub fn shortened_by(&self, new: &Policy) -> bool {
-        new.keep_last < self.keep_last
-            || new.keep_hourly < self.keep_hourly
-            || new.keep_daily < self.keep_daily
-            || new.keep_weekly < self.keep_weekly
-            || new.keep_monthly < self.keep_monthly
-            || new.keep_yearly < self.keep_yearly
-    }
+    Ok(())
 }
 
 pub fn load(db: &Db, name: &str) -> Result<Policy> {
@@ -148,7 +106,7 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Policy>)> {
     let actor = app.guard(&h, Role::Contributor, "policy.create", &p.name)?;
     app.audited(&actor, "policy.create", &p.name, || {
-        p.check()?;
+        check(&p)?;
         let n = app.db.conn().execute(
             "INSERT OR IGNORE INTO policies (name, vault, schedule, timezone, keep_last, keep_hourly,
              keep_daily, keep_weekly, keep_monthly, keep_yearly, created)
@@ -176,7 +134,7 @@ pub async fn update(
 ) -> Result<Json<Policy>> {
     let actor = app.guard(&h, Role::Contributor, "policy.update", &name)?;
     p.name = name.clone();
-    p.check()?;
+    check(&p)?;
     let old = load(&app.db, &name)?;
     if old.shortened_by(&p) {
         if let Some(at) = app.locked_at()? {

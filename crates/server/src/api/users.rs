@@ -11,27 +11,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use rusqlite::params;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
-use utoipa::ToSchema;
+use vmvault_api::{ErrorBody, NewToken, NewUser, RoleChange, User};
 
 use crate::app::App;
 use crate::auth::{self, Role, TokenRow};
-use crate::error::ErrorBody;
 use crate::{Error, Result};
-
-#[derive(Deserialize, ToSchema)]
-pub struct NewUser {
-    pub name: String,
-    pub role: Role,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct NewToken {
-    pub user: String,
-    /// Shown this once: only its hash is kept.
-    pub token: String,
-}
 
 fn user_id(app: &App, name: &str) -> Result<i64> {
     auth::find_user(&app.db, name)?.ok_or_else(|| Error::NotFound(format!("no user '{name}'")))
@@ -133,13 +118,6 @@ pub async fn revoke_tokens(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct User {
-    pub name: String,
-    /// Role per vault (`*`: every vault).
-    pub roles: Vec<(String, Role)>,
-}
-
 fn all_users(app: &App) -> Result<Vec<User>> {
     let rows: Vec<(String, String, String)> = {
         let conn = app.db.conn();
@@ -171,11 +149,6 @@ fn all_users(app: &App) -> Result<Vec<User>> {
 pub async fn users(State(app): State<Arc<App>>, h: HeaderMap) -> Result<Json<Vec<User>>> {
     app.guard(&h, Role::Admin, "user.list", "-")?;
     Ok(Json(all_users(&app)?))
-}
-
-#[derive(Deserialize, Serialize, ToSchema)]
-pub struct RoleChange {
-    pub role: Role,
 }
 
 #[utoipa::path(put, path = "/api/v1/users/{name}/role", tag = "users", params(("name" = String, Path)),
@@ -242,7 +215,7 @@ pub fn execute(
             .map(str::to_string)
             .ok_or_else(|| Error::Input(format!("the approved {action} request has no {k}")))
     };
-    let role = || -> Result<Role> { field("role")?.parse() };
+    let role = || -> Result<Role> { Ok(field("role")?.parse()?) };
     let token = || -> Result<(TokenRow, i64)> {
         let principal = params["principal"]
             .as_i64()
