@@ -132,6 +132,7 @@ pub fn lock(g: &Global, confirmed: bool, hold_days: u32) -> Result<()> {
     if terminal && renewed >= 500 {
         eprintln!();
     }
+    // The regions were given their hold by `lock_vault_holding`: they are not asked again.
     let holds = vault.apply_hold()?;
     // Whether the storage keeps the promise too, said per region rather than left for the
     // user to assume.

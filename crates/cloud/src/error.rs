@@ -103,6 +103,12 @@ pub(crate) enum Failure {
     Other { detail: String, transient: bool },
 }
 
+/// Whether an HTTP status says the same request may succeed later (a server error, throttling,
+/// a request timeout).
+pub(crate) fn transient_status(status: u16) -> bool {
+    status >= 500 || status == 429 || status == 408
+}
+
 /// Judges an `object_store` error; every text in the result has gone through `redactor`.
 pub(crate) fn classify(e: &object_store::Error, redactor: &Redactor) -> Failure {
     let text = chain_text(e);
@@ -118,7 +124,7 @@ pub(crate) fn classify(e: &object_store::Error, redactor: &Redactor) -> Failure 
         return Failure::Missing;
     }
     if let Some(status) = status_of(&text) {
-        let transient = status >= 500 || status == 429 || status == 408;
+        let transient = transient_status(status);
         let mut detail = format!("HTTP {status}");
         if let Some(reason) = reason_phrase(&text, status) {
             detail.push(' ');

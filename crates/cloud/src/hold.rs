@@ -15,7 +15,7 @@ use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestCo
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use vmvault_store::StoreError;
 
-use crate::error::{xml_element, Failure};
+use crate::error::{transient_status, xml_element, Failure};
 use crate::object_lock::Bucket;
 
 /// Characters a key keeps in a request path (RFC 3986 unreserved, and `/` between segments),
@@ -145,7 +145,7 @@ fn judge((status, body): (u16, String)) -> Result<(), Failure> {
             }
             Err(Failure::Other {
                 detail,
-                transient: status >= 500 || status == 429 || status == 408,
+                transient: transient_status(status),
             })
         }
     }

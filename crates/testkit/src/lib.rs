@@ -199,19 +199,7 @@ impl Moto {
     /// with stolen storage credentials, in the tests) makes it: path-style, `path_and_query`
     /// after the endpoint (`/bucket/key?versionId=...`). The status and the body.
     pub fn signed(&self, method: http::Method, path_and_query: &str) -> (u16, String) {
-        let Credentials::S3 {
-            access_key_id,
-            secret_access_key,
-            session_token,
-        } = self.credentials()
-        else {
-            unreachable!("moto takes S3 credentials")
-        };
-        let credential = AwsCredential {
-            key_id: access_key_id,
-            secret_key: secret_access_key,
-            token: session_token,
-        };
+        let credential = aws_credential(&self.credentials()).expect("moto takes S3 credentials");
         let region = self.region();
         request(
             method,
@@ -451,6 +439,23 @@ fn request(
     })
 }
 
+/// What object_store's SigV4 signer takes; `None` for Azure credentials.
+fn aws_credential(credentials: &Credentials) -> Option<AwsCredential> {
+    let Credentials::S3 {
+        access_key_id,
+        secret_access_key,
+        session_token,
+    } = credentials
+    else {
+        return None;
+    };
+    Some(AwsCredential {
+        key_id: access_key_id.clone(),
+        secret_key: secret_access_key.clone(),
+        token: session_token.clone(),
+    })
+}
+
 /// S3 `CreateBucket` (path-style).
 fn s3_create_bucket(
     endpoint: &str,
@@ -468,19 +473,7 @@ fn s3_create_bucket_with(
     name: &str,
     headers: &[(&str, &str)],
 ) -> Result<(), String> {
-    let Credentials::S3 {
-        access_key_id,
-        secret_access_key,
-        session_token,
-    } = credentials
-    else {
-        return Err("not S3 credentials".into());
-    };
-    let credential = AwsCredential {
-        key_id: access_key_id.clone(),
-        secret_key: secret_access_key.clone(),
-        token: session_token.clone(),
-    };
+    let credential = aws_credential(credentials).ok_or("not S3 credentials")?;
     put_with(&format!("{endpoint}/{name}"), headers, |request| {
         AwsAuthorizer::new(&credential, "s3", region)
             .try_authorize(request, None)
