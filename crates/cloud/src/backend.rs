@@ -293,7 +293,7 @@ impl WriteBackend for ObjectBackend {
         let path = self.path(kind, name)?;
         if let (Some(hold), Some(s3)) = (self.hold().filter(|_| Hold::holds(kind)), &self.s3) {
             return self
-                .run(s3.put_held(path.as_ref(), data, hold.until()))
+                .run(s3.put_held(path.as_ref(), data, &hold))
                 .map_err(|f| self.failed("writing (held)", kind, name, f));
         }
         let payload = PutPayload::from(data.to_vec());
@@ -386,7 +386,7 @@ impl WriteBackend for ObjectBackend {
                 self.location
             )));
         };
-        self.run(s3.extend(path.as_ref(), hold.until()))
+        self.run(s3.extend(path.as_ref(), &hold))
             .map_err(|f| self.failed("holding", kind, name, f))
     }
 }

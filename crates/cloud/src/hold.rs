@@ -5,15 +5,21 @@
 //! only with, so these requests are made here: signed by object_store's own SigV4 signer and
 //! sent through its HTTP client, on the backend's runtime. Compliance mode, not governance:
 //! no permission, not even the bucket owner's, lifts it early.
+//!
+//! A hold's end is reckoned from the later of the host's clock and the storage's own (the
+//! `Date` of its last answer, moved on by the time since on the host's monotonic clock): a host
+//! whose clock is behind would otherwise set holds that end early, or, behind by more than the
+//! hold, already in the past, which holds nothing at all.
 
-use std::time::SystemTime;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use md5::{Digest, Md5};
 use object_store::aws::AwsAuthorizer;
 use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use vmvault_store::StoreError;
+use vmvault_store::{Hold, StoreError};
 
 use crate::error::{transient_status, xml_element, Failure};
 use crate::object_lock::Bucket;
@@ -31,6 +37,8 @@ const KEY: &AsciiSet = &NON_ALPHANUMERIC
 pub(crate) struct S3Requests {
     bucket: Bucket,
     client: HttpClient,
+    /// The storage's time in its last answer, and when (on this host's monotonic clock).
+    storage_time: Mutex<Option<(SystemTime, Instant)>>,
 }
 
 /// `2027-01-03T12:00:00Z`: what S3 takes as a retain-until date.
@@ -47,7 +55,35 @@ impl S3Requests {
         let client = ReqwestConnector::default()
             .connect(&crate::config::client_options(bucket.allow_http))
             .map_err(|e| StoreError::Invalid(format!("S3 requests: {e}")))?;
-        Ok(S3Requests { bucket, client })
+        Ok(S3Requests {
+            bucket,
+            client,
+            storage_time: Mutex::new(None),
+        })
+    }
+
+    /// The end of `hold` if it starts now, by the later of the host's and the storage's clocks.
+    fn until(&self, hold: &Hold) -> SystemTime {
+        let by_host = hold.until();
+        let seen = *self.storage_time.lock().unwrap_or_else(|e| e.into_inner());
+        match seen {
+            Some((date, at)) => {
+                let length = Duration::from_secs(u64::from(hold.days) * 86_400);
+                by_host.max(date + at.elapsed() + length)
+            }
+            None => by_host,
+        }
+    }
+
+    fn saw_date(&self, header: Option<&http::HeaderValue>) {
+        let Some(date) = header
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| chrono::DateTime::parse_from_rfc2822(h).ok())
+        else {
+            return;
+        };
+        *self.storage_time.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((SystemTime::from(date), Instant::now()));
     }
 
     /// The signed request; the status and the body of the answer.
@@ -87,6 +123,7 @@ impl S3Requests {
             .await
             .map_err(|e| transport(e.to_string()))?;
         let status = response.status().as_u16();
+        self.saw_date(response.headers().get(http::header::DATE));
         let text = response
             .into_body()
             .bytes()
@@ -101,12 +138,15 @@ impl S3Requests {
             .await
     }
 
-    /// Writes `key` held until `until`.
-    pub async fn put_held(&self, key: &str, data: &[u8], until: SystemTime) -> Result<(), Failure> {
+    /// Writes `key` held from now for the hold's days.
+    pub async fn put_held(&self, key: &str, data: &[u8], hold: &Hold) -> Result<(), Failure> {
         let headers = [
             ("content-md5", content_md5(data)),
             ("x-amz-object-lock-mode", "COMPLIANCE".to_string()),
-            ("x-amz-object-lock-retain-until-date", date(until)),
+            (
+                "x-amz-object-lock-retain-until-date",
+                date(self.until(hold)),
+            ),
         ];
         let path = format!("/{}", utf8_percent_encode(key, KEY));
         let answer = self
@@ -115,13 +155,13 @@ impl S3Requests {
         judge(answer)
     }
 
-    /// Holds the current version of `key` until `until` (a compliance hold can be lengthened,
-    /// never shortened).
-    pub async fn extend(&self, key: &str, until: SystemTime) -> Result<(), Failure> {
+    /// Holds the current version of `key` from now for the hold's days (a compliance hold can
+    /// be lengthened, never shortened).
+    pub async fn extend(&self, key: &str, hold: &Hold) -> Result<(), Failure> {
         let body = format!(
             "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>COMPLIANCE</Mode>\
              <RetainUntilDate>{}</RetainUntilDate></Retention>",
-            date(until)
+            date(self.until(hold))
         )
         .into_bytes();
         let headers = [("content-md5", content_md5(&body))];
@@ -154,6 +194,53 @@ fn judge((status, body): (u16, String)) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_clock_behind_the_storages_does_not_end_holds_early() {
+        let s3 = S3Requests::new(Bucket {
+            base: "http://127.0.0.1:9".into(),
+            region: "us-east-1".into(),
+            allow_http: true,
+            credential: object_store::aws::AwsCredential {
+                key_id: "k".into(),
+                secret_key: "s".into(),
+                token: None,
+            },
+        })
+        .unwrap();
+        let day = Duration::from_secs(86_400);
+        // The host thinks it is 30 days ago.
+        let hold = Hold {
+            days: 2,
+            clock: vmvault_store::ManualClock::skewed(-30 * 86_400),
+        };
+        assert_eq!(
+            s3.until(&hold),
+            hold.until(),
+            "no answer seen: the host's clock"
+        );
+        let now = SystemTime::now();
+        let header = http::HeaderValue::from_str(&httpdate(now)).unwrap();
+        s3.saw_date(Some(&header));
+        let until = s3.until(&hold);
+        assert!(until > now + 2 * day - Duration::from_secs(5), "{until:?}");
+        assert!(until < now + 2 * day + Duration::from_secs(5), "{until:?}");
+        // A host clock ahead of the storage's keeps its own, later, end.
+        let ahead = Hold {
+            days: 2,
+            clock: vmvault_store::ManualClock::skewed(86_400),
+        };
+        assert!(s3.until(&ahead) >= ahead.until() - Duration::from_secs(1));
+        // A garbled Date changes nothing.
+        s3.saw_date(Some(&http::HeaderValue::from_static("yesterday")));
+        assert!(s3.until(&hold) > now + day);
+    }
+
+    fn httpdate(t: SystemTime) -> String {
+        chrono::DateTime::<chrono::Utc>::from(t)
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string()
+    }
 
     #[test]
     fn the_request_pieces_are_as_s3_takes_them() {

@@ -76,3 +76,31 @@ fn layout_on_s3_and_azure_is_the_local_one() {
         layout_is_the_local_one("azblob://layout/a", &azurite.options());
     }
 }
+
+/// The vault's rules matrix (`vmvault_store::rules_matrix`) on a server: each check on a fresh
+/// prefix of one bucket.
+fn rules(bucket_url: &str, opts: &RemoteOptions) {
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    vmvault_store::rules_matrix::run(&|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        open(&format!("{bucket_url}/rules-{i}"), opts).unwrap()
+    });
+}
+
+#[test]
+fn the_vaults_rules_hold_on_s3() {
+    let Some(s3) = vmvault_testkit::S3Server::start() else {
+        return;
+    };
+    s3.create_bucket("rules");
+    rules("s3://rules", &s3.options());
+}
+
+#[test]
+fn the_vaults_rules_hold_on_azure_blob() {
+    let Some(azurite) = Azurite::start() else {
+        return;
+    };
+    azurite.create_bucket("rules");
+    rules("azblob://rules", &azurite.options());
+}

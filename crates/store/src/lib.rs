@@ -66,6 +66,8 @@ mod error;
 pub mod faulty;
 pub mod gc;
 mod hold;
+#[cfg(any(test, feature = "conformance"))]
+pub mod rules_matrix;
 pub use hold::REGIONS_RECORD;
 pub mod journal;
 mod local;

@@ -213,6 +213,27 @@ impl Moto {
         )
         .unwrap_or_else(|e| self.process.fail(&format!("{path_and_query}: {e}")))
     }
+
+    /// `(key, version id)` of the current version of every object under `prefix` in `bucket`
+    /// (older versions of a rewritten object need no hold), listed with the server's
+    /// credentials.
+    pub fn current_versions(&self, bucket: &str, prefix: &str) -> Vec<(String, String)> {
+        let (status, xml) = self.signed(
+            http::Method::GET,
+            &format!("/{bucket}?versions&prefix={prefix}"),
+        );
+        assert_eq!(status, 200, "{xml}");
+        let text = |part: &str, tag: &str| -> Option<String> {
+            let start = part.find(&format!("<{tag}>"))? + tag.len() + 2;
+            let len = part[start..].find(&format!("</{tag}>"))?;
+            Some(part[start..start + len].to_string())
+        };
+        xml.split("<Version>")
+            .skip(1)
+            .filter(|v| text(v, "IsLatest").as_deref() == Some("true"))
+            .filter_map(|v| Some((text(v, "Key")?, text(v, "VersionId")?)))
+            .collect()
+    }
 }
 
 /// The S3 server the tests use: Garage when it is installed, else moto.
