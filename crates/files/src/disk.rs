@@ -1,16 +1,16 @@
-//! Random access to a disk: the lazy reader over a recovery point ([`PointDisk`]), plain
-//! in-memory and file disks (tests, fuzzing), and [`Part`], a window onto a range of a disk
-//! that the filesystem crates read through `Read + Seek`.
+//! Random access to a disk: the lazy reader over a recovery point ([`PointDisk`], the
+//! store's), plain in-memory and file disks (tests, fuzzing), and [`Part`], a window onto a
+//! range of a disk that the filesystem crates read through `Read + Seek`.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use vmvault_format::{DiskIndex, DiskRecord};
-use vmvault_store::Vault;
+/// The lazy reader lives with the vault, which the NBD export shares it with; re-exported so
+/// that callers keep naming it from here.
+pub use vmvault_store::{PointDisk, DEFAULT_CACHE_BYTES};
 
 /// Positioned reads of a disk. `read_at` fills `buf` whole or fails; reading past the end is
 /// an error, never a short read.
@@ -77,149 +77,23 @@ impl ReadAt for FileDisk {
     }
 }
 
-/// The chunks kept decoded, least recently used first out.
-struct Lru {
-    capacity: usize,
-    tick: u64,
-    chunks: HashMap<usize, (Arc<Vec<u8>>, u64)>,
-}
-
-impl Lru {
-    fn get(&mut self, i: usize) -> Option<Arc<Vec<u8>>> {
-        self.tick += 1;
-        let tick = self.tick;
-        self.chunks.get_mut(&i).map(|(c, t)| {
-            *t = tick;
-            c.clone()
-        })
-    }
-
-    fn put(&mut self, i: usize, chunk: Arc<Vec<u8>>) {
-        if self.chunks.len() >= self.capacity {
-            if let Some(oldest) = self
-                .chunks
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| *k)
-            {
-                self.chunks.remove(&oldest);
-            }
-        }
-        self.tick += 1;
-        self.chunks.insert(i, (chunk, self.tick));
-    }
-}
-
-/// Bytes of decoded chunks a [`PointDisk`] keeps by default.
-pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
-
-/// One disk of a recovery point, read lazily: a read fetches, opens and checks only the chunks
-/// it touches, keeps the last few in a small LRU cache, and reads zero chunks as zeros without
-/// fetching anything. [`PointDisk::fetched`] counts the chunks fetched from the vault.
-pub struct PointDisk {
-    vault: Arc<Vault>,
-    name: String,
-    index: DiskIndex,
-    cache: Mutex<Lru>,
-    fetched: AtomicU64,
-    /// The last fetch that failed: tells a vault problem from a damaged guest filesystem when
-    /// a filesystem crate reports only "I/O error".
-    last_error: Mutex<Option<String>>,
-}
-
-impl PointDisk {
-    /// Loads the disk's index (checked against its digest); fetches no chunk.
-    pub fn open(vault: Arc<Vault>, disk: &DiskRecord) -> vmvault_store::Result<PointDisk> {
-        let index = vault.load_index(&disk.index, disk.size)?;
-        Ok(Self::with_cache(vault, disk, index, DEFAULT_CACHE_BYTES))
-    }
-
-    /// As `open`, with an index already loaded and a cache of about `cache_bytes`.
-    pub fn with_cache(
-        vault: Arc<Vault>,
-        disk: &DiskRecord,
-        index: DiskIndex,
-        cache_bytes: usize,
-    ) -> PointDisk {
-        let capacity = (cache_bytes / index.chunk_size.max(1) as usize).max(4);
-        PointDisk {
-            vault,
-            name: disk.name.clone(),
-            index,
-            cache: Mutex::new(Lru {
-                capacity,
-                tick: 0,
-                chunks: HashMap::new(),
-            }),
-            fetched: AtomicU64::new(0),
-            last_error: Mutex::new(None),
-        }
-    }
-
-    /// Chunks fetched from the vault so far (cache hits and zero chunks do not count).
-    pub fn fetched(&self) -> u64 {
-        self.fetched.load(Ordering::Relaxed)
-    }
-
-    /// The disk's chunk count, zero chunks included.
-    pub fn chunk_count(&self) -> u64 {
-        self.index.chunks.len() as u64
-    }
-
-    fn chunk(&self, i: usize) -> io::Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(i) {
-            return Ok(c);
-        }
-        let (_, len) = self.index.chunk_range(i);
-        let mut reader = self.vault.chunk_reader();
-        let data = match reader.read(&self.index.chunks[i], len) {
-            Ok(d) => Arc::new(d.to_vec()),
-            Err(e) => {
-                let msg = format!("chunk {i} of disk {}: {e}", self.name);
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
-                return Err(io::Error::other(msg));
-            }
-        };
-        self.fetched.fetch_add(1, Ordering::Relaxed);
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(i, data.clone());
-        Ok(data)
-    }
-}
-
+/// The filesystem parsers read a recovery point's disk through this.
 impl ReadAt for PointDisk {
     fn size(&self) -> u64 {
-        self.index.disk_size
-    }
-
-    fn take_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        PointDisk::size(self)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        check_range(offset, buf.len(), self.size())?;
-        let cs = self.index.chunk_size as u64;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let i = (pos / cs) as usize;
-            let within = (pos % cs) as usize;
-            let (_, len) = self.index.chunk_range(i);
-            let n = (len - within).min(buf.len() - done);
-            let out = &mut buf[done..done + n];
-            if self.index.chunks[i].is_zero_chunk() {
-                out.fill(0);
-            } else {
-                out.copy_from_slice(&self.chunk(i)?[within..within + n]);
-            }
-            done += n;
-        }
-        Ok(())
+        // Checked here as well, so that a read past the end fails with the same kind as on
+        // every other disk, not as a vault error.
+        check_range(offset, buf.len(), PointDisk::size(self))?;
+        PointDisk::read_at(self, buf, offset)
+            .map(drop)
+            .map_err(io::Error::other)
+    }
+
+    fn take_error(&self) -> Option<String> {
+        PointDisk::take_error(self)
     }
 }
 
