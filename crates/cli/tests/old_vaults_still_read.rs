@@ -126,3 +126,43 @@ fn a_version_1_vault_takes_new_points_and_collects_garbage() {
     ]);
     assert!(std::fs::read(&to).unwrap() == img);
 }
+
+/// The fixture's regions record is plain JSON, as builds before the sealed record wrote it:
+/// read as it is by a host that never saw the vault, sealed by the next open on that host (it
+/// then remembers it), and a plain record put back after that is damage.
+#[test]
+fn a_version_1_vaults_plain_regions_record_is_read_then_sealed() {
+    let env = fixture();
+    let record = env.vault.join("regions");
+    let plain = std::fs::read(&record).unwrap();
+    assert!(plain.starts_with(b"{"));
+    env.ok(&["points", "--json"]);
+    assert_eq!(
+        std::fs::read(&record).unwrap(),
+        plain,
+        "read only, the first time"
+    );
+    let o = env.ok(&["points", "--json"]);
+    assert!(
+        o.stderr.contains("sealed the regions record"),
+        "{}",
+        o.stderr
+    );
+    let sealed = std::fs::read(&record).unwrap();
+    assert!(sealed.starts_with(b"VMVREGNS"));
+    assert!(
+        !String::from_utf8_lossy(&sealed).contains("/tmp/fx"),
+        "encrypted"
+    );
+    env.ok(&["verify"]);
+    let info = env.ok(&["vault", "info", "--json"]).json();
+    assert_eq!(info["secondary"], serde_json::Value::Null, "{info}");
+    std::fs::write(&record, &plain).unwrap();
+    let o = env.run(&["points"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("regions record is damaged"),
+        "{}",
+        o.stderr
+    );
+}

@@ -1,4 +1,5 @@
-//! The envelope every stored object of kind chunk, disk index and manifest is written in.
+//! The envelope every stored object of kind chunk, disk index, manifest, vault rules, deletion
+//! marker and regions record is written in.
 //!
 //! ```text
 //! offset size field
@@ -32,6 +33,8 @@ pub enum ObjectKind {
     Rules,
     /// A soft-deleted point's marker.
     Deletion,
+    /// The regions record: where the vault's primary and secondary regions are.
+    Regions,
 }
 
 impl ObjectKind {
@@ -42,6 +45,7 @@ impl ObjectKind {
             ObjectKind::Manifest => *b"VMVPOINT",
             ObjectKind::Rules => *b"VMVRULES",
             ObjectKind::Deletion => *b"VMVDELPT",
+            ObjectKind::Regions => *b"VMVREGNS",
         }
     }
 
@@ -52,6 +56,7 @@ impl ObjectKind {
             ObjectKind::Manifest => "recovery point manifest",
             ObjectKind::Rules => "vault rules",
             ObjectKind::Deletion => "deletion marker",
+            ObjectKind::Regions => "regions record",
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Everything a vault stores passes through this crate: the vault config, the key file, and the
 //! enveloped object kinds (chunk, disk index, recovery-point manifest, vault rules, deletion
-//! marker). The crate does no
+//! marker, regions record). The crate does no
 //! I/O and knows nothing of where bytes live; the store crate decides that.
 //!
 //! Rules kept by every format here:
@@ -45,6 +45,8 @@ pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
 pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
 /// The chunk size of a new vault unless told otherwise; chosen by measurement (docs/design.md).
 pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+/// The regions record (a few hundred bytes of JSON) is refused unread above this.
+pub const MAX_REGIONS_LEN: u64 = 64 * 1024;
 
 /// Fills `buf` from the operating system's CSPRNG.
 pub fn random_bytes(buf: &mut [u8]) {

@@ -4,7 +4,7 @@
 
 use vmvault_format::{
     Codec, Deletion, DiskIndex, FormatError, KeyFile, Manifest, ObjectKind, PointId, VaultConfig,
-    VaultRules, MAX_MANIFEST_LEN, MAX_RULES_LEN,
+    VaultRules, MAX_MANIFEST_LEN, MAX_REGIONS_LEN, MAX_RULES_LEN,
 };
 
 fn bytes(hex: &str) -> Vec<u8> {
@@ -190,5 +190,58 @@ fn the_rules_and_deletion_marker_vectors_decode() {
             };
             assert!(codec.open(kind, &b, MAX_RULES_LEN).is_err(), "bit {bit}");
         }
+    }
+}
+
+/// A regions record (unencrypted vault), zstd-compressed: primary `/srv/vault`, secondary
+/// `s3://geo/vault` at `https://s3.example.test`, region `eu-2`.
+const PLAIN_REGIONS: &str = "564d565245474e53 01 01 00 00 00000000 9000000000000000
+    000000000000000000000000 00000000
+    28b52ffd20904d030012c7161980b76dc631c8e45e8b5ca716eb811101137ce07ea80d9a3b02cb720120c103f7e6cdd80326851c020e049b1dabeec1ef9d48959178a378981dc1466a817cb3bc537296ad65fb3d15f529345db917f62068d54de09e8a78715d09030042c3284d651193a7f6
+    a1839cb4a879b82b17bd2d3419ce87ae";
+const PLAIN_REGIONS_PAYLOAD: &str = r#"{"version":1,"primary":{"location":"/srv/vault"},"secondary":{"location":"s3://geo/vault","endpoint":"https://s3.example.test","region":"eu-2"}}"#;
+
+#[test]
+fn the_regions_record_vector_decodes_and_is_no_other_kind() {
+    let codec = Codec::plain(1);
+    let good = bytes(PLAIN_REGIONS);
+    let payload = codec
+        .open(ObjectKind::Regions, &good, MAX_REGIONS_LEN)
+        .unwrap();
+    assert_eq!(payload, PLAIN_REGIONS_PAYLOAD.as_bytes());
+    // Sealing the payload again gives the same bytes (no nonce, one zstd frame).
+    assert_eq!(codec.seal(ObjectKind::Regions, &payload), good);
+    // Not readable as another kind, nor another kind as it.
+    for kind in [
+        ObjectKind::Rules,
+        ObjectKind::Deletion,
+        ObjectKind::Manifest,
+        ObjectKind::Chunk,
+        ObjectKind::Index,
+    ] {
+        assert!(
+            codec.open(kind, &good, MAX_REGIONS_LEN).is_err(),
+            "{kind:?}"
+        );
+    }
+    for other in [PLAIN_RULES, PLAIN_DELETION] {
+        assert!(codec
+            .open(ObjectKind::Regions, &bytes(other), MAX_REGIONS_LEN)
+            .is_err());
+    }
+    // A limit below its plain length refuses it unread.
+    assert!(matches!(
+        codec.open(ObjectKind::Regions, &good, 100),
+        Err(FormatError::TooLarge { .. })
+    ));
+    for bit in 0..good.len() * 8 {
+        let mut b = good.clone();
+        b[bit / 8] ^= 1 << (bit % 8);
+        assert!(
+            codec
+                .open(ObjectKind::Regions, &b, MAX_REGIONS_LEN)
+                .is_err(),
+            "bit {bit}"
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, OptionalExtension};
-use vmvault_store::{CreateOptions, Vault, WriteBackend};
+use vmvault_store::{CreateOptions, Vault};
 
 use crate::config::ServerConfig;
 use crate::db::{parse_ts, ts, Db};
@@ -455,14 +455,15 @@ fn open_vault(cfg: &ServerConfig, say: &dyn Fn(&str)) -> Result<(Vault, Vec<u8>)
             .map_err(|e| Error::io(format!("creating {}", local.display()), e))?;
     }
     if exists {
-        adopt_secondary(&primary, configured_secondary, &*backend, say)?;
         let pass = configured.clone().unwrap_or_default();
-        let vault = vmvault_open::open(&cfg.spec(true)?, move || {
+        let spec = cfg.spec(true)?;
+        let (vault, record) = vmvault_open::open_recorded(&spec, move || {
             configured.ok_or_else(|| {
                 "the vault is encrypted: give its passphrase (passphrase_file, VMVAULT_PASSWORD)"
                     .to_string()
             })
         })?;
+        let vault = adopt_secondary(&spec, vault, &record, configured_secondary, say)?;
         return Ok((vault, pass));
     }
     let pass = match configured {
@@ -498,20 +499,21 @@ fn open_vault(cfg: &ServerConfig, say: &dyn Fn(&str)) -> Result<(Vault, Vec<u8>)
     Ok((vault, pass))
 }
 
-/// Reconciles the configured secondary with the vault's regions record: a vault without a
-/// recorded secondary records the configured one (so the CLI replicates there too); one that
-/// records another refuses to start rather than replicate to two places.
+/// Reconciles the configured secondary with the vault's regions record, as the open read it
+/// (sealed, so only a holder of the vault's key can have written it): a vault without a
+/// recorded secondary records the configured one, sealed (so the CLI replicates there too),
+/// and is given it; one that records another refuses to start rather than replicate to two
+/// places.
 fn adopt_secondary(
-    primary: &vmvault_open::Location,
+    spec: &vmvault_open::Spec,
+    vault: Vault,
+    recorded: &vmvault_open::Record,
     configured: Option<vmvault_open::Location>,
-    backend: &dyn WriteBackend,
     say: &dyn Fn(&str),
-) -> Result<()> {
-    let recorded = vmvault_open::Record::read(backend)?;
-    let recorded_secondary = recorded.as_ref().and_then(|r| r.secondary.clone());
-    match (configured, recorded_secondary) {
-        (None, _) => Ok(()),
-        (Some(c), Some(r)) if c.location == r.location => Ok(()),
+) -> Result<Vault> {
+    match (configured, &recorded.secondary) {
+        (None, _) => Ok(vault),
+        (Some(c), Some(r)) if c.location == r.location => Ok(vault),
         (Some(c), Some(r)) => Err(Error::Config(format!(
             "secondary: the vault records its secondary region as {}, not {}; remove \
              `secondary` from the configuration or name that one",
@@ -519,10 +521,10 @@ fn adopt_secondary(
             c.describe()
         ))),
         (Some(c), None) => {
-            let record = vmvault_open::Record::new(primary.clone(), Some(c.clone()));
-            record.write(backend)?;
-            say(&format!("the vault now replicates to {}", c.describe()));
-            Ok(())
+            let described = c.describe();
+            let vault = vmvault_open::add_secondary(spec, vault, c)?;
+            say(&format!("the vault now replicates to {described}"));
+            Ok(vault)
         }
     }
 }

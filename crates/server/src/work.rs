@@ -37,9 +37,8 @@ impl App {
     fn job_vault(&self, live: &Live) -> Result<Vault> {
         let mut spec = self.cfg.spec(false)?;
         spec.cancel = Some((live.cancel.clone(), CANCELLED));
-        let (regions, _) = vmvault_open::regions(&spec)?;
         let pass = self.passphrase.clone();
-        Ok(Vault::open(regions, move || Ok(pass))?)
+        Ok(vmvault_open::open(&spec, move || Ok(pass))?)
     }
 
     fn job_params(&self, id: i64) -> Result<(Option<String>, Params)> {

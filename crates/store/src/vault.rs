@@ -290,6 +290,45 @@ impl Vault {
         })
     }
 
+    /// The same vault (its config and keys as opened) in other regions: a vault opened in its
+    /// primary alone is given the secondary its regions record names, or is seen through that
+    /// secondary alone, without its passphrase asked (and its key derived) again. Every region
+    /// whose config can be read must hold this vault (the same vault id), and the first must
+    /// be readable: a record naming another vault's region is refused. A secondary that holds
+    /// no vault yet, or cannot be reached now, is taken: replication fills it, and its lag
+    /// shows in `vault status`.
+    pub fn with_regions(self, regions: impl Into<Regions>) -> Result<Vault> {
+        let regions = regions.into();
+        if self.config.encrypted && self.keys.is_none() {
+            return Err(StoreError::Invalid(
+                "a view of one region of a vault cannot be given other regions".into(),
+            ));
+        }
+        let is_this_vault = |b: &dyn WriteBackend, must_read: bool| -> Result<()> {
+            match Self::read_config(b) {
+                Ok(c) if c.vault_id == self.config.vault_id => Ok(()),
+                Ok(_) => Err(StoreError::Invalid(format!(
+                    "{} holds another vault (its vault id is not {}'s): it is not a region \
+                     of this vault",
+                    b.location(),
+                    self.location()
+                ))),
+                Err(e) if must_read => Err(e),
+                Err(_) => Ok(()),
+            }
+        };
+        is_this_vault(&*regions.primary, true)?;
+        if let Some(s) = &regions.secondary {
+            is_this_vault(&**s, false)?;
+        }
+        let mut vault = Self::assemble(regions, self.config.clone(), self.keys.clone())?;
+        vault.clock = self.clock.clone();
+        vault.lock_timing = self.lock_timing.clone();
+        // New backends: a locked vault's storage holds them from the first object too.
+        vault.apply_hold_unless_damaged()?;
+        Ok(vault)
+    }
+
     /// The vault with its rules reading the time from `clock` (tests: skewed or jumping).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Vault {
         self.clock = clock;

@@ -95,6 +95,9 @@ impl Verify for VaultVerifier {
                 .and_then(|p| vmvault_format::VaultRules::decode(&p))
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
+            Kind::Config if name == crate::REGIONS_RECORD => {
+                crate::regions_record::judge(bytes, Some(&self.codec)).map(|_| ())
+            }
             Kind::Key => KeyFile::decode(bytes)
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
