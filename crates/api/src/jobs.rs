@@ -5,8 +5,41 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::path::{with_query, PathError};
 
+wire_words! {
+    /// Where a job is: `queued` (waiting for its time or a free slot; a failed backup with
+    /// attempts left is queued again), `running`, or ended: `succeeded`, `failed`,
+    /// `cancelled`.
+    pub enum JobState {
+        Queued = "queued",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
+}
+
 /// The states a job ends in: it changes no more once in one of them.
-pub const ENDED: [&str; 3] = ["succeeded", "failed", "cancelled"];
+pub const ENDED: [JobState; 3] = [JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+
+impl JobState {
+    /// Whether a job in this state has ended (it changes no more); for a state this side
+    /// does not know, see [`Job::ended`].
+    pub fn ended(&self) -> bool {
+        ENDED.contains(self)
+    }
+}
+
+wire_words! {
+    /// What a cancel did.
+    pub enum CancelState {
+        /// The job had not started: it is cancelled.
+        Cancelled = "cancelled",
+        /// The job runs: it stops at its next chunk.
+        Cancelling = "cancelling",
+        /// The job was starting or had just ended as the cancel came: nothing was done.
+        Running = "running",
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Job {
@@ -15,7 +48,8 @@ pub struct Job {
     pub kind: String,
     pub item: Option<String>,
     /// queued, running, succeeded, failed or cancelled.
-    pub state: String,
+    #[schema(value_type = String)]
+    pub state: JobState,
     pub attempt: u32,
     pub created: String,
     pub started: Option<String>,
@@ -36,9 +70,14 @@ pub struct Job {
 }
 
 impl Job {
-    /// Whether the job has ended (it changes no more).
+    /// Whether the job has ended (it changes no more). A state this side does not know (a
+    /// newer server's) has ended when the server gave the job an end time: a client waiting
+    /// for the job neither stops while it goes on nor waits forever once it is over.
     pub fn ended(&self) -> bool {
-        ENDED.contains(&self.state.as_str())
+        match &self.state {
+            JobState::Unknown(_) => self.ended.is_some(),
+            known => known.ended(),
+        }
     }
 }
 
@@ -58,7 +97,8 @@ pub struct LogLine {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
 pub struct JobQuery {
     /// queued, running, succeeded, failed or cancelled.
-    pub state: Option<String>,
+    #[param(value_type = Option<String>)]
+    pub state: Option<JobState>,
     /// 1..=1000, default 100.
     pub limit: Option<u32>,
     /// Jobs older than this id (the last id of the previous page).
@@ -75,7 +115,8 @@ pub struct JobRef {
 pub struct Cancelled {
     pub id: i64,
     /// `cancelled` (it had not started) or `cancelling` (it stops at its next chunk).
-    pub state: String,
+    #[schema(value_type = String)]
+    pub state: CancelState,
 }
 
 /// `GET` (`Vec<Job>`, newest first).
@@ -103,7 +144,7 @@ mod tests {
                 id: 7,
                 kind: "backup".into(),
                 item: Some("web01".into()),
-                state: "running".into(),
+                state: JobState::Running,
                 attempt: 1,
                 created: "2024-05-01T02:00:00.000Z".into(),
                 started: Some("2024-05-01T02:00:01.000Z".into()),
@@ -121,6 +162,79 @@ mod tests {
                 time: "2024-05-01T02:00:01.000Z".into(),
                 line: "reading disk0".into(),
             }],
+        }
+    }
+
+    /// Each state is its exact word on the wire (the server's database holds the same
+    /// words), read back to the same state.
+    #[test]
+    fn job_states_are_their_wire_words() {
+        let words = [
+            (JobState::Queued, "queued", false),
+            (JobState::Running, "running", false),
+            (JobState::Succeeded, "succeeded", true),
+            (JobState::Failed, "failed", true),
+            (JobState::Cancelled, "cancelled", true),
+        ];
+        assert_eq!(JobState::KNOWN.len(), words.len());
+        for (state, word, ended) in words {
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{word}\"")
+            );
+            assert_eq!(
+                serde_json::from_str::<JobState>(&format!("\"{word}\"")).unwrap(),
+                state
+            );
+            assert_eq!(
+                (state.as_str(), state.to_string()),
+                (word, word.to_string())
+            );
+            assert_eq!(word.parse::<JobState>(), Ok(state.clone()));
+            assert!(state.is_known());
+            assert_eq!(state.ended(), ended, "{word}");
+        }
+        assert_eq!(
+            JobState::known_list(),
+            "queued, running, succeeded, failed, cancelled"
+        );
+        let q = JobQuery {
+            state: Some(JobState::Failed),
+            ..JobQuery::default()
+        };
+        assert_eq!(list_path(&q).unwrap(), "/jobs?state=failed");
+        for (state, word) in [
+            (CancelState::Cancelled, "cancelled"),
+            (CancelState::Cancelling, "cancelling"),
+            (CancelState::Running, "running"),
+        ] {
+            let c = Cancelled { id: 3, state };
+            let text = serde_json::to_string(&c).unwrap();
+            assert_eq!(text, format!("{{\"id\":3,\"state\":\"{word}\"}}"));
+            assert_eq!(serde_json::from_str::<Cancelled>(&text).unwrap(), c);
+        }
+    }
+
+    /// A state a newer server has and this client does not know is read, not refused: kept
+    /// as it was written (printed, written back to the same JSON) and not taken for ended.
+    #[test]
+    fn an_unknown_state_reads_as_unknown_and_writes_back_as_it_was() {
+        let mut v = serde_json::to_value(job(2.0)).unwrap();
+        v["state"] = "paused".into();
+        let back: JobDetail = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back.job.state, JobState::Unknown("paused".into()));
+        assert!(!back.job.state.is_known() && !back.job.ended());
+        assert_eq!(back.job.state.to_string(), "paused");
+        assert_eq!(serde_json::to_value(&back).unwrap(), v);
+        // Over by the end time the server gave it.
+        let mut over = back.job.clone();
+        over.ended = Some("2024-05-01T02:10:00.000Z".into());
+        assert!(over.ended() && !over.state.ended());
+        let c: Cancelled = serde_json::from_str(r#"{"id":1,"state":"deferred"}"#).unwrap();
+        assert_eq!(c.state, CancelState::Unknown("deferred".into()));
+        // Only the exact word: no other case, no padding.
+        for word in ["Running", "RUNNING", " running", ""] {
+            assert_eq!(JobState::from(word), JobState::Unknown(word.into()));
         }
     }
 

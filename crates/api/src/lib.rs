@@ -8,12 +8,16 @@
 //! first: a field renamed or retyped changes for every side at once, and code that used the
 //! old one stops compiling instead of reading a `null` at run time. The OpenAPI document the
 //! server serves is derived from the same definitions, and values with a fixed set of
-//! meanings (a [`Role`]) are enums on both sides, not strings each side checks its own way.
+//! meanings (a [`Role`], a [`JobState`]) are enums on both sides, not strings each side checks
+//! its own way.
 //!
 //! Serialization is the wire format: field order, names and `serde` attributes decide the
 //! bytes the server sends, so they change only with the API. [`path`] builds request paths
 //! and query strings from names with percent-encoding, so that a name is always one path
 //! segment or one query value, whatever characters it has.
+
+#[macro_use]
+mod words;
 
 pub mod approvals;
 pub mod audit;
@@ -26,11 +30,11 @@ pub mod policies;
 pub mod users;
 pub mod vaults;
 
-pub use approvals::{Approval, Decision};
+pub use approvals::{Approval, ApprovalState, Decision};
 pub use audit::{AuditEntry, AuditQuery};
 pub use error::{ErrorBody, ErrorDetail};
 pub use items::{BackupRequest, Item, ProtectRequest};
-pub use jobs::{Cancelled, Job, JobDetail, JobQuery, JobRef, LogLine};
+pub use jobs::{CancelState, Cancelled, Job, JobDetail, JobQuery, JobRef, JobState, LogLine};
 pub use path::PathError;
 pub use points::{Deleted, PointPage, PointQuery, PointRow, RestoreRequest};
 pub use policies::Policy;

@@ -9,8 +9,8 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use vmvault_api::{
     approvals, audit, items, jobs, points as api_points, users, Approval, AuditEntry, AuditQuery,
-    BackupRequest, Cancelled, Decision, Deleted, Item, Job, JobDetail, JobQuery, JobRef, NewToken,
-    NewUser, PointRow, ProtectRequest, RestoreRequest, Role, User,
+    BackupRequest, Cancelled, Decision, Deleted, Item, Job, JobDetail, JobQuery, JobRef, JobState,
+    NewToken, NewUser, PointRow, ProtectRequest, RestoreRequest, Role, User,
 };
 
 use crate::exit::InputError;
@@ -380,14 +380,14 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             limit,
         } => {
             let state = if running {
-                Some("running")
+                Some(JobState::Running)
             } else if failed {
-                Some("failed")
+                Some(JobState::Failed)
             } else {
                 None
             };
             let q = JobQuery {
-                state: state.map(str::to_string),
+                state,
                 limit: Some(limit),
                 before: None,
             };
@@ -474,7 +474,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             };
             let t: NewToken = c
                 .send("POST", users::COLLECTION, &req)
-                .inspect_err(pending_token)?;
+                .inspect_err(|e| pending_token(e, json, &name))?;
             emit(json, &t, |t| {
                 outln!("{}", t.token);
                 eprintln!("the token of {name} ({role}): shown this once");
@@ -483,8 +483,9 @@ fn run_command(cli: RemoteCli) -> Result<()> {
         RemoteCommand::User(UserCommand::Token { name }) => {
             let t: NewToken = c
                 .post(&route(users::tokens_path(&name))?)
-                .inspect_err(pending_token)?;
-            outln!("{}", t.token);
+                .inspect_err(|e| pending_token(e, json, &name))?;
+            // As `user create` prints it: with --json the server's answer, user and token.
+            emit(json, &t, |t| outln!("{}", t.token));
         }
         RemoteCommand::User(UserCommand::Revoke { name }) => {
             let () = c.delete(&route(users::tokens_path(&name))?)?;
@@ -539,10 +540,15 @@ fn short(id: &str) -> &str {
 }
 
 /// A token minted by a request that waits for a second admin comes only in the 202 answer,
-/// and works once approved: print it now, or it is lost.
-fn pending_token(e: &anyhow::Error) {
+/// and works once approved: print it now, or it is lost. With --json it is the object a
+/// minted token prints as (`{"user": ..., "token": ...}`), not a bare line.
+fn pending_token(e: &anyhow::Error, json: bool, user: &str) {
     if let Some(t) = e.downcast_ref::<ApiError>().and_then(|a| a.token.as_ref()) {
-        outln!("{t}");
+        let minted = NewToken {
+            user: user.to_string(),
+            token: t.clone(),
+        };
+        emit(json, &minted, |m| outln!("{}", m.token));
         eprintln!("vmvault: the token above works once the request is approved; shown this once");
     }
 }
@@ -553,7 +559,7 @@ fn approval_table(list: &[Approval]) {
         .map(|a| {
             vec![
                 a.id.to_string(),
-                a.state.clone(),
+                a.state.to_string(),
                 a.action.clone(),
                 a.target.clone(),
                 a.requested_by.clone(),

@@ -6,8 +6,8 @@
 use anyhow::{Context, Result};
 use serde::Serialize;
 use vmvault_api::{
-    jobs, points as api_points, policies, vaults, Job, JobDetail, PointPage, PointQuery, PointRow,
-    Policy, VaultInfo, VaultSettings,
+    jobs, points as api_points, policies, vaults, Job, JobDetail, JobState, PointPage, PointQuery,
+    PointRow, Policy, VaultInfo, VaultSettings,
 };
 use vmvault_format::Manifest;
 
@@ -128,7 +128,7 @@ pub fn print_jobs(list: &[Job]) {
                 j.id.to_string(),
                 j.kind.clone(),
                 cell(&j.item),
-                j.state.clone(),
+                j.state.to_string(),
                 cell(&j.started),
                 cell(&j.ended),
                 progress(j),
@@ -160,7 +160,7 @@ pub fn print_job(d: &JobDetail) {
         ("id", Some(j.id.to_string())),
         ("kind", Some(j.kind.clone())),
         ("item", j.item.clone()),
-        ("state", Some(j.state.clone())),
+        ("state", Some(j.state.to_string())),
         ("attempt", Some(j.attempt.to_string())),
         ("requested_by", Some(j.requested_by.clone())),
         ("created", Some(j.created.clone())),
@@ -185,7 +185,7 @@ pub fn print_job(d: &JobDetail) {
 #[derive(Debug)]
 pub struct JobEnded {
     pub id: i64,
-    pub state: String,
+    pub state: JobState,
     pub error: String,
     pub code: Option<String>,
 }
@@ -204,7 +204,7 @@ impl std::error::Error for JobEnded {}
 
 impl JobEnded {
     pub fn class(&self) -> vmvault_class::Class {
-        if self.state == "cancelled" {
+        if self.state == JobState::Cancelled {
             return vmvault_class::Class::Cancelled;
         }
         self.code
@@ -238,7 +238,7 @@ pub fn follow_job(c: &Client, id: i64) -> Result<JobDetail> {
         done = j.bytes_done;
         if j.ended() {
             bar.finish();
-            if j.state == "succeeded" {
+            if j.state == JobState::Succeeded {
                 return Ok(d);
             }
             return Err(JobEnded {

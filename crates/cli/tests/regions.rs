@@ -7,33 +7,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{Env, Out};
+use common::{credential_env, Env, Out};
 use vmvault_cloud::Credentials;
 use vmvault_testkit::{Azurite, Garage, GarageCluster, S3Server};
-
-/// The environment a server's credentials go in, and the secret to look for in outputs.
-fn credential_env(c: &Credentials) -> (Vec<(String, String)>, String) {
-    match c {
-        Credentials::S3 {
-            access_key_id,
-            secret_access_key,
-            ..
-        } => (
-            vec![
-                ("AWS_ACCESS_KEY_ID".into(), access_key_id.clone()),
-                ("AWS_SECRET_ACCESS_KEY".into(), secret_access_key.clone()),
-            ],
-            secret_access_key.clone(),
-        ),
-        Credentials::AzureKey { key } => {
-            (vec![("AZURE_STORAGE_KEY".into(), key.clone())], key.clone())
-        }
-        Credentials::AzureSas { token } => (
-            vec![("AZURE_STORAGE_SAS_TOKEN".into(), token.clone())],
-            token.clone(),
-        ),
-    }
-}
 
 /// Runs the binary with credentials in its environment; checks no output shows the secret.
 struct Remote<'a> {
@@ -44,15 +20,16 @@ struct Remote<'a> {
 
 impl<'a> Remote<'a> {
     fn new(env: &'a Env, credentials: &Credentials) -> Remote<'a> {
-        let (vars, secret) = credential_env(credentials);
-        Remote { env, vars, secret }
+        Remote {
+            env,
+            vars: credential_env(credentials),
+            secret: common::secret(credentials).to_string(),
+        }
     }
 
     fn run(&self, args: &[&str]) -> Out {
         let mut c = self.env.command(args);
-        for (k, v) in &self.vars {
-            c.env(k, v);
-        }
+        c.envs(self.vars.iter().cloned());
         let o = common::out(c.output().unwrap());
         for text in [&o.stdout, &o.stderr] {
             assert!(
@@ -457,9 +434,7 @@ fn a_backup_survives_a_storage_node_stopping_midway() {
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
-    for (k, v) in &r.vars {
-        cmd.env(k, v);
-    }
+    cmd.envs(r.vars.iter().cloned());
     cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().unwrap();

@@ -5,61 +5,27 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
+use common::server::Server;
 use common::{make_image, write_vm, Env};
-use serde_json::Value;
+use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    url: String,
+/// The server over plain HTTP on loopback (these tests are about the answers, not the
+/// certificate), with the admin's token.
+struct Api {
+    server: Server,
     token: String,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start(env: &Env) -> Api {
+    let server = Server::start(env, &["--insecure-http"]);
+    let token = server.admin_token();
+    Api { server, token }
 }
 
-/// Plain HTTP on loopback: these tests are about the answers, not the certificate.
-fn start(env: &Env) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmvault"))
-        .args(["server", "--insecure-http", "--listen", "127.0.0.1:0"])
-        .arg("--disk-root")
-        .arg(env.dir.path())
-        .arg("--restore-root")
-        .arg(env.dir.path())
-        .env("VMVAULT_SERVER_STATE", env.path("server"))
-        .env("VMVAULT_VAULT", &env.vault)
-        .env("VMVAULT_PASSWORD", common::PASS)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("the server says where it listens")
-            .unwrap();
-        if let Some(u) = line.strip_prefix("vmvault server: listening on ") {
-            break u.trim_end_matches('/').to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    let token = std::fs::read_to_string(env.path("server/admin-token"))
-        .unwrap()
-        .trim()
-        .to_string();
-    Server { child, url, token }
-}
-
-impl Server {
+impl Api {
     /// What the server itself answers to a GET.
     fn raw(&self, path: &str) -> Value {
-        ureq::get(&format!("{}/api/v1{path}", self.url))
+        ureq::get(&format!("{}/api/v1{path}", self.server.url))
             .set("Authorization", &format!("Bearer {}", self.token))
             .call()
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
@@ -68,9 +34,7 @@ impl Server {
     }
 
     fn cli(&self, env: &Env, args: &[&str]) -> common::Out {
-        let mut all = vec!["--server", &self.url, "--token", &self.token];
-        all.extend_from_slice(args);
-        env.run(&all)
+        self.server.cli(env, &self.token, args)
     }
 
     fn ok(&self, env: &Env, args: &[&str]) -> common::Out {
@@ -202,6 +166,14 @@ fn names_are_one_path_segment_and_waiting_tokens_are_printed() {
     s.ok(&env, &["user", "create", name, "--role", "reader"]);
     let t = s.ok(&env, &["user", "token", name]);
     assert!(t.stdout.starts_with("vmv_"), "{}", t.stdout);
+    // With --json a new token is an object, as `user create --json` prints one: the server's
+    // answer, the user and the token.
+    let created = s.ok(
+        &env,
+        &["--json", "user", "create", "ci", "--role", "reader"],
+    );
+    assert_token_of(&created, "ci");
+    assert_token_of(&s.ok(&env, &["--json", "user", "token", name]), name);
     s.ok(&env, &["user", "revoke", name]);
 
     // On a vault that requires approval, a new admin's token comes with the 202: it is
@@ -218,4 +190,16 @@ fn names_are_one_path_segment_and_waiting_tokens_are_printed() {
     let waiting = s.ok(&env, &["--json", "approval", "list"]).json();
     assert_eq!(waiting, s.raw("/approvals"));
     assert_eq!(waiting[0]["action"], "user.create", "{waiting}");
+    // Another user's token waits too; with --json it is printed as the same object.
+    let o = s.cli(&env, &["--json", "user", "token", name]);
+    assert_eq!(o.code, 7, "{}", o.stderr);
+    assert_token_of(&o, name);
+}
+
+/// What `--json` prints for a new token of `user`: the object {"user", "token"}, nothing else.
+fn assert_token_of(printed: &common::Out, user: &str) {
+    let v = printed.json();
+    let token = v["token"].as_str().unwrap_or_default();
+    assert!(token.starts_with("vmv_"), "{v}");
+    assert_eq!(v, json!({"user": user, "token": token}));
 }

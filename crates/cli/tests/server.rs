@@ -5,94 +5,25 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::server::Server;
 use common::{make_image, write_vm, Env};
-
-struct Server {
-    child: Child,
-    url: String,
-    fingerprint: String,
-    log: Vec<String>,
-}
-
-/// Starts the server (TLS) on an ephemeral port; returns once it says where it listens.
-fn start(env: &Env) -> Server {
-    start_with(env, &[])
-}
-
-/// Starts the server on an ephemeral port with `extra` arguments; returns once it has said
-/// where it listens (and, over TLS, its certificate's fingerprint).
-fn start_with(env: &Env, extra: &[&str]) -> Server {
-    let tls = !extra.contains(&"--insecure-http");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmvault"))
-        .args(["server", "--listen", "127.0.0.1:0"])
-        // The test's folder holds the VM's disks and any restore.
-        .arg("--disk-root")
-        .arg(env.dir.path())
-        .arg("--restore-root")
-        .arg(env.dir.path())
-        .args(extra)
-        .env("VMVAULT_SERVER_STATE", env.path("server"))
-        .env("VMVAULT_VAULT", &env.vault)
-        .env("VMVAULT_PASSWORD", common::PASS)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut url, mut fingerprint, mut log) = (String::new(), String::new(), Vec::new());
-    while url.is_empty() || (tls && fingerprint.is_empty()) {
-        let line = lines
-            .next()
-            .expect("the server said where it listens")
-            .unwrap();
-        if let Some(u) = line.strip_prefix("vmvault server: listening on ") {
-            url = u.to_string();
-        }
-        if let Some(f) = line.strip_prefix("vmvault server: certificate fingerprint (SHA-256) ") {
-            fingerprint = f.to_string();
-        }
-        log.push(line);
-    }
-    // Keep draining its log so that it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    Server {
-        child,
-        url,
-        fingerprint,
-        log,
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn remote(env: &Env, s: &Server, token: &str, args: &[&str]) -> common::Out {
-    let mut all = vec!["--server", &s.url, "--token", token];
-    all.extend_from_slice(args);
-    env.run(&all)
-}
 
 #[test]
 fn tls_pinning_same_points_output_and_a_kill_during_a_backup() {
     let env = Env::new();
-    let s = start(&env);
-    let admin = format!("@{}", env.path("server/admin-token").display());
+    let s = Server::start(&env, &[]);
+    let admin = s.admin.clone();
 
     // First use: not trusted until the fingerprint is given; then pinned.
-    let e = remote(&env, &s, &admin, &["policy", "list"]);
+    let e = s.cli(&env, &admin, &["policy", "list"]);
     common::assert_error(&e, 2, &["policy", "list"]);
     assert!(e.stderr.contains(&s.fingerprint), "{}", e.stderr);
     let fp_lower = s.fingerprint.replace(':', "").to_lowercase();
-    let o = remote(
+    let o = s.cli(
         &env,
-        &s,
         &admin,
         &[
             "--trust-fingerprint",
@@ -115,21 +46,21 @@ fn tls_pinning_same_points_output_and_a_kill_during_a_backup() {
         .contains(&s.fingerprint));
     // `policy update` changes only what it is given (issue 12, item 5): the schedule may stay,
     // the time zone and the other keeps are not reset.
-    let o = remote(
+    let o = s.cli(
         &env,
-        &s,
         &admin,
         &["policy", "update", "daily", "--timezone", "Europe/Berlin"],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let o = remote(
+    let o = s.cli(
         &env,
-        &s,
         &admin,
         &["policy", "update", "daily", "--keep-daily", "14"],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let p = remote(&env, &s, &admin, &["policy", "show", "daily", "--json"]).json();
+    let p = s
+        .cli(&env, &admin, &["policy", "show", "daily", "--json"])
+        .json();
     assert_eq!(p["schedule"], "daily 02:00", "{p}");
     assert_eq!(p["timezone"], "Europe/Berlin", "{p}");
     assert_eq!(p["keep_daily"], 14, "{p}");
@@ -138,18 +69,17 @@ fn tls_pinning_same_points_output_and_a_kill_during_a_backup() {
     let o = env.run(&["--server", &s.url, "policy", "list"]);
     assert_eq!(o.code, 6, "{}", o.stderr);
     // A reader cannot create policies: 403 with the reason.
-    let reader = remote(
+    let reader = s
+        .cli(
+            &env,
+            &admin,
+            &["user", "create", "viewer", "--role", "reader"],
+        )
+        .stdout
+        .trim()
+        .to_string();
+    let o = s.cli(
         &env,
-        &s,
-        &admin,
-        &["user", "create", "viewer", "--role", "reader"],
-    )
-    .stdout
-    .trim()
-    .to_string();
-    let o = remote(
-        &env,
-        &s,
         &reader,
         &[
             "policy",
@@ -172,19 +102,18 @@ fn tls_pinning_same_points_output_and_a_kill_during_a_backup() {
         "web01",
         &[("disk0", "web01.raw")],
     );
-    let o = remote(
+    let o = s.cli(
         &env,
-        &s,
         &admin,
         &["protect", desc.to_str().unwrap(), "--policy", "daily"],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let o = remote(&env, &s, &admin, &["backup", "web01"]);
+    let o = s.cli(&env, &admin, &["backup", "web01"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let job = o.stdout.trim().to_string();
     let started = Instant::now();
     loop {
-        let o = remote(&env, &s, &admin, &["job", "show", &job, "--json"]);
+        let o = s.cli(&env, &admin, &["job", "show", &job, "--json"]);
         assert_eq!(o.code, 0, "{}", o.stderr);
         let j = o.json();
         if j["state"] == "running" && j["bytes_done"].as_u64().unwrap() > 0 {
@@ -196,11 +125,10 @@ fn tls_pinning_same_points_output_and_a_kill_during_a_backup() {
     }
     drop(s); // SIGKILL
 
-    let s = start(&env);
+    let s = Server::start(&env, &[]);
     // The same certificate on a new (ephemeral) port: pinned again for that address.
-    let o = remote(
+    let o = s.cli(
         &env,
-        &s,
         &admin,
         &[
             "--trust-fingerprint",
@@ -217,31 +145,30 @@ fn tls_pinning_same_points_output_and_a_kill_during_a_backup() {
         "{:?}",
         s.log
     );
-    let j = remote(&env, &s, &admin, &["job", "show", &job, "--json"]).json();
+    let j = s.cli(&env, &admin, &["job", "show", &job, "--json"]).json();
     assert_eq!(j["state"], "failed", "{j}");
     assert!(j["error"].as_str().unwrap().contains("server stopped"));
     // The vault is whole, and the next backup of the VM works (the dead server's lock does
     // not hold it up).
     env.ok(&["verify"]);
-    let o = remote(&env, &s, &admin, &["backup", "web01", "--wait"]);
+    let o = s.cli(&env, &admin, &["backup", "web01", "--wait"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let o = remote(&env, &s, &admin, &["jobs", "--failed", "--json"]);
+    let o = s.cli(&env, &admin, &["jobs", "--failed", "--json"]);
     assert_eq!(o.json().as_array().unwrap().len(), 1);
 
     // `points` through the server prints what the local command prints.
     let local = env.ok(&["points"]);
-    let through = remote(&env, &s, &admin, &["points"]);
+    let through = s.cli(&env, &admin, &["points"]);
     assert_eq!(through.code, 0);
     assert_eq!(through.stdout, local.stdout);
     let local = env.ok(&["points", "--json"]).json();
-    let through = remote(&env, &s, &admin, &["points", "--json"]).json();
+    let through = s.cli(&env, &admin, &["points", "--json"]).json();
     assert_eq!(through["points"], local["points"]);
 
     // Once the server locks the vault, a local prune keeps the same promise: the on-demand
     // points the server made are kept until their own time, whoever prunes.
-    let o = remote(
+    let o = s.cli(
         &env,
-        &s,
         &admin,
         &["vault", "lock", "--yes-i-understand-this-is-irreversible"],
     );
@@ -259,7 +186,7 @@ fn tls_pinning_same_points_output_and_a_kill_during_a_backup() {
             .replace(&s.fingerprint, &fake),
     )
     .unwrap();
-    let o = remote(&env, &s, &admin, &["policy", "list"]);
+    let o = s.cli(&env, &admin, &["policy", "list"]);
     assert_ne!(o.code, 0);
     assert!(o.stderr.contains("changed"), "{}", o.stderr);
 }
@@ -303,8 +230,8 @@ fn schemathesis_finds_no_server_error() {
     }
     let env = Env::new();
     // Plain HTTP on loopback: schemathesis has no way to pin a self-signed certificate.
-    let server = start_with(&env, &["--insecure-http"]);
-    let token = std::fs::read_to_string(env.path("server/admin-token")).unwrap();
+    let server = Server::start(&env, &["--insecure-http"]);
+    let token = server.admin_token();
     let base = server.url.trim_end_matches('/').to_string();
     let mut st = Command::new("schemathesis")
         .args([
@@ -313,10 +240,7 @@ fn schemathesis_finds_no_server_error() {
             "--url",
             &base,
         ])
-        .args([
-            "--header",
-            &format!("Authorization: Bearer {}", token.trim()),
-        ])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
         .args([
             "--checks",
             "not_a_server_error",
@@ -355,7 +279,7 @@ fn schemathesis_finds_no_server_error() {
 #[test]
 fn one_server_per_state_directory() {
     let env = Env::with_vault();
-    let first = start_with(&env, &["--insecure-http"]);
+    let first = Server::start(&env, &["--insecure-http"]);
     let second = Command::new(env!("CARGO_BIN_EXE_vmvault"))
         .args(["server", "--insecure-http", "--listen", "127.0.0.1:0"])
         .env("VMVAULT_SERVER_STATE", env.path("server"))
@@ -368,7 +292,7 @@ fn one_server_per_state_directory() {
     let pid = first.child.id();
     assert!(o.stderr.contains(&format!("pid {pid}")), "{}", o.stderr);
     drop(first); // kill -9
-    let again = start_with(&env, &["--insecure-http"]);
+    let again = Server::start(&env, &["--insecure-http"]);
     assert!(again.url.starts_with("http://"), "{}", again.url);
 }
 
@@ -380,13 +304,13 @@ fn one_grammar_with_and_without_a_server() {
     let env = Env::with_vault();
     let config = env.path("server.toml");
     std::fs::write(&config, "backup_attempts = 1\n").unwrap();
-    let s = start_with(
+    let s = Server::start(
         &env,
         &["--insecure-http", "--config", config.to_str().unwrap()],
     );
-    let admin = format!("@{}", env.path("server/admin-token").display());
+    let admin = s.admin.clone();
     let ok = |args: &[&str]| {
-        let o = remote(&env, &s, &admin, args);
+        let o = s.cli(&env, &admin, args);
         assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
         o
     };
@@ -406,9 +330,8 @@ fn one_grammar_with_and_without_a_server() {
         "ghost",
         &[("disk0", "ghost.raw")],
     );
-    let o = remote(
+    let o = s.cli(
         &env,
-        &s,
         &admin,
         &["protect", missing.to_str().unwrap(), "--policy", "daily"],
     );
@@ -467,9 +390,8 @@ fn one_grammar_with_and_without_a_server() {
         img.to_str().unwrap(),
     ]);
     // Names that mean nothing exit as they do locally: 2.
-    let o = remote(
+    let o = s.cli(
         &env,
-        &s,
         &admin,
         &[
             "restore",
@@ -490,7 +412,7 @@ fn one_grammar_with_and_without_a_server() {
     // A job that fails ends `--wait` with the code the same failure has locally: the disk
     // is gone, which a local backup calls bad input (2).
     std::fs::remove_file(&img).unwrap();
-    let o = remote(&env, &s, &admin, &["backup", "web01", "--wait"]);
+    let o = s.cli(&env, &admin, &["backup", "web01", "--wait"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("failed"), "{}", o.stderr);
     let o = env.run(&["backup", desc.to_str().unwrap()]);
@@ -498,9 +420,8 @@ fn one_grammar_with_and_without_a_server() {
 
     // A role that does not exist is a usage error naming the roles; `user list` is a table,
     // and JSON with --json.
-    let o = remote(
+    let o = s.cli(
         &env,
-        &s,
         &admin,
         &["user", "create", "x", "--role", "superuser"],
     );

@@ -6,82 +6,36 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use common::{make_image, write_vm, Env, Out};
-use vmvault_testkit::{Azurite, S3Server, AZURITE_KEY};
+use common::server::Server;
+use common::{credential_env, make_image, secondary_credential_env, write_vm, Env, Out};
+use vmvault_testkit::{Azurite, S3Server};
 
-struct Server {
-    child: Child,
-    url: String,
-    addr: String,
-    log: Vec<String>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The server over plain HTTP on loopback with `args` and `vars`; returns once it listens.
-fn start(env: &Env, args: &[&str], vars: &[(&str, String)]) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmvault"));
-    cmd.args(["server", "--listen", "127.0.0.1:0", "--insecure-http"])
-        .arg("--disk-root")
-        .arg(env.dir.path())
-        .arg("--restore-root")
-        .arg(env.dir.path())
-        .args(args)
-        .env("VMVAULT_SERVER_STATE", env.path("server"))
-        .env("VMVAULT_PASSWORD", common::PASS)
-        .env_remove("VMVAULT_VAULT")
-        .current_dir(env.dir.path())
-        .stderr(Stdio::piped());
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
-    let url = loop {
-        let Some(Ok(line)) = lines.next() else {
-            panic!("the server stopped before listening:\n{}", log.join("\n"));
-        };
-        log.push(line.clone());
-        if let Some(u) = line.strip_prefix("vmvault server: listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    let addr = url.trim_start_matches("http://").to_string();
-    Server {
-        child,
-        url,
-        addr,
-        log,
-    }
+/// The server over plain HTTP on loopback with `args` and `vars`, its vault named by them
+/// (not `VMVAULT_VAULT`); returns once it listens.
+fn start(env: &Env, args: &[&str], vars: &[(String, String)]) -> Server {
+    let all = [&["--insecure-http"], args].concat();
+    Server::start_with(env, &all, |cmd| {
+        cmd.env_remove("VMVAULT_VAULT").envs(vars.iter().cloned());
+    })
 }
 
 fn remote(env: &Env, s: &Server, args: &[&str]) -> Out {
-    let token = format!("@{}", env.path("server/admin-token").display());
-    let mut all = vec!["--server", &s.url, "--token", &token];
-    all.extend_from_slice(args);
-    let o = env.run(&all);
+    let o = s.cli(env, &s.admin, args);
     assert_eq!(o.code, 0, "{args:?}:\n{}\n{}", o.stdout, o.stderr);
     o
 }
 
 /// `GET /metrics`, over plain HTTP.
 fn metrics(s: &Server) -> String {
-    let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+    let mut c = std::net::TcpStream::connect(s.addr()).unwrap();
     write!(
         c,
         "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        s.addr
+        s.addr()
     )
     .unwrap();
     let mut out = String::new();
@@ -90,16 +44,28 @@ fn metrics(s: &Server) -> String {
 }
 
 /// The CLI on the vault at `location` with `flags` and `vars`, as a user on the server's host.
-fn local(env: &Env, vars: &[(&str, String)], flags: &[&str], args: &[&str]) -> Out {
+fn local(env: &Env, vars: &[(String, String)], flags: &[&str], args: &[&str]) -> Out {
     let mut all: Vec<&str> = flags.to_vec();
     all.extend_from_slice(args);
     let mut c = env.command(&all);
-    for (k, v) in vars {
-        c.env(k, v);
-    }
+    c.envs(vars.iter().cloned());
     let o = common::out(c.output().unwrap());
     assert_eq!(o.code, 0, "{args:?}:\n{}\n{}", o.stdout, o.stderr);
     o
+}
+
+/// A server start with `args` on the state dir `state` in the test's folder, that must not
+/// come to listen: what it said.
+fn refused_start(env: &Env, state: &str, args: &[&str]) -> Out {
+    let o = Command::new(env!("CARGO_BIN_EXE_vmvault"))
+        .args(["server", "--insecure-http", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("VMVAULT_SERVER_STATE", env.path(state))
+        .env("VMVAULT_PASSWORD", common::PASS)
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    common::out(o)
 }
 
 /// Protects and backs up a 3 MiB VM through the server; returns its image.
@@ -150,22 +116,11 @@ fn a_server_on_s3_replicates_to_azure_and_the_cli_opens_the_same_vault() {
     let env = Env::new();
     let (url, endpoint, region) = (s3.url("server-vault"), s3.endpoint(), s3.region());
     let (az_url, az_endpoint) = (az.url("server-copy"), az.endpoint());
-    let vmvault_cloud::Credentials::S3 {
-        access_key_id,
-        secret_access_key,
-        ..
-    } = s3.credentials()
-    else {
-        unreachable!()
-    };
     let vars = [
-        ("AWS_ACCESS_KEY_ID", access_key_id),
-        ("AWS_SECRET_ACCESS_KEY", secret_access_key),
-        (
-            "VMVAULT_SECONDARY_AZURE_STORAGE_KEY",
-            AZURITE_KEY.to_string(),
-        ),
-    ];
+        credential_env(&s3.credentials()),
+        secondary_credential_env(&az.credentials()),
+    ]
+    .concat();
     let s = start(
         &env,
         &[
@@ -257,7 +212,7 @@ fn a_server_on_azure_with_a_secondary_from_its_config_file() {
         ),
     )
     .unwrap();
-    let vars = [("AZURE_STORAGE_KEY", AZURITE_KEY.to_string())];
+    let vars = credential_env(&az.credentials());
     let s = start(&env, &["--config", config.to_str().unwrap()], &vars);
     back_up_through(&env, &s);
     no_stray_folders(env.dir.path());
@@ -271,15 +226,7 @@ fn a_server_on_azure_with_a_secondary_from_its_config_file() {
     drop(s);
 
     // A kind of storage vmvault does not reach is refused at start, as bad input.
-    let o = Command::new(env!("CARGO_BIN_EXE_vmvault"))
-        .args(["server", "--insecure-http", "--listen", "127.0.0.1:0"])
-        .args(["--vault", "gs://bucket/v"])
-        .env("VMVAULT_SERVER_STATE", env.path("server2"))
-        .env("VMVAULT_PASSWORD", common::PASS)
-        .current_dir(env.dir.path())
-        .output()
-        .unwrap();
-    let o = common::out(o);
+    let o = refused_start(&env, "server2", &["--vault", "gs://bucket/v"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("gs:// is not a kind"), "{}", o.stderr);
     assert!(!env.dir.path().join("gs:").exists());
@@ -298,16 +245,7 @@ fn a_server_on_azure_with_a_secondary_from_its_config_file() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&config, bytes).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_vmvault"))
-        .args(["server", "--insecure-http", "--listen", "127.0.0.1:0"])
-        .arg("--vault")
-        .arg(&damaged)
-        .env("VMVAULT_SERVER_STATE", env.path("server3"))
-        .env("VMVAULT_PASSWORD", common::PASS)
-        .current_dir(env.dir.path())
-        .output()
-        .unwrap();
-    let o = common::out(o);
+    let o = refused_start(&env, "server3", &["--vault", damaged.to_str().unwrap()]);
     assert_ne!(o.code, 0, "{}", o.stderr);
     assert!(o.stderr.contains("vault config"), "{}", o.stderr);
     assert!(!o.stderr.contains("not empty"), "{}", o.stderr);

@@ -6,23 +6,19 @@
 
 mod common;
 
-use common::{make_image, write_vm, Env, Out};
+use common::{credential_env, make_image, write_vm, Env, Out};
 use vmvault_cloud::Credentials;
 use vmvault_testkit::{Garage, Moto};
 
-fn run(env: &Env, c: &Credentials, args: &[&str]) -> Out {
-    let Credentials::S3 {
-        access_key_id,
-        secret_access_key,
-        ..
-    } = c
-    else {
-        unreachable!()
-    };
+/// The CLI with the storage's credentials in its environment.
+fn try_run(env: &Env, c: &Credentials, args: &[&str]) -> Out {
     let mut cmd = env.command(args);
-    cmd.env("AWS_ACCESS_KEY_ID", access_key_id)
-        .env("AWS_SECRET_ACCESS_KEY", secret_access_key);
-    let o = common::out(cmd.output().unwrap());
+    cmd.envs(credential_env(c));
+    common::out(cmd.output().unwrap())
+}
+
+fn run(env: &Env, c: &Credentials, args: &[&str]) -> Out {
+    let o = try_run(env, c, args);
     assert_eq!(o.code, 0, "{args:?}:\n{}\n{}", o.stdout, o.stderr);
     o
 }
@@ -135,26 +131,19 @@ fn moto_buckets_with_and_without_object_lock_are_told_apart() {
     // Everything is still there and whole.
     on("locked", &["verify"]);
     // The lock is the vault's own all the same: the point cannot be deleted.
-    let Credentials::S3 {
-        access_key_id,
-        secret_access_key,
-        ..
-    } = &c
-    else {
-        unreachable!()
-    };
-    let mut cmd = env.command(&[
-        "--vault",
-        "s3://locked/v",
-        "--endpoint",
-        &endpoint,
-        "point",
-        "delete",
-        "web01@latest",
-    ]);
-    cmd.env("AWS_ACCESS_KEY_ID", access_key_id)
-        .env("AWS_SECRET_ACCESS_KEY", secret_access_key);
-    let o = common::out(cmd.output().unwrap());
+    let o = try_run(
+        &env,
+        &c,
+        &[
+            "--vault",
+            "s3://locked/v",
+            "--endpoint",
+            &endpoint,
+            "point",
+            "delete",
+            "web01@latest",
+        ],
+    );
     common::assert_error(&o, 6, &["point", "delete"]);
     let points = on("locked", &["--json", "points"]).json();
     assert_eq!(points["points"].as_array().unwrap().len(), 2, "{points}");

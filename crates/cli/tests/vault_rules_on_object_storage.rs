@@ -5,15 +5,14 @@
 
 mod common;
 
-use common::{make_image, mutate_image, write_vm, Env, Out};
-use vmvault_cloud::Credentials;
+use common::{credential_env, make_image, mutate_image, write_vm, Env, Out};
 use vmvault_testkit::{Azurite, S3Server};
 
 /// The CLI on one remote vault: its flags and its credentials.
 struct Remote<'a> {
     env: &'a Env,
     flags: Vec<String>,
-    vars: Vec<(&'static str, String)>,
+    vars: Vec<(String, String)>,
 }
 
 impl Remote<'_> {
@@ -21,9 +20,7 @@ impl Remote<'_> {
         let mut all: Vec<&str> = self.flags.iter().map(String::as_str).collect();
         all.extend_from_slice(args);
         let mut c = self.env.command(&all);
-        for (k, v) in &self.vars {
-            c.env(k, v);
-        }
+        c.envs(self.vars.iter().cloned());
         common::out(c.output().unwrap())
     }
 
@@ -111,21 +108,6 @@ fn matrix(r: &Remote, url: &str) {
     r.ok(&["verify", "--read-data"]);
 }
 
-fn s3_vars(c: &Credentials) -> Vec<(&'static str, String)> {
-    let Credentials::S3 {
-        access_key_id,
-        secret_access_key,
-        ..
-    } = c
-    else {
-        unreachable!()
-    };
-    vec![
-        ("AWS_ACCESS_KEY_ID", access_key_id.clone()),
-        ("AWS_SECRET_ACCESS_KEY", secret_access_key.clone()),
-    ]
-}
-
 #[test]
 fn the_rules_hold_on_s3() {
     let Some(s3) = S3Server::start() else { return };
@@ -141,7 +123,7 @@ fn the_rules_hold_on_s3() {
             "--region".into(),
             s3.region(),
         ],
-        vars: s3_vars(&s3.credentials()),
+        vars: credential_env(&s3.credentials()),
     };
     matrix(&r, &url);
 }
@@ -151,9 +133,6 @@ fn the_rules_hold_on_azure_blob() {
     let Some(az) = Azurite::start() else { return };
     let env = Env::new();
     let url = az.url("rules");
-    let Credentials::AzureKey { key } = az.credentials() else {
-        unreachable!()
-    };
     let r = Remote {
         env: &env,
         flags: vec![
@@ -164,7 +143,7 @@ fn the_rules_hold_on_azure_blob() {
             "--account".into(),
             az.account(),
         ],
-        vars: vec![("AZURE_STORAGE_KEY", key)],
+        vars: credential_env(&az.credentials()),
     };
     matrix(&r, &url);
 }

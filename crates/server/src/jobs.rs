@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
-pub use vmvault_api::{Job, JobDetail, LogLine};
+pub use vmvault_api::{CancelState, Job, JobDetail, JobState, LogLine};
 use vmvault_engine::Progress;
 
 use crate::app::App;
@@ -57,8 +57,6 @@ pub struct Params {
     pub format: Option<String>,
 }
 
-pub const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
-
 const JOB_COLUMNS: &str = "id, kind, item, state, attempt, created, started, ended, error, \
                            bytes_done, bytes_total, point, requested_by, error_code";
 
@@ -67,7 +65,7 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
         id: r.get(0)?,
         kind: r.get(1)?,
         item: r.get(2)?,
-        state: r.get(3)?,
+        state: JobState::from(r.get::<_, String>(3)?),
         attempt: r.get(4)?,
         created: r.get(5)?,
         started: r.get(6)?,
@@ -140,14 +138,17 @@ impl App {
     }
 
     /// Jobs, newest first, `limit` after the id `before`, of one state when asked.
-    pub fn jobs(&self, state: Option<&str>, limit: u32, before: Option<i64>) -> Result<Vec<Job>> {
-        if let Some(s) = state {
-            if !STATES.contains(&s) {
-                return Err(Error::Input(format!(
-                    "'{s}' is not a job state ({})",
-                    STATES.join(", ")
-                )));
-            }
+    pub fn jobs(
+        &self,
+        state: Option<&JobState>,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<Job>> {
+        if let Some(s) = state.filter(|s| !s.is_known()) {
+            return Err(Error::Input(format!(
+                "'{s}' is not a job state ({})",
+                JobState::known_list()
+            )));
         }
         let rows = {
             let conn = self.db.conn();
@@ -156,7 +157,14 @@ impl App {
                  ORDER BY id DESC LIMIT ?3"
             ))?;
             let rows = stmt
-                .query_map(params![state, before.unwrap_or(i64::MAX), limit], job_row)?
+                .query_map(
+                    params![
+                        state.map(JobState::as_str),
+                        before.unwrap_or(i64::MAX),
+                        limit
+                    ],
+                    job_row,
+                )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             rows
         };
@@ -218,31 +226,31 @@ impl App {
     }
 
     /// Cancels a queued job at once, a running one at its next chunk.
-    pub fn cancel_job(&self, id: i64) -> Result<String> {
+    pub fn cancel_job(&self, id: i64) -> Result<CancelState> {
         let state: String = self
             .db
             .conn()
             .query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0))
             .optional()?
             .ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
-        match state.as_str() {
-            "queued" => {
+        match JobState::from(state) {
+            JobState::Queued => {
                 self.db.conn().execute(
                     "UPDATE jobs SET state = 'cancelled', ended = ?2 WHERE id = ?1 AND state = 'queued'",
                     params![id, ts(self.now())],
                 )?;
                 self.job_log(id, "cancelled before it started");
-                Ok("cancelled".into())
+                Ok(CancelState::Cancelled)
             }
-            "running" => match self.runner.live(id) {
+            JobState::Running => match self.runner.live(id) {
                 Some(live) => {
                     live.cancel.store(true, Ordering::Relaxed);
                     self.job_log(id, "cancel requested");
-                    Ok("cancelling".into())
+                    Ok(CancelState::Cancelling)
                 }
-                None => Ok(state),
+                None => Ok(CancelState::Running),
             },
-            _ => Err(Error::Conflict(format!(
+            state => Err(Error::Conflict(format!(
                 "job {id} has already ended ({state})"
             ))),
         }

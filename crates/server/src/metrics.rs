@@ -33,8 +33,11 @@ pub fn render(app: &App) -> Result<String> {
         out,
         "# HELP vmvault_jobs Jobs by state.\n# TYPE vmvault_jobs gauge"
     );
-    for s in crate::jobs::STATES {
-        let n = by_state.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+    for s in crate::jobs::JobState::KNOWN {
+        let n = by_state
+            .iter()
+            .find(|(k, _)| k == s.as_str())
+            .map_or(0, |(_, n)| *n);
         let _ = writeln!(out, "vmvault_jobs{{state=\"{s}\"}} {n}");
     }
     let stats = app.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -13,10 +13,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use vmvault_api::{
-    approvals, audit, items, jobs, points, policies, users, vaults, Approval, AuditEntry,
-    AuditQuery, BackupRequest, Cancelled, Decision, Deleted, ErrorBody, Item, Job, JobDetail,
-    JobQuery, JobRef, NewToken, NewUser, PointPage, PointQuery, PointRow, Policy, ProtectRequest,
-    RestoreRequest, Role, RoleChange, User, VaultInfo, VaultSettings, BASE,
+    approvals, audit, items, jobs, points, policies, users, vaults, Approval, ApprovalState,
+    AuditEntry, AuditQuery, BackupRequest, Cancelled, Decision, Deleted, ErrorBody, Item, Job,
+    JobDetail, JobQuery, JobRef, JobState, NewToken, NewUser, PointPage, PointQuery, PointRow,
+    Policy, ProtectRequest, RestoreRequest, Role, RoleChange, User, VaultInfo, VaultSettings, BASE,
 };
 use vmvault_server::SystemClock;
 
@@ -138,17 +138,28 @@ fn every_answer_reads_into_its_type_and_writes_back_unchanged() {
     for keep_until in [None, Some("2999-01-01".to_string())] {
         let r: JobRef = c.call("POST", &backup, Some(&BackupRequest { keep_until }), 202);
         let d = wait(&c, r.job);
-        assert_eq!(d.job.state, "succeeded", "{d:?}");
+        assert_eq!(d.job.state, JobState::Succeeded, "{d:?}");
         assert!(d.job.rate.is_some() && !d.log.is_empty(), "{d:?}");
         made.push(d.job.point.unwrap());
     }
     let q = JobQuery {
-        state: Some("succeeded".into()),
+        state: Some(JobState::Succeeded),
         limit: Some(1),
         before: None,
     };
     let page: Vec<Job> = c.get(&jobs::list_path(&q).unwrap());
     assert_eq!(page.len(), 1);
+    // A state the server does not know is refused as before the states were an enum: 400,
+    // naming the ones it knows.
+    let q = JobQuery {
+        state: Some(JobState::Unknown("paused".into())),
+        ..JobQuery::default()
+    };
+    let e: ErrorBody = c.call("GET", &jobs::list_path(&q).unwrap(), None, 400);
+    assert_eq!(
+        e.error.message,
+        "'paused' is not a job state (queued, running, succeeded, failed, cancelled)"
+    );
 
     // Two pages of one point each: the cursor goes back as the server gave it.
     let mut q = PointQuery {
@@ -195,7 +206,7 @@ fn every_answer_reads_into_its_type_and_writes_back_unchanged() {
         format: Some("qcow2".into()),
     };
     let r: JobRef = c.call("POST", points::RESTORES, Some(&restore), 202);
-    assert_eq!(wait(&c, r.job).job.state, "succeeded");
+    assert_eq!(wait(&c, r.job).job.state, JobState::Succeeded);
     // A job that ended cannot be cancelled: the error shape, typed.
     let e: ErrorBody = c.call("POST", &jobs::cancel_path(r.job), None, 409);
     assert_eq!(e.error.code, "conflict");
@@ -265,7 +276,7 @@ fn every_answer_reads_into_its_type_and_writes_back_unchanged() {
         Some(&Decision { approve: true }),
         200,
     );
-    assert_eq!(decided.state, "approved");
+    assert_eq!(decided.state, ApprovalState::Approved);
 
     let locked: VaultInfo = c.call("POST", &vaults::lock_path(&all[0].name).unwrap(), None, 200);
     assert!(locked.locked_at.is_some());

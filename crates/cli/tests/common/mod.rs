@@ -2,13 +2,58 @@
 //! images made by the test (sparse, random, compressible), and a runner for the binary.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use vmvault_cloud::Credentials;
+
 pub const PASS: &str = "test passphrase";
+
+/// The environment variables that give `c` to vmvault (the names crates/cloud reads).
+pub fn credential_env(c: &Credentials) -> Vec<(String, String)> {
+    let var = |k: &str, v: &String| (k.to_string(), v.clone());
+    match c {
+        Credentials::S3 {
+            access_key_id,
+            secret_access_key,
+            session_token,
+        } => {
+            let mut vars = vec![
+                var("AWS_ACCESS_KEY_ID", access_key_id),
+                var("AWS_SECRET_ACCESS_KEY", secret_access_key),
+            ];
+            vars.extend(session_token.iter().map(|t| var("AWS_SESSION_TOKEN", t)));
+            vars
+        }
+        Credentials::AzureKey { key } => vec![var("AZURE_STORAGE_KEY", key)],
+        Credentials::AzureSas { token } => vec![var("AZURE_STORAGE_SAS_TOKEN", token)],
+    }
+}
+
+/// [`credential_env`] for a secondary region: the same names prefixed with
+/// `VMVAULT_SECONDARY_`.
+pub fn secondary_credential_env(c: &Credentials) -> Vec<(String, String)> {
+    credential_env(c)
+        .into_iter()
+        .map(|(k, v)| (format!("VMVAULT_SECONDARY_{k}"), v))
+        .collect()
+}
+
+/// The part of `c` that no output may show.
+pub fn secret(c: &Credentials) -> &str {
+    match c {
+        Credentials::S3 {
+            secret_access_key, ..
+        } => secret_access_key,
+        Credentials::AzureKey { key } => key,
+        Credentials::AzureSas { token } => token,
+    }
+}
 
 pub struct Env {
     pub dir: tempfile::TempDir,

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use rusqlite::{params, OptionalExtension};
-use vmvault_api::{Approval, Decision, ErrorBody};
+use vmvault_api::{Approval, ApprovalState, Decision, ErrorBody};
 
 use crate::app::App;
 use crate::auth::{self, Actor, Role};
@@ -24,7 +24,7 @@ fn approval_row(r: &rusqlite::Row) -> rusqlite::Result<Approval> {
         target: r.get(2)?,
         requested_by: r.get(3)?,
         requested_at: r.get(4)?,
-        state: r.get(5)?,
+        state: ApprovalState::from(r.get::<_, String>(5)?),
         decided_by: r.get(6)?,
         decided_at: r.get(7)?,
     })
@@ -57,7 +57,7 @@ struct Request {
     by: String,
     /// The user whose rights it was made with.
     user: String,
-    state: String,
+    state: ApprovalState,
 }
 
 fn load(app: &App, id: i64) -> Result<Request> {
@@ -74,7 +74,7 @@ fn load(app: &App, id: i64) -> Result<Request> {
                     params: r.get(2)?,
                     by: r.get(3)?,
                     user: r.get(4)?,
-                    state: r.get(5)?,
+                    state: ApprovalState::from(r.get::<_, String>(5)?),
                 })
             },
         )
@@ -115,7 +115,7 @@ pub async fn decide(
 ) -> Result<Json<Approval>> {
     let actor = app.guard(&h, Role::Admin, "approval.decide", &id.to_string())?;
     let req = load(&app, id)?;
-    if req.state != "pending" {
+    if req.state != ApprovalState::Pending {
         return Err(Error::Conflict(format!(
             "approval request {id} is {} already",
             req.state
@@ -146,17 +146,23 @@ pub async fn decide(
     }
     let outcome = if d.approve { run(&app, &req) } else { Ok(()) };
     let state = match (&outcome, d.approve) {
-        (Err(_), _) => "failed",
-        (Ok(()), true) => "approved",
-        (Ok(()), false) => "rejected",
+        (Err(_), _) => ApprovalState::Failed,
+        (Ok(()), true) => ApprovalState::Approved,
+        (Ok(()), false) => ApprovalState::Rejected,
     };
     app.db.conn().execute(
         "UPDATE approvals SET state = ?2 WHERE id = ?1",
-        params![id, state],
+        params![id, state.as_str()],
     )?;
     let what = format!("{id} {} {}", req.action, req.target);
     match outcome {
-        Ok(()) => auth::audit(&app.db, &actor.user, "approval.decide", &what, state),
+        Ok(()) => auth::audit(
+            &app.db,
+            &actor.user,
+            "approval.decide",
+            &what,
+            state.as_str(),
+        ),
         Err(e) => {
             let outcome = format!("failed after approval: {e}");
             auth::audit(&app.db, &actor.user, "approval.decide", &what, &outcome);

@@ -21,7 +21,7 @@ pub async fn list(
 ) -> Result<Json<Vec<Job>>> {
     app.guard(&h, Role::Reader, "job.list", "-")?;
     let limit = crate::api::points::limit(q.limit)?;
-    Ok(Json(app.jobs(q.state.as_deref(), limit, q.before)?))
+    Ok(Json(app.jobs(q.state.as_ref(), limit, q.before)?))
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = i64, Path)),
