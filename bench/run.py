@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -489,6 +490,12 @@ def measure_storage(binary, server_bin, image, kinds, work, keep):
             os.unlink(out)
             if kind == "local" and not keep:
                 shutil.rmtree(vault)
+            # The same backup run by `vmvault server` into the same storage (S3 only: the
+            # server's path is the one the agents will use).
+            served = None
+            if server and info["url"].startswith("s3://"):
+                served = server_backup(binary, info["url"] + f"bench-server-{n}", options, env,
+                                       image, work / f"server-{n}")
         finally:
             if server:
                 server.stdin.close()
@@ -499,11 +506,63 @@ def measure_storage(binary, server_bin, image, kinds, work, keep):
              "restore_seconds": round(rseconds, 3),
              "restore_mbps": round(size / rseconds / 1e6, 1), "restore_cpu_seconds": round(rcpu, 3),
              "restore_server_cpu_seconds": round(restore_server_cpu, 3), "identical": same}
+        if served:
+            r["server_run"] = served
+            log(f"storage: {kind} backup run by vmvault server {served['backup_seconds']:.1f} s "
+                f"({served['backup_seconds'] and seconds / served['backup_seconds']:.2f} of the "
+                "CLI's speed)")
         log(f"storage: {kind} backup {seconds:.1f} s, restore {rseconds:.1f} s, identical: {same}")
         if kind in results and results[kind]["backup_mbps"] >= r["backup_mbps"]:
             continue
         results[kind] = r
     return results
+
+
+def server_backup(binary, vault, options, env, image, state):
+    """A full backup of `image` run by `vmvault server` (a job, asked for and waited on through
+    the CLI's remote `backup --wait`) into a new vault at `vault`: seconds and CPU seconds of the
+    server process (the storage server's are not in them)."""
+    folder = image.parent
+    server_env = dict(os.environ)
+    server_env.update(env)
+    server_env["VMVAULT_SERVER_STATE"] = str(state)
+    server_env.pop("VMVAULT_VAULT", None)
+    proc = subprocess.Popen([str(binary), "server", "--listen", "127.0.0.1:0", "--insecure-http",
+                             "--disk-root", str(folder), "--vault", vault, *options],
+                            env=server_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url, said = None, []
+        for line in proc.stderr:
+            said.append(line.rstrip())
+            if line.startswith("vmvault server: listening on "):
+                url = line.split("listening on ", 1)[1].strip()
+                break
+        if not url:
+            raise BenchError("vmvault server did not start:\n" + "\n".join(said[-20:]))
+        # Keep reading what it says so that it never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        remote = [binary, "--server", url, "--token", f"@{state / 'admin-token'}"]
+        run([*remote, "policy", "create", "bench", "--schedule", "daily 02:00",
+             "--keep-daily", "7"], env=env)
+        run([*remote, "protect", folder / "vm.toml", "--policy", "bench"], env=env)
+        prefault()
+        settle()
+        warm(image)
+        log("storage: the same backup run by vmvault server")
+        before = tree_cpu(proc.pid)
+        seconds, _, _ = run([*remote, "backup", VM_NAME, "--wait"], env=env)
+        cpu = tree_cpu(proc.pid) - before
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    size = os.path.getsize(image)
+    return {"backup_seconds": round(seconds, 3), "backup_mbps": round(size / seconds / 1e6, 1),
+            "backup_cpu_seconds": round(cpu, 3)}
 
 
 def measure_live(binary, image, work):
@@ -882,6 +941,19 @@ def storage_markdown(res):
                      f"{r['restore_mbps'] / local['restore_mbps']:.2f} | "
                      f"{r['restore_cpu_seconds']:.1f} / {r['restore_server_cpu_seconds']:.1f} | "
                      f"{r['identical']} |")
+    served = [(kind, r) for kind, r in res.items() if "server_run" in r]
+    if served:
+        lines += ["", "The same full backup run by `vmvault server` (a job into a new vault in the "
+                  "same storage, asked for and waited on with `vmvault backup NAME --wait`) against "
+                  "the CLI's own backup in the same run:", "",
+                  "| storage | CLI backup MB/s (s) | server-run MB/s (s) | server / CLI | "
+                  "server CPU s |", "|---|---:|---:|---:|---:|"]
+        for kind, r in served:
+            s = r["server_run"]
+            lines.append(f"| {kind} | {r['backup_mbps']:,.0f} ({r['backup_seconds']:.1f} s) | "
+                         f"{s['backup_mbps']:,.0f} ({s['backup_seconds']:.1f} s) | "
+                         f"{s['backup_mbps'] / r['backup_mbps']:.2f} | "
+                         f"{s['backup_cpu_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,7 @@ pub use path::PathError;
 pub use points::{Deleted, PointPage, PointQuery, PointRow, RestoreRequest};
 pub use policies::Policy;
 pub use users::{NewToken, NewUser, Role, RoleChange, UnknownRole, User};
-pub use vaults::{VaultInfo, VaultSettings};
+pub use vaults::{LockRequest, VaultInfo, VaultSettings};
 
 /// Where the API is mounted; every path this crate builds is relative to it.
 pub const BASE: &str = "/api/v1";

@@ -34,6 +34,15 @@ pub struct VaultSettings {
     pub require_approval: Option<bool>,
 }
 
+// The POST body of a lock (optional): how long the storage holds each object.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LockRequest {
+    /// Days the storage holds each object after it is written or renewed (S3 Object Lock,
+    /// compliance mode), 1..=3650; 30 when not given. Can be lengthened later, never shortened.
+    pub hold_days: Option<u32>,
+}
+
 /// `GET`: every vault (`Vec<VaultInfo>`).
 pub const COLLECTION: &str = "/vaults";
 
@@ -42,7 +51,7 @@ pub fn vault_path(name: &str) -> Result<String, PathError> {
     Ok(format!("/vaults/{}", segment(name)?))
 }
 
-/// `POST`: lock the vault (irreversible).
+/// `POST` (optional `LockRequest`): lock the vault (irreversible), or lengthen its storage hold.
 pub fn lock_path(name: &str) -> Result<String, PathError> {
     Ok(format!("/vaults/{}/lock", segment(name)?))
 }

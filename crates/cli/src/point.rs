@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use serde::Serialize;
 use vmvault_engine::{select_point, Points};
+use vmvault_open::storage_lock;
 use vmvault_store::Deleted;
 
 use crate::exit::InputError;
@@ -132,31 +133,21 @@ pub fn lock(g: &Global, confirmed: bool, hold_days: u32) -> Result<()> {
     if terminal && renewed >= 500 {
         eprintln!();
     }
-    // The regions were given their hold by `lock_vault_holding`: they are not asked again.
-    let holds = vault.apply_hold()?;
     // Whether the storage keeps the promise too, said per region rather than left for the
     // user to assume.
     let (record, _) = crate::regions::record(g)?;
-    let days = rules.locked.as_ref().and_then(|l| l.hold_days);
-    let storage: Vec<(&str, String)> = storage_words(&record.primary, record.secondary.as_ref())
-        .into_iter()
-        .map(|(region, words)| {
-            let held = holds
-                .iter()
-                .any(|(r, s)| r == region && *s == vmvault_store::HoldState::Enforced);
-            match days {
-                Some(d) if held => (
-                    region,
-                    format!(
-                        "enforced by the storage: S3 Object Lock holds every object for {d} \
-                         day(s) after it is written or renewed (compliance mode; gc and \
-                         `vault lock` renew them)"
-                    ),
-                ),
-                _ => (region, words),
-            }
-        })
-        .collect();
+    let mut storage = vec![(
+        "primary",
+        storage_lock::words(
+            &record.primary,
+            false,
+            storage_lock::held_days(&vault, "primary"),
+        ),
+    )];
+    if let Some(s) = &record.secondary {
+        let held = storage_lock::held_days(&vault, "secondary");
+        storage.push(("secondary", storage_lock::words(s, true, held)));
+    }
     if g.json {
         print_json(&serde_json::json!({
             "rules": rules,
@@ -178,16 +169,4 @@ pub fn lock(g: &Global, confirmed: bool, hold_days: u32) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Per region, whether the storage itself keeps objects against deletion, in words.
-pub fn storage_words(
-    primary: &crate::regions::Location,
-    secondary: Option<&crate::regions::Location>,
-) -> Vec<(&'static str, String)> {
-    let mut out = vec![("primary", crate::vault::storage_lock_words(primary, false))];
-    if let Some(s) = secondary {
-        out.push(("secondary", crate::vault::storage_lock_words(s, true)));
-    }
-    out
 }

@@ -225,10 +225,16 @@ pub enum VaultCommand {
         require_approval: Option<bool>,
     },
     /// Make the vault immutable: no point deleted before its retention ends, no retention
-    /// shortened. Cannot be undone.
+    /// shortened. Cannot be undone. On a bucket with S3 Object Lock the storage holds every
+    /// object too; run again with a longer --hold-days to lengthen that hold.
     Lock {
         #[arg(long)]
         yes_i_understand_this_is_irreversible: bool,
+        /// How long the storage holds each object after it is written or renewed (S3 Object
+        /// Lock, compliance mode; 30 when not given); can be made longer later, never shorter.
+        #[arg(long, value_name = "DAYS",
+              value_parser = clap::value_parser!(u32).range(1..=vmvault_format::MAX_HOLD_DAYS as i64))]
+        hold_days: Option<u32>,
     },
 }
 
@@ -419,7 +425,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             // A deleted point is named by its id (VM@ID or the id alone).
             let id = point.split_once('@').map_or(point.as_str(), |(_, id)| id);
             let row: PointRow = c.post(&route(api_points::undelete_path(id))?)?;
-            emit(json, &row, |r| outln!("{}@{} is back", r.vm, short(id)));
+            emit(json, &row, |r| outln!("{}@{} is back", r.vm, short(&r.id)));
         }
         RemoteCommand::Restore {
             point,

@@ -261,7 +261,43 @@ fn the_vault(c: &Client) -> Result<VaultInfo> {
 
 pub fn points(c: &Client, json: bool, vm: Option<&str>, deleted: bool) -> Result<()> {
     let v = the_vault(c)?;
-    let mut manifests: Vec<Manifest> = Vec::new();
+    let manifests = all_points(c, vm, deleted)?;
+    // A VM the vault has no point of, live or deleted, is most likely a typo: said as the local
+    // `points` says it, not shown as an empty table.
+    if let Some(vm) = vm {
+        if manifests.is_empty() && all_points(c, Some(vm), !deleted)?.is_empty() {
+            let mut known: Vec<String> = all_points(c, None, false)?
+                .into_iter()
+                .chain(all_points(c, None, true)?)
+                .map(|m| m.vm)
+                .collect();
+            known.sort_unstable();
+            known.dedup();
+            return Err(InputError(format!(
+                "no recovery point of VM {vm:?} in {}{}",
+                v.location,
+                if known.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (its VMs: {})", known.join(", "))
+                }
+            ))
+            .into());
+        }
+    }
+    crate::points::show(
+        json,
+        v.location,
+        v.encrypted,
+        manifests.iter().collect(),
+        &[],
+    );
+    Ok(())
+}
+
+/// Every point the server lists (of `vm`, live or soft-deleted), page by page.
+fn all_points(c: &Client, vm: Option<&str>, deleted: bool) -> Result<Vec<Manifest>> {
+    let mut manifests = Vec::new();
     let mut q = PointQuery {
         item: vm.map(str::to_string),
         limit: Some(1000),
@@ -275,17 +311,9 @@ pub fn points(c: &Client, json: bool, vm: Option<&str>, deleted: bool) -> Result
         }
         match page.next_cursor {
             Some(n) => q.cursor = Some(n),
-            None => break,
+            None => return Ok(manifests),
         }
     }
-    crate::points::show(
-        json,
-        v.location,
-        v.encrypted,
-        manifests.iter().collect(),
-        &[],
-    );
-    Ok(())
 }
 
 /// The point a name means, as the server resolves it (the local grammar: VM@latest, VM@ID,
@@ -311,6 +339,7 @@ pub fn vault(c: &Client, json: bool, cmd: VaultCommand) -> Result<()> {
         )?,
         VaultCommand::Lock {
             yes_i_understand_this_is_irreversible,
+            hold_days,
         } => {
             if !yes_i_understand_this_is_irreversible {
                 return Err(InputError(
@@ -318,7 +347,11 @@ pub fn vault(c: &Client, json: bool, cmd: VaultCommand) -> Result<()> {
                 )
                 .into());
             }
-            c.post(&route(vaults::lock_path(&current.name))?)?
+            c.send(
+                "POST",
+                &route(vaults::lock_path(&current.name))?,
+                &vaults::LockRequest { hold_days },
+            )?
         }
     };
     emit(json, &v, print_vault);

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde::Serialize;
+use vmvault_open::storage_lock;
 use vmvault_store::{CreateOptions, Vault};
 
 use crate::output::{bytes, print_json};
@@ -109,14 +110,6 @@ struct Info {
     storage_lock: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     secondary_storage_lock: Option<String>,
-}
-
-/// The storage's own lock in words; a storage that cannot be asked says so.
-pub fn storage_lock_words(l: &Location, secondary: bool) -> String {
-    match l.storage_lock(secondary) {
-        Ok(s) => s.to_string(),
-        Err(e) => format!("unknown: {e}"),
-    }
 }
 
 fn info_of(location: String, secondary: Option<String>, c: &vmvault_format::VaultConfig) -> Info {
@@ -236,11 +229,11 @@ pub fn run(g: &Global, cmd: VaultCommand) -> Result<()> {
                 record.secondary.as_ref().map(|s| s.describe()),
                 &config,
             );
-            info.storage_lock = Some(storage_lock_words(&record.primary, false));
+            info.storage_lock = Some(storage_lock::words(&record.primary, false, None));
             info.secondary_storage_lock = record
                 .secondary
                 .as_ref()
-                .map(|s| storage_lock_words(s, true));
+                .map(|s| storage_lock::words(s, true, None));
             print_info(g, &info);
             Ok(())
         }

@@ -20,6 +20,7 @@
 
 mod location;
 mod record;
+pub mod storage_lock;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

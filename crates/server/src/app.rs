@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, OptionalExtension};
+use vmvault_open::storage_lock;
 use vmvault_store::{CreateOptions, Vault};
 
 use crate::config::ServerConfig;
@@ -35,7 +36,8 @@ pub struct App {
     pub stats: Mutex<HashMap<String, VmStats>>,
     pub(crate) overdue: crate::alerts::Overdue,
     /// When the catalog was last made to match the vault.
-    rebuilt: Mutex<std::time::Instant>,
+    /// When the catalog was last checked against the vault's names, and last rebuilt.
+    rebuilt: Mutex<(std::time::Instant, std::time::Instant)>,
     /// Where the first admin token was written, on the start that made it.
     pub admin_token_file: std::path::PathBuf,
     /// HTTP connections open now (see `tls::serve`).
@@ -56,10 +58,9 @@ impl App {
         let mut cached = self.storage_lock.lock().unwrap_or_else(|e| e.into_inner());
         if refresh || cached.is_none() {
             let said = match self.cfg.primary_location() {
-                Ok(l) => match l.storage_lock(false) {
-                    Ok(s) => s.to_string(),
-                    Err(e) => format!("unknown: {e}"),
-                },
+                Ok(l) => {
+                    storage_lock::words(&l, false, storage_lock::held_days(&self.vault, "primary"))
+                }
                 Err(e) => format!("unknown: {e}"),
             };
             *cached = Some(said);
@@ -67,6 +68,10 @@ impl App {
         cached.clone().unwrap_or_default()
     }
 }
+
+/// How often the scheduler lists the vault's point names to see whether another process
+/// changed them (one listing: cheap even on object storage).
+const CATALOG_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// See [`App::set_job_hook`].
 pub type JobHook = Arc<dyn Fn(&str, Option<&str>) + Send + Sync>;
@@ -165,7 +170,7 @@ impl App {
             runner: Runner::default(),
             stats: Mutex::new(HashMap::new()),
             overdue: Default::default(),
-            rebuilt: Mutex::new(std::time::Instant::now()),
+            rebuilt: Mutex::new((std::time::Instant::now(), std::time::Instant::now())),
             admin_token_file,
             http_conns: AtomicUsize::new(0),
             job_hook: Mutex::new(None),
@@ -318,18 +323,24 @@ impl App {
         Ok(queued)
     }
 
-    /// Every ten minutes the catalog is made to match the vault again, so that points made
-    /// or pruned by the local CLI on the same vault show up without a restart.
+    /// The catalog is made to match the vault again when a listing of the vault's point names
+    /// (every [`CATALOG_CHECK`]) shows another process changed them (the local CLI's backup,
+    /// delete or prune on the same vault), and every ten minutes in any case.
     fn refresh_catalog(&self) -> Result<()> {
-        let due = {
+        let (check, rebuild) = {
             let mut last = self.rebuilt.lock().unwrap_or_else(|e| e.into_inner());
-            let due = last.elapsed() >= std::time::Duration::from_secs(600);
-            if due {
-                *last = std::time::Instant::now();
+            let (checked, rebuilt) = &mut *last;
+            let rebuild = rebuilt.elapsed() >= std::time::Duration::from_secs(600);
+            let check = rebuild || checked.elapsed() >= CATALOG_CHECK;
+            if check {
+                *checked = std::time::Instant::now();
             }
-            due
+            if rebuild {
+                *rebuilt = std::time::Instant::now();
+            }
+            (check, rebuild)
         };
-        if due {
+        if rebuild || (check && !catalog::matches_vault(&self.db, &self.vault_name, &self.vault)?) {
             catalog::rebuild(&self.db, &self.vault_name, &self.vault)?;
         }
         Ok(())

@@ -101,6 +101,38 @@ pub fn rebuild(db: &Db, vault_name: &str, vault: &Vault) -> Result<usize> {
     Ok(ids.len())
 }
 
+/// Whether the catalog still names what the vault has: the same manifests, and a deletion
+/// marker beside exactly the points it says are soft-deleted. One listing of names, no manifest
+/// read, so that changes another process made to the vault (the CLI's delete, backup or prune
+/// on the same vault) are noticed within seconds without reading every manifest.
+pub fn matches_vault(db: &Db, vault_name: &str, vault: &Vault) -> Result<bool> {
+    let mut points = HashSet::new();
+    let mut markers = HashSet::new();
+    for o in vault.backend().list(vmvault_store::Kind::Point)? {
+        match o.name.strip_suffix(".deleted") {
+            Some(id) => markers.insert(id.to_string()),
+            None => points.insert(o.name),
+        };
+    }
+    let conn = db.conn();
+    let mut stmt =
+        conn.prepare_cached("SELECT id, deleted_at IS NOT NULL FROM points WHERE vault = ?1")?;
+    let rows = stmt.query_map([vault_name], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?))
+    })?;
+    let (mut live, mut deleted) = (HashSet::new(), HashSet::new());
+    for row in rows {
+        let (id, is_deleted) = row?;
+        if is_deleted {
+            deleted.insert(id.clone());
+        }
+        live.insert(id);
+    }
+    // A marker whose manifest is gone (a purge half done) is not the catalog's business.
+    markers.retain(|m| points.contains(m));
+    Ok(live == points && deleted == markers)
+}
+
 fn row(r: &rusqlite::Row) -> rusqlite::Result<PointRow> {
     let manifest: String = r.get(6)?;
     Ok(PointRow {

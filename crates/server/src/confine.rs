@@ -191,7 +191,7 @@ pub fn disk(cfg: &ServerConfig, disk: &mut vmvault_engine::DiskDescription) -> R
 
 /// Checks a restore's target folder; returns it resolved (its existing part canonical). A
 /// target that exists (even a dangling symlink) is refused unless `overwrite`, and then it
-/// must be a folder.
+/// must be a folder: outside the roots as forbidden, below them as bad input.
 pub fn restore_target(cfg: &ServerConfig, target: &Path, overwrite: bool) -> Result<PathBuf> {
     if !target.is_absolute() {
         return Err(Error::Input(format!(
@@ -216,17 +216,12 @@ pub fn restore_target(cfg: &ServerConfig, target: &Path, overwrite: bool) -> Res
                 .into(),
         );
     }
-    let resolved = if target.symlink_metadata().is_ok() {
-        if !overwrite {
-            return refuse(
-                "it exists: a restore writes a new folder (an admin may restore over an \
-                 existing folder with overwrite)"
-                    .into(),
-            );
-        }
+    let exists = target.symlink_metadata().is_ok();
+    let resolved = if exists {
         match target.canonicalize() {
-            Ok(p) if p.is_dir() => p,
-            _ => return refuse("it is not a folder".into()),
+            Ok(p) if p.is_dir() || !overwrite => p,
+            _ if overwrite => return refuse("it is not a folder".into()),
+            _ => return refuse(format!("{} cannot be resolved", target.display())),
         }
     } else {
         // The deepest part that exists, resolved; what is below it is made by the restore.
@@ -260,6 +255,16 @@ pub fn restore_target(cfg: &ServerConfig, target: &Path, overwrite: bool) -> Res
             resolved.display(),
             listed(&cfg.restore_roots)
         ));
+    }
+    // Only below the roots does a target that exists get this answer: what lies outside them
+    // is refused above without saying whether it exists. Bad input, as a local restore onto
+    // an existing target is.
+    if exists && !overwrite {
+        return Err(Error::Input(format!(
+            "target {}: it exists: a restore writes a new folder (an admin may restore over an \
+             existing folder with overwrite)",
+            target.display()
+        )));
     }
     Ok(resolved)
 }

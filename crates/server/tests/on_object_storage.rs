@@ -1,7 +1,7 @@
 //! The server's own API on a vault in S3 (Garage, else moto), not only a directory (issue 12,
-//! "Verified by"): scheduled and on-demand backups, retention that evicts no on-demand point,
-//! soft delete and undelete, the lock and its refusal, and `storage_lock` saying whether the
-//! storage enforces it. One test in this binary: it puts the S3 credentials in the process
+//! "Verified by"): the checks of `common::storage` (scheduled and on-demand backups, retention
+//! that evicts no on-demand point, soft delete and undelete, the lock and its refusal,
+//! `storage_lock` saying whether the storage enforces it). One test in this binary: it puts the S3 credentials in the process
 //! environment (where the server, like the CLI, takes them from) before anything runs.
 
 mod common;
@@ -9,19 +9,9 @@ mod common;
 use std::sync::Arc;
 
 use common::Server;
-use serde_json::json;
 use vmvault_cloud::Credentials;
 use vmvault_server::SystemClock;
 use vmvault_testkit::S3Server;
-
-fn ids(list: &serde_json::Value) -> Vec<String> {
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["id"].as_str().unwrap().to_string())
-        .collect()
-}
 
 #[test]
 fn the_server_keeps_the_vaults_rules_on_s3() {
@@ -43,72 +33,5 @@ fn the_server_keeps_the_vaults_rules_on_s3() {
         c.endpoint = Some(endpoint.clone());
         c.region = Some(region.clone());
     });
-    let info = s.admin("GET", "/api/v1/vaults", None).body;
-    assert_eq!(
-        info[0]["location"].as_str().unwrap().split(' ').next(),
-        Some(url.as_str()),
-        "{info}"
-    );
-
-    s.policy("four", "daily 02:00", json!({"keep_last": 4}));
-    s.protect("au01", "four");
-    let scheduled: Vec<String> = (0..4).map(|_| s.scheduled_backup("au01")).collect();
-    let op = s.user("op", "operator");
-    for _ in 0..3 {
-        let j = s.ok(
-            &op,
-            "POST",
-            "/api/v1/protected-items/au01/backup",
-            Some(json!({})),
-        );
-        assert_eq!(s.wait_job(j["job"].as_i64().unwrap())["state"], "succeeded");
-    }
-    let live = || {
-        ids(&s
-            .admin("GET", "/api/v1/recovery-points?item=au01", None)
-            .body)
-    };
-    assert_eq!(
-        live().len(),
-        7,
-        "no on-demand point counts toward keep_last 4"
-    );
-
-    // A delete is soft, and undone.
-    let gone = &scheduled[0];
-    let d = s.admin("DELETE", &format!("/api/v1/recovery-points/{gone}"), None);
-    assert_eq!(d.status, 200, "{}", d.body);
-    let deleted = ids(&s
-        .admin("GET", "/api/v1/recovery-points?deleted=true", None)
-        .body);
-    assert_eq!(deleted, vec![gone.clone()]);
-    let u = s.admin(
-        "POST",
-        &format!("/api/v1/recovery-points/{gone}/undelete"),
-        None,
-    );
-    assert_eq!(u.status, 200, "{}", u.body);
-    assert_eq!(live().len(), 7);
-
-    // Locked: the point stays, whoever asks; the answer says what the storage does.
-    let l = s.admin("POST", "/api/v1/vaults/default/lock", None);
-    assert_eq!(l.status, 200, "{}", l.body);
-    let said = l.body["storage_lock"].as_str().unwrap();
-    assert!(said.contains("storage"), "{said}");
-    if s3.name() == "garage" {
-        assert!(said.starts_with("not enforced by the storage"), "{said}");
-    }
-    let d = s.admin("DELETE", &format!("/api/v1/recovery-points/{gone}"), None);
-    assert_eq!(d.status, 403, "{}", d.body);
-    assert_eq!(live().len(), 7);
-    // Every manifest made is still in the bucket.
-    let stored: Vec<String> = s
-        .app
-        .vault
-        .point_ids()
-        .unwrap()
-        .iter()
-        .map(|i| i.to_hex())
-        .collect();
-    assert_eq!(stored.len(), 7, "{stored:?}");
+    common::storage::the_vaults_rules_hold(&s, &url);
 }

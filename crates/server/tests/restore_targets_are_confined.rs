@@ -50,8 +50,18 @@ fn a_restore_into_an_existing_folder_outside_the_roots_or_through_a_symlink_is_r
     std::fs::create_dir(s.path("existing")).unwrap();
     symlink(outside.path(), s.path("link")).unwrap();
     symlink(outside.path().join("new"), s.path("dangling")).unwrap();
+    // Below the roots, a folder that exists is bad input, as a local restore onto it is.
+    let a = restore(&s, &operator, &point, &s.path("existing"), false);
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("it exists"),
+        "{}",
+        a.body
+    );
     for target in [
-        s.path("existing"),
         outside.path().join("r"),
         s.path("state/r"),
         s.path("state"),

@@ -6,7 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use rusqlite::params;
-use vmvault_api::{AuditEntry, AuditQuery, ErrorBody, VaultInfo, VaultSettings};
+use vmvault_api::{AuditEntry, AuditQuery, ErrorBody, LockRequest, VaultInfo, VaultSettings};
 
 use crate::app::App;
 use crate::auth::{self, Role};
@@ -147,32 +147,54 @@ pub fn apply_settings(app: &App, params: &serde_json::Value) -> Result<serde_jso
 }
 
 #[utoipa::path(post, path = "/api/v1/vaults/{name}/lock", tag = "vaults", params(("name" = String, Path)),
-    responses((status = 200, body = VaultInfo), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
+    request_body(content = Option<LockRequest>, description = "optional: the storage hold's days"),
+    responses((status = 200, body = VaultInfo), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn lock(
     State(app): State<Arc<App>>,
     h: HeaderMap,
     Path(name): Path<String>,
+    body: Option<Json<LockRequest>>,
 ) -> Result<Json<VaultInfo>> {
     let actor = app.guard(&h, Role::Admin, "vault.lock", &name)?;
     check_vault(&app, &name)?;
-    app.audited(&actor, "vault.lock", &name, || {
+    let asked = body.and_then(|Json(b)| b.hold_days);
+    let app2 = app.clone();
+    // Renewing every object's hold is one storage request per object: off the async workers.
+    tokio::task::spawn_blocking(move || lock_and_hold(&app2, &actor, &name, asked))
+        .await
+        .map_err(|e| Error::Panicked(e.to_string()))??;
+    // `storage_lock` in the answer says whether the storage keeps the promise too.
+    app.storage_lock(true);
+    Ok(Json(vault_info(&app)?))
+}
+
+/// Locks the vault in its own rules (from then on every path to it honours the lock) and has
+/// the storage hold what the vault already has, as `vault lock` does from the CLI. Locking a
+/// locked vault again is a conflict unless it asks for a longer hold.
+fn lock_and_hold(app: &App, actor: &auth::Actor, name: &str, asked: Option<u32>) -> Result<()> {
+    let days = asked.unwrap_or(vmvault_format::DEFAULT_HOLD_DAYS);
+    app.audited(actor, "vault.lock", name, || {
         if let Some(at) = app.locked_at()? {
-            return Err(Error::Conflict(format!(
-                "the vault is locked already (since {at})"
-            )));
+            let held = app.vault.rules()?.locked.and_then(|l| l.hold_days);
+            if asked.is_none() || held.is_some_and(|h| h >= days) {
+                return Err(Error::Conflict(format!(
+                    "the vault is locked already (since {at}{}); a longer hold_days lengthens \
+                     the storage's hold",
+                    held.map(|h| format!(", held {h} day(s)"))
+                        .unwrap_or_default()
+                )));
+            }
         }
-        // In the vault's own rules: from then on every path to the vault honours it.
-        let rules = app.vault.lock_vault(&actor.user)?;
+        let rules = app.vault.lock_vault_holding(&actor.user, days)?;
         app.db.conn().execute(
             "UPDATE vaults SET locked_at = ?2 WHERE name = ?1",
             params![app.vault_name, rules.locked.map(|l| l.at)],
         )?;
+        // What was written before the lock, and chunks older than a hold, are held from now on.
+        app.vault.renew_holds(&|_| {})?;
         Ok(())
-    })?;
-    // `storage_lock` in the answer says whether the storage keeps the promise too.
-    app.storage_lock(true);
-    Ok(Json(vault_info(&app)?))
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use vmvault_server::{App, Clock, ServerConfig};
 
+pub mod storage;
+
 pub struct Server {
     pub dir: tempfile::TempDir,
     pub base: String,
