@@ -249,7 +249,9 @@ pub fn follow_job(c: &Client, id: i64) -> Result<JobDetail> {
             }
             .into());
         }
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // Often enough that a script waiting on a job loses little time after it ends; one
+        // small indexed read on the server each time.
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

@@ -38,7 +38,7 @@ impl App {
         let mut spec = self.cfg.spec(false)?;
         spec.cancel = Some((live.cancel.clone(), CANCELLED));
         let pass = self.passphrase.clone();
-        Ok(vmvault_open::open(&spec, move || Ok(pass))?)
+        Ok(vmvault_open::reopen(&spec, &self.vault, move || Ok(pass))?)
     }
 
     fn job_params(&self, id: i64) -> Result<(Option<String>, Params)> {

@@ -298,6 +298,13 @@ impl Vault {
     /// no vault yet, or cannot be reached now, is taken: replication fills it, and its lag
     /// shows in `vault status`.
     pub fn with_regions(self, regions: impl Into<Regions>) -> Result<Vault> {
+        self.view_with(regions)
+    }
+
+    /// [`Vault::with_regions`] leaving this vault as it is: another view of the same vault on
+    /// fresh backends (a server's job wraps them for its cancellation), with the keys this one
+    /// derived, so that no job pays for the passphrase's key derivation again.
+    pub fn view_with(&self, regions: impl Into<Regions>) -> Result<Vault> {
         let regions = regions.into();
         if self.config.encrypted && self.keys.is_none() {
             return Err(StoreError::Invalid(
