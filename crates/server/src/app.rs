@@ -38,6 +38,8 @@ pub struct App {
     /// When the catalog was last made to match the vault.
     /// When the catalog was last checked against the vault's names, and last rebuilt.
     rebuilt: Mutex<(std::time::Instant, std::time::Instant)>,
+    /// The digest of the vault's point names the catalog was last rebuilt for.
+    rebuilt_names: Mutex<Option<[u8; 32]>>,
     /// Where the first admin token was written, on the start that made it.
     pub admin_token_file: std::path::PathBuf,
     /// HTTP connections open now (see `tls::serve`).
@@ -171,6 +173,7 @@ impl App {
             stats: Mutex::new(HashMap::new()),
             overdue: Default::default(),
             rebuilt: Mutex::new((std::time::Instant::now(), std::time::Instant::now())),
+            rebuilt_names: Mutex::new(None),
             admin_token_file,
             http_conns: AtomicUsize::new(0),
             job_hook: Mutex::new(None),
@@ -340,8 +343,18 @@ impl App {
             }
             (check, rebuild)
         };
-        if rebuild || (check && !catalog::matches_vault(&self.db, &self.vault_name, &self.vault)?) {
+        if rebuild {
             catalog::rebuild(&self.db, &self.vault_name, &self.vault)?;
+        } else if check {
+            let (same, names) = catalog::matches_vault(&self.db, &self.vault_name, &self.vault)?;
+            // A difference a rebuild cannot mend (a manifest that cannot be read stays out of
+            // the catalog) must not read every manifest again every few seconds: only a new
+            // set of names rebuilds.
+            let mut last = self.rebuilt_names.lock().unwrap_or_else(|e| e.into_inner());
+            if !same && *last != Some(names) {
+                catalog::rebuild(&self.db, &self.vault_name, &self.vault)?;
+                *last = Some(names);
+            }
         }
         Ok(())
     }

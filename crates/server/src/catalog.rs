@@ -105,10 +105,14 @@ pub fn rebuild(db: &Db, vault_name: &str, vault: &Vault) -> Result<usize> {
 /// marker beside exactly the points it says are soft-deleted. One listing of names, no manifest
 /// read, so that changes another process made to the vault (the CLI's delete, backup or prune
 /// on the same vault) are noticed within seconds without reading every manifest.
-pub fn matches_vault(db: &Db, vault_name: &str, vault: &Vault) -> Result<bool> {
+/// Also returns a digest of the names listed, so that a caller can tell "the same difference
+/// as last time" (a manifest that cannot be read is never in the catalog) from a new one.
+pub fn matches_vault(db: &Db, vault_name: &str, vault: &Vault) -> Result<(bool, [u8; 32])> {
     let mut points = HashSet::new();
     let mut markers = HashSet::new();
+    let mut listed: Vec<String> = Vec::new();
     for o in vault.backend().list(vmvault_store::Kind::Point)? {
+        listed.push(o.name.clone());
         match o.name.strip_suffix(".deleted") {
             Some(id) => markers.insert(id.to_string()),
             None => points.insert(o.name),
@@ -130,7 +134,9 @@ pub fn matches_vault(db: &Db, vault_name: &str, vault: &Vault) -> Result<bool> {
     }
     // A marker whose manifest is gone (a purge half done) is not the catalog's business.
     markers.retain(|m| points.contains(m));
-    Ok(live == points && deleted == markers)
+    listed.sort_unstable();
+    let digest = *blake3::hash(listed.join("\n").as_bytes()).as_bytes();
+    Ok((live == points && deleted == markers, digest))
 }
 
 fn row(r: &rusqlite::Row) -> rusqlite::Result<PointRow> {
