@@ -94,32 +94,9 @@ fn moto_buckets_with_and_without_object_lock_are_told_apart() {
 
     // Someone holding the storage's own credentials tries to destroy every version of every
     // chunk, index, manifest and the rules: the storage refuses each one.
-    let (status, listing) = moto.signed(http::Method::GET, "/locked?versions&prefix=v/");
-    assert_eq!(status, 200, "{listing}");
-    let versions = object_versions(&listing);
     let kinds = ["/chunks/", "/indexes/", "/points/", "v/rules", "v/config"];
-    for kind in kinds {
-        assert!(
-            versions.iter().any(|(k, _)| k.contains(kind)),
-            "no {kind} in {versions:?}"
-        );
-    }
-    let mut refused = 0;
-    for (key, version) in versions
-        .iter()
-        .filter(|(k, _)| kinds.iter().any(|x| k.contains(x)))
-    {
-        let (status, body) = moto.signed(
-            http::Method::DELETE,
-            &format!("/locked/{key}?versionId={version}"),
-        );
-        assert!(
-            status == 403 && body.contains("AccessDenied"),
-            "the storage deleted {key} version {version}: HTTP {status} {body}"
-        );
-        refused += 1;
-    }
-    assert!(refused > 10, "{versions:?}");
+    let refused = moto.assert_every_version_held("locked", "v/", &kinds);
+    assert!(refused > 10, "{refused} held");
     // A collection renews the holds, so that chunks reused long after they were written stay
     // held.
     let gc = on("locked", &["gc"]);
@@ -147,21 +124,6 @@ fn moto_buckets_with_and_without_object_lock_are_told_apart() {
     common::assert_error(&o, 6, &["point", "delete"]);
     let points = on("locked", &["--json", "points"]).json();
     assert_eq!(points["points"].as_array().unwrap().len(), 2, "{points}");
-}
-
-/// `(key, version id)` of each current `<Version>` in a ListObjectVersions answer (older
-/// versions of a rewritten object, the rules before the lock, need no hold).
-fn object_versions(xml: &str) -> Vec<(String, String)> {
-    let text = |part: &str, tag: &str| -> Option<String> {
-        let start = part.find(&format!("<{tag}>"))? + tag.len() + 2;
-        let len = part[start..].find(&format!("</{tag}>"))?;
-        Some(part[start..start + len].to_string())
-    };
-    xml.split("<Version>")
-        .skip(1)
-        .filter(|v| text(v, "IsLatest").as_deref() == Some("true"))
-        .filter_map(|v| Some((text(v, "Key")?, text(v, "VersionId")?)))
-        .collect()
 }
 
 #[test]

@@ -84,7 +84,6 @@ fn a_lock_through_the_api_has_the_storage_hold_every_object() {
     // Someone with the bucket's credentials tries to destroy every version of every chunk,
     // index, manifest, the rules and the config: the storage refuses each one, the objects
     // written before the lock included.
-    let versions = moto.current_versions("held", "srv/");
     let kinds = [
         "/chunks/",
         "/indexes/",
@@ -92,28 +91,8 @@ fn a_lock_through_the_api_has_the_storage_hold_every_object() {
         "srv/rules",
         "srv/config",
     ];
-    for kind in kinds {
-        assert!(
-            versions.iter().any(|(k, _)| k.contains(kind)),
-            "no {kind} in {versions:?}"
-        );
-    }
-    let mut refused = 0;
-    for (key, version) in versions
-        .iter()
-        .filter(|(k, _)| kinds.iter().any(|x| k.contains(x)))
-    {
-        let (status, body) = moto.signed(
-            http::Method::DELETE,
-            &format!("/held/{key}?versionId={version}"),
-        );
-        assert!(
-            status == 403 && body.contains("AccessDenied"),
-            "the storage deleted {key} version {version}: HTTP {status} {body}"
-        );
-        refused += 1;
-    }
-    assert!(refused > 6, "{versions:?}");
+    let refused = moto.assert_every_version_held("held", "srv/", &kinds);
+    assert!(refused > 6, "{refused} held");
 
     // Locking again asks for nothing new: a conflict. A longer hold lengthens it.
     let again = s.admin("POST", "/api/v1/vaults/default/lock", None);

@@ -234,6 +234,36 @@ impl Moto {
             .filter_map(|v| Some((text(v, "Key")?, text(v, "VersionId")?)))
             .collect()
     }
+
+    /// As someone holding the bucket's credentials would: tries to destroy the current version
+    /// of every object under `prefix` whose key contains one of `kinds` (each kind must have
+    /// one), and fails the test unless the storage refuses each (403 AccessDenied, an Object
+    /// Lock hold). How many were refused.
+    pub fn assert_every_version_held(&self, bucket: &str, prefix: &str, kinds: &[&str]) -> usize {
+        let versions = self.current_versions(bucket, prefix);
+        for kind in kinds {
+            assert!(
+                versions.iter().any(|(k, _)| k.contains(kind)),
+                "no {kind} in {versions:?}"
+            );
+        }
+        let mut refused = 0;
+        for (key, version) in versions
+            .iter()
+            .filter(|(k, _)| kinds.iter().any(|x| k.contains(x)))
+        {
+            let (status, body) = self.signed(
+                http::Method::DELETE,
+                &format!("/{bucket}/{key}?versionId={version}"),
+            );
+            assert!(
+                status == 403 && body.contains("AccessDenied"),
+                "the storage deleted {key} version {version}: HTTP {status} {body}"
+            );
+            refused += 1;
+        }
+        refused
+    }
 }
 
 /// The S3 server the tests use: Garage when it is installed, else moto.
