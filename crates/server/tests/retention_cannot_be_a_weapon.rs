@@ -8,8 +8,8 @@ mod common;
 
 use std::sync::Arc;
 
-use common::Server;
-use serde_json::{json, Value};
+use common::{ids, Server};
+use serde_json::json;
 use vmvault_server::SystemClock;
 
 fn live(s: &Server, vm: &str) -> Vec<String> {
@@ -22,15 +22,6 @@ fn deleted(s: &Server) -> Vec<String> {
     ids(&s
         .admin("GET", "/api/v1/recovery-points?deleted=true", None)
         .body)
-}
-
-fn ids(list: &Value) -> Vec<String> {
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["id"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// Every manifest ever made is still in the vault (soft-deleted or not).

@@ -12,6 +12,16 @@ use vmvault_server::{App, Clock, ServerConfig};
 
 pub mod storage;
 
+/// The ids of a page of recovery points (`GET /recovery-points`).
+pub fn ids(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 pub struct Server {
     pub dir: tempfile::TempDir,
     pub base: String,

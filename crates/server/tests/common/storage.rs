@@ -5,16 +5,7 @@
 
 use serde_json::json;
 
-use super::Server;
-
-fn ids(list: &serde_json::Value) -> Vec<String> {
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["id"].as_str().unwrap().to_string())
-        .collect()
-}
+use super::{ids, Server};
 
 /// Scheduled and on-demand backups, retention that evicts no on-demand point, soft delete and
 /// undelete, the lock and its refusal, `storage_lock` in words, on the server's vault at `url`.
