@@ -19,9 +19,11 @@
 #[macro_use]
 mod words;
 
+pub mod agent;
 pub mod approvals;
 pub mod audit;
 pub mod error;
+pub mod hosts;
 pub mod items;
 pub mod jobs;
 pub mod path;
@@ -33,6 +35,9 @@ pub mod vaults;
 pub use approvals::{Approval, ApprovalState, Decision};
 pub use audit::{AuditEntry, AuditQuery};
 pub use error::{ErrorBody, ErrorDetail};
+pub use hosts::{
+    AddHostRequest, EnrollmentCode, Host, HostState, ProtectVmRequest, Vm, VmQuery, VmRunState,
+};
 pub use items::{BackupRequest, Item, ProtectRequest};
 pub use jobs::{CancelState, Cancelled, Job, JobDetail, JobQuery, JobRef, JobState, LogLine};
 pub use path::PathError;

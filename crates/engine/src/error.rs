@@ -34,7 +34,7 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> EngineError {
+    pub fn io(context: impl Into<String>, source: io::Error) -> EngineError {
         EngineError::Io {
             context: context.into(),
             source,

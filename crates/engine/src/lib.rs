@@ -5,6 +5,7 @@
 
 mod backup;
 mod description;
+mod destination;
 mod error;
 mod export;
 mod live;
@@ -18,9 +19,15 @@ mod verify;
 
 pub use backup::{backup_image_vm, BackupOptions};
 pub use description::{DiskDescription, NicDescription, VmDescription};
+pub use destination::{
+    Begun, Changes, Destination, DiskToWrite, KnownPoint, PointFacts, VaultDestination,
+};
 pub use error::{EngineError, Result};
 pub use export::PointExport;
-pub use live::{backup_running_vm, backup_stopped_vm, Quiesce, QuiesceEnd, RunningVm};
+pub use live::{
+    backup_running_vm, backup_running_vm_to, backup_stopped_vm, backup_stopped_vm_to, Quiesce,
+    QuiesceEnd, RunningVm,
+};
 pub use progress::{NoProgress, Progress};
 pub use prune::{prune, PruneOutcome, PrunedPoint};
 pub use restore::{restore_disk, restore_vm, RestoreOptions};

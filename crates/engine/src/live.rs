@@ -16,16 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmvault_format::{
-    Consistency, DiskRecord, Manifest, PointId, TransferStats, VmConfig, VmDisk, VmNic,
-    MANIFEST_VERSION,
-};
+use vmvault_format::{Consistency, Manifest, PointId, VmConfig, VmDisk, VmNic};
 use vmvault_qemu::block::{self, BlockDisk};
 use vmvault_qemu::snapshot::{self, DiskPlan, NewBitmap};
 use vmvault_qemu::{bitmap, Qmp};
-use vmvault_store::{locks::hostname, Vault};
+use vmvault_store::Vault;
 
-use crate::backup::{back_up_disk, Unchanged};
+use crate::destination::{Changes, Destination, DiskToWrite, PointFacts, VaultDestination};
 use crate::nbd_source::NbdSource;
 use crate::tracking::{self, Decision};
 use crate::{BackupOptions, DiskDescription, EngineError, Progress, Result};
@@ -68,6 +65,22 @@ pub fn backup_running_vm(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<Manifest> {
+    let mut dest = VaultDestination::new(vault, opts);
+    backup_running_vm_to(&mut dest, vm, progress)?;
+    committed(dest)
+}
+
+fn committed(dest: VaultDestination<'_>) -> Result<Manifest> {
+    dest.into_manifest()
+        .ok_or_else(|| EngineError::Input("the backup ended without a point".into()))
+}
+
+/// [`backup_running_vm`] into any [`Destination`]; returns the new point's id.
+pub fn backup_running_vm_to(
+    dest: &mut dyn Destination,
+    vm: RunningVm<'_>,
+    progress: &dyn Progress,
+) -> Result<PointId> {
     let mut qmp = Qmp::connect(&vm.qmp)?;
     let info = block::vm_info(&mut qmp)?;
     let name = match vm.name.or(info.name.clone()) {
@@ -106,7 +119,6 @@ pub fn backup_running_vm(
         ),
     };
     let job = Job {
-        vault,
         name,
         disks,
         config: Config::FromQemu(info),
@@ -114,7 +126,7 @@ pub fn backup_running_vm(
         consistency,
         reason,
     };
-    job.run(&mut qmp, vm.quiesce, opts, progress)
+    job.run(dest, &mut qmp, vm.quiesce, progress)
 }
 
 /// Backs up a stopped QEMU VM from its image files. qcow2 images keep their tracking bitmaps,
@@ -129,19 +141,8 @@ pub fn backup_stopped_vm(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<Manifest> {
-    let reason = "the VM was stopped: its disks were read from their image files".to_string();
-    let desc = crate::VmDescription {
-        name: name.to_string(),
-        cpus: 0,
-        memory_mib: 0,
-        firmware: "bios".into(),
-        source: "qemu".into(),
-        qmp: None,
-        qga: None,
-        scripts: None,
-        disks: disks.to_vec(),
-        nics: Vec::new(),
-    };
+    let reason = STOPPED.to_string();
+    let desc = stopped_description(name, disks);
     let tracked = disks.iter().any(|d| d.format == "qcow2");
     let qemu = if tracked { own_qemu() } else { None };
     let Some(exe) = qemu else {
@@ -153,11 +154,62 @@ pub fn backup_stopped_vm(
         }
         return crate::backup::backup_image_vm_as(vault, &desc, opts, progress, "qemu", &reason);
     };
+    let mut dest = VaultDestination::new(vault, opts);
+    backup_with_own_qemu(&mut dest, &exe, name, disks, scratch, reason, progress)?;
+    committed(dest)
+}
+
+const STOPPED: &str = "the VM was stopped: its disks were read from their image files";
+
+fn stopped_description(name: &str, disks: &[DiskDescription]) -> crate::VmDescription {
+    crate::VmDescription {
+        name: name.to_string(),
+        cpus: 0,
+        memory_mib: 0,
+        firmware: "bios".into(),
+        source: "qemu".into(),
+        qmp: None,
+        qga: None,
+        scripts: None,
+        disks: disks.to_vec(),
+        nics: Vec::new(),
+    }
+}
+
+/// A stopped VM's images through a paused QEMU of our own, into any [`Destination`] (the
+/// host agent's, which always has QEMU); returns the new point's id.
+pub fn backup_stopped_vm_to(
+    dest: &mut dyn Destination,
+    name: &str,
+    disks: &[DiskDescription],
+    scratch: &Path,
+    progress: &dyn Progress,
+) -> Result<PointId> {
+    let reason = STOPPED.to_string();
+    let exe = own_qemu().ok_or_else(|| {
+        EngineError::Input(
+            "no qemu-storage-daemon or qemu-system-x86_64 here to read the stopped VM's images"
+                .into(),
+        )
+    })?;
+    backup_with_own_qemu(dest, &exe, name, disks, scratch, reason, progress)
+}
+
+fn backup_with_own_qemu(
+    dest: &mut dyn Destination,
+    exe: &Path,
+    name: &str,
+    disks: &[DiskDescription],
+    scratch: &Path,
+    reason: String,
+    progress: &dyn Progress,
+) -> Result<PointId> {
+    let desc = stopped_description(name, disks);
     let dir = tempfile::Builder::new()
         .prefix("vmvault-qemu-")
         .tempdir_in(scratch)
         .map_err(|e| EngineError::io(format!("making a folder in {}", scratch.display()), e))?;
-    let mut daemon = OwnQemu::start(&exe, dir.path(), disks)?;
+    let mut daemon = OwnQemu::start(exe, dir.path(), disks)?;
     let mut qmp = daemon.connect()?;
     let mut found = Vec::new();
     for (i, d) in disks.iter().enumerate() {
@@ -168,7 +220,6 @@ pub fn backup_stopped_vm(
         )?);
     }
     let job = Job {
-        vault,
         name: name.to_string(),
         disks: found,
         config: Config::Given(desc.to_config()),
@@ -176,7 +227,7 @@ pub fn backup_stopped_vm(
         consistency: Consistency::Crash,
         reason,
     };
-    let result = job.run(&mut qmp, None, opts, progress);
+    let result = job.run(dest, &mut qmp, None, progress);
     // `quit` closes the images, which writes their bitmaps into them.
     daemon.quit(qmp);
     result
@@ -188,8 +239,7 @@ enum Config {
     FromQemu(block::VmInfo),
 }
 
-struct Job<'v> {
-    vault: &'v Vault,
+struct Job {
     name: String,
     disks: Vec<BlockDisk>,
     config: Config,
@@ -198,16 +248,24 @@ struct Job<'v> {
     reason: String,
 }
 
-impl Job<'_> {
+impl Job {
     fn run(
         self,
+        dest: &mut dyn Destination,
         qmp: &mut Qmp,
         quiesce: Option<&mut dyn Quiesce>,
-        opts: &BackupOptions,
         progress: &dyn Progress,
-    ) -> Result<Manifest> {
-        let vault = self.vault;
-        let lock = vault.lock_backup(&self.name, &mut |m| progress.message(m))?;
+    ) -> Result<PointId> {
+        let to_write: Vec<DiskToWrite> = self
+            .disks
+            .iter()
+            .map(|d| DiskToWrite {
+                name: d.name.clone(),
+                size: d.size,
+                format: static_format(&d.format),
+            })
+            .collect();
+        let begun = dest.begin(&self.name, &to_write, progress)?;
         let removed = snapshot::remove_leftovers(qmp)?;
         if removed > 0 {
             progress.message(&format!(
@@ -220,18 +278,17 @@ impl Job<'_> {
             Config::Given(c) => c.clone(),
             Config::FromQemu(info) => vm_config(qmp, &self.name, info, &disks),
         };
-        let (points, _) = vault.points()?;
-        let points: Vec<Manifest> = points.into_iter().filter(|m| m.vm == self.name).collect();
-        let prefix = tracking::bitmap_prefix(&vault.config().vault_id);
-        let id = PointId::generate();
+        let points = &begun.history;
+        let prefix = tracking::bitmap_prefix(&begun.vault_id);
+        let id = begun.point;
         let new_name = format!("{prefix}{}", id.to_hex());
 
         let mut decisions = Vec::new();
         for disk in &disks {
-            let d = tracking::decide(disk, &prefix, &points);
+            let d = tracking::decide(disk, &prefix, points);
             settle(qmp, disk, &d)?;
             match (&d.base, &d.full_read_reason) {
-                (Some((_, base, _)), _) => progress.message(&format!(
+                (Some((_, base)), _) => progress.message(&format!(
                     "disk {}: reading only what changed since {}",
                     disk.name,
                     &base.to_hex()[..8]
@@ -292,15 +349,23 @@ impl Job<'_> {
                     }
                     None => Ok(()),
                 };
-                let point = Point {
-                    id,
+                let point = PointFacts {
                     time,
+                    source: "qemu".into(),
                     consistency,
                     reason: reason.clone(),
                     config: config.clone(),
                 };
                 let written = ended.and_then(|()| {
-                    self.write_point(&lock, &pit, &disks, &decisions, point, opts, progress)
+                    self.write_point(
+                        dest,
+                        &pit,
+                        &disks,
+                        &decisions,
+                        point,
+                        begun.chunk_size,
+                        progress,
+                    )
                 });
                 (Some(pit), written)
             }
@@ -310,10 +375,10 @@ impl Job<'_> {
             progress.message(&format!("warning: letting QEMU's instant go: {e}"));
         }
         match written {
-            Ok(manifest) => {
+            Ok(point) => {
                 // The point is in the vault: the old bitmaps have done their work.
                 for (disk, d) in disks.iter().zip(&decisions) {
-                    if let Some((old, _, _)) = &d.base {
+                    if let Some((old, _)) = &d.base {
                         if let Err(e) = bitmap::remove(qmp, &disk.node, old) {
                             progress.message(&format!(
                                 "warning: disk {}: the old tracking bitmap stays until the next \
@@ -323,7 +388,7 @@ impl Job<'_> {
                         }
                     }
                 }
-                Ok(manifest)
+                Ok(point)
             }
             Err(e) => {
                 roll_back(qmp, &disks, &plans, progress);
@@ -336,59 +401,15 @@ impl Job<'_> {
     #[allow(clippy::too_many_arguments)]
     fn write_point(
         &self,
-        lock: &vmvault_store::LockGuard,
+        dest: &mut dyn Destination,
         pit: &snapshot::PointInTime,
         disks: &[BlockDisk],
         decisions: &[Decision],
-        point: Point,
-        opts: &BackupOptions,
+        point: PointFacts,
+        chunk_size: u32,
         progress: &dyn Progress,
-    ) -> Result<Manifest> {
-        let vault = self.vault;
-        let records = self.read_disks(pit, disks, decisions, opts, progress)?;
-        let total = records.iter().fold(TransferStats::default(), |mut t, r| {
-            t.add(&r.stats);
-            t
-        });
-        let manifest = Manifest {
-            version: MANIFEST_VERSION,
-            id: point.id,
-            vm: self.name.clone(),
-            time: point
-                .time
-                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-            source: "qemu".into(),
-            consistency: point.consistency,
-            consistency_reason: if point.consistency == Consistency::Application {
-                String::new()
-            } else {
-                point.reason
-            },
-            host: hostname(),
-            program: format!("vmvault {}", env!("CARGO_PKG_VERSION")),
-            chunk_size: vault.config().chunk_size,
-            vm_config: point.config,
-            disks: records,
-            stats: total,
-            retention: opts.retention.clone(),
-        };
-        vault.commit_point(lock, &manifest)?;
-        Ok(manifest)
-    }
-
-    fn read_disks(
-        &self,
-        pit: &snapshot::PointInTime,
-        disks: &[BlockDisk],
-        decisions: &[Decision],
-        opts: &BackupOptions,
-        progress: &dyn Progress,
-    ) -> Result<Vec<DiskRecord>> {
-        let vault = self.vault;
-        let chunk_size = vault.config().chunk_size;
-        let mut records = Vec::new();
+    ) -> Result<PointId> {
         for (i, (disk, d)) in disks.iter().zip(decisions).enumerate() {
-            crate::backup::check_size(vault, &disk.name, disk.size)?;
             let base = d.base.as_ref();
             let source = NbdSource::connect(
                 pit.socket(),
@@ -396,39 +417,19 @@ impl Job<'_> {
                 static_format(&disk.format),
                 base.map(|b| b.0.as_str()),
             )?;
-            let previous = match base {
-                Some((_, _, record)) => Some(vault.load_index(&record.index, record.size)?),
-                None => None,
-            };
-            let unchanged = match (&previous, base) {
-                (Some(previous), Some((bitmap, _, _))) => Some(Unchanged {
-                    previous,
+            let changes = match base {
+                Some((bitmap, id)) => Some(Changes {
+                    base: *id,
                     dirty: source.dirty_ranges(bitmap, chunk_size as u64)?,
                 }),
-                _ => None,
+                None => None,
             };
             progress.start(&format!("{} disk {}", self.name, disk.name), disk.size);
-            let (index, stats) = back_up_disk(vault, &source, opts, unchanged, progress)?;
+            dest.write_disk(i, &source, changes, progress)?;
             progress.finish();
-            records.push(DiskRecord {
-                name: disk.name.clone(),
-                format: static_format(&disk.format).to_string(),
-                size: disk.size,
-                index: vault.save_index(&index)?,
-                stats,
-            });
         }
-        Ok(records)
+        dest.commit(point)
     }
-}
-
-/// What the manifest says besides the disks.
-struct Point {
-    id: PointId,
-    time: chrono::DateTime<chrono::Utc>,
-    consistency: Consistency,
-    reason: String,
-    config: VmConfig,
 }
 
 /// After a failure: every change since the last point must be read again next time, so the
@@ -480,7 +481,7 @@ fn settle(qmp: &mut Qmp, disk: &BlockDisk, d: &Decision) -> Result<()> {
     for name in &d.drop {
         bitmap::remove(qmp, &disk.node, name)?;
     }
-    if let Some((base, _, _)) = &d.base {
+    if let Some((base, _)) = &d.base {
         for other in &d.fold {
             bitmap::fold(qmp, &disk.node, base, other)?;
         }

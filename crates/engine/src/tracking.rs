@@ -14,8 +14,10 @@
 //! bitmap QEMU marks inconsistent after a crash) means the whole disk is read, and the
 //! backup says why.
 
-use vmvault_format::{DiskRecord, Manifest, PointId};
+use vmvault_format::PointId;
 use vmvault_qemu::block::BlockDisk;
+
+use crate::destination::KnownPoint;
 
 /// The name prefix of the bitmaps one vault keeps.
 pub(crate) fn bitmap_prefix(vault_id: &[u8; 16]) -> String {
@@ -30,7 +32,8 @@ fn hex8(id: &[u8; 16]) -> String {
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Decision {
     /// The trusted bitmap and the point (and that point's disk) it follows.
-    pub base: Option<(String, PointId, DiskRecord)>,
+    /// The disk's size in that point is the disk's size now.
+    pub base: Option<(String, PointId)>,
     /// Bitmaps to fold into the base, then remove.
     pub fold: Vec<String>,
     /// Bitmaps to remove.
@@ -40,7 +43,7 @@ pub(crate) struct Decision {
 }
 
 /// Decides for `disk`, given this VM's points in the vault.
-pub(crate) fn decide(disk: &BlockDisk, prefix: &str, points: &[Manifest]) -> Decision {
+pub(crate) fn decide(disk: &BlockDisk, prefix: &str, points: &[KnownPoint]) -> Decision {
     let mut d = Decision::default();
     let mut candidates = Vec::new();
     for b in disk.bitmaps.iter().filter(|b| b.name.starts_with(prefix)) {
@@ -83,30 +86,27 @@ pub(crate) fn decide(disk: &BlockDisk, prefix: &str, points: &[Manifest]) -> Dec
         d.full_read_reason = reason;
         return d;
     };
-    let record = point.disks.iter().find(|r| r.name == disk.name);
+    let record = point.disks.iter().find(|(name, _)| *name == disk.name);
     let usable = match record {
         None => Err(format!(
             "the recovery point its tracking started from has no disk {}",
             disk.name
         )),
-        Some(r) if r.size != disk.size => Err(format!(
-            "the disk was resized ({} bytes, {} at the last backup)",
-            disk.size, r.size
+        Some((_, size)) if *size != disk.size => Err(format!(
+            "the disk was resized ({} bytes, {size} at the last backup)",
+            disk.size
         )),
-        Some(r) => Ok(r.clone()),
+        Some(_) => Ok(()),
     };
-    let record = match usable {
-        Ok(r) => r,
-        Err(reason) => {
-            d.drop.extend(candidates.into_iter().map(|(n, _)| n));
-            d.full_read_reason = Some(reason);
-            return d;
-        }
-    };
+    if let Err(reason) = usable {
+        d.drop.extend(candidates.into_iter().map(|(n, _)| n));
+        d.full_read_reason = Some(reason);
+        return d;
+    }
     let existing = |id: &PointId| points.iter().any(|m| m.id == *id);
     for (name, id) in candidates {
         if id == point.id {
-            d.base = Some((name, id, record.clone()));
+            d.base = Some((name, id));
         } else if existing(&id) {
             d.drop.push(name);
         } else {
@@ -120,7 +120,7 @@ pub(crate) fn decide(disk: &BlockDisk, prefix: &str, points: &[Manifest]) -> Dec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmvault_format::{Digest, TransferStats};
+    use vmvault_format::{Digest, DiskRecord, Manifest, TransferStats};
     use vmvault_qemu::block::Bitmap;
 
     fn disk(bitmaps: &[(&str, bool)]) -> BlockDisk {
@@ -147,7 +147,11 @@ mod tests {
         }
     }
 
-    fn point(id: PointId, time: &str, size: u64) -> Manifest {
+    fn point(id: PointId, time: &str, size: u64) -> KnownPoint {
+        KnownPoint::from(&manifest(id, time, size))
+    }
+
+    fn manifest(id: PointId, time: &str, size: u64) -> Manifest {
         let mut m: Manifest = serde_json::from_value(serde_json::json!({
             "version": vmvault_format::MANIFEST_VERSION, "id": id, "vm": "web01", "time": time,
             "source": "qemu", "consistency": "crash", "consistency_reason": "", "host": "h",
@@ -189,7 +193,7 @@ mod tests {
     fn anything_untrustworthy_reads_the_whole_disk_and_says_why() {
         let a = PointId([1; 16]);
         let name = format!("{P}{}", a.to_hex());
-        let cases: [(BlockDisk, Vec<Manifest>, &str); 4] = [
+        let cases: [(BlockDisk, Vec<KnownPoint>, &str); 4] = [
             (disk(&[]), vec![], "no changed-block tracking yet"),
             (disk(&[(&name, false)]), vec![], "is gone"),
             (

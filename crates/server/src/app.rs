@@ -51,6 +51,14 @@ pub struct App {
     /// What the storage does to keep objects (S3 Object Lock), asked once and after a lock:
     /// a request to the storage per `GET /vaults` would be too many.
     storage_lock: Mutex<Option<String>>,
+    /// The TLS certificate's fingerprint, which enrollment proofs cover (none over plain HTTP).
+    pub(crate) fingerprint: Mutex<Option<String>>,
+    /// The agent jobs running now (crates/server/src/relay.rs).
+    pub(crate) relays: crate::relay::Relays,
+    /// Refused agent keys, by when each was last audited.
+    pub(crate) refused_keys: Mutex<HashMap<String, std::time::Instant>>,
+    /// Per host, the agent instances seen lately (a copied key shows as two).
+    pub(crate) instance_flips: Mutex<HashMap<i64, Vec<(std::time::Instant, String)>>>,
 }
 
 impl App {
@@ -179,6 +187,10 @@ impl App {
             job_hook: Mutex::new(None),
             _state_lock: state_lock,
             storage_lock: Mutex::new(None),
+            fingerprint: Mutex::new(None),
+            relays: Mutex::new(HashMap::new()),
+            refused_keys: Mutex::new(HashMap::new()),
+            instance_flips: Mutex::new(HashMap::new()),
         });
         // Said at every start: after an upgrade, backups of VMs protected before the
         // allow-lists existed fail until their folders are named.
@@ -214,6 +226,22 @@ impl App {
         ));
         app.load_stats()?;
         Ok(app)
+    }
+
+    pub fn fingerprint(&self) -> Option<String> {
+        self.fingerprint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The release key's public half (hex): the server's own key in the state dir, made on
+    /// first use.
+    pub fn release_public_key(&self) -> Result<String> {
+        let path = self.cfg.state_dir.join("release.key");
+        let key = vmvault_release::ReleaseKey::load_or_create(&path)
+            .map_err(|e| Error::Config(format!("the release key {}: {e}", path.display())))?;
+        Ok(key.public_hex())
     }
 
     pub fn now(&self) -> DateTime<Utc> {

@@ -69,6 +69,14 @@ pub struct ServerConfig {
     pub restore_roots: Vec<PathBuf>,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Seconds between an agent's heartbeats (told to it in each answer).
+    pub agent_heartbeat_secs: u64,
+    /// An agent not heard from for this long shows as silent in `hosts` and is alerted.
+    pub agent_silence_alert_secs: u64,
+    /// A running agent job with no request for this long fails (its lock goes; no point).
+    pub agent_job_silence_secs: u64,
+    /// A queued job for a host whose agent has not taken it for this long fails, alerted.
+    pub agent_job_wait_secs: u64,
     /// Seconds a client has to send a request's headers (also an idle keep-alive's limit).
     pub header_read_timeout_secs: u64,
     /// Seconds a client has to finish the TLS handshake.
@@ -104,6 +112,10 @@ impl Default for ServerConfig {
             disk_roots: Vec::new(),
             restore_roots: Vec::new(),
             max_connections: 1024,
+            agent_heartbeat_secs: 30,
+            agent_silence_alert_secs: 300,
+            agent_job_silence_secs: 120,
+            agent_job_wait_secs: 3600,
             header_read_timeout_secs: 10,
             tls_handshake_timeout_secs: 10,
         }

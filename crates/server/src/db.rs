@@ -128,6 +128,42 @@ const MIGRATIONS: &[&str] = &[
     // 4: the class of the error that ended a failed job (crates/class's API code), so that a
     // client waiting for it exits as the same failure would locally.
     "ALTER TABLE jobs ADD COLUMN error_code TEXT;",
+    // 5: hypervisor hosts and their agents (docs/design.md, "Host agents"): a host's key is
+    // the SHA-256 of its certificate's public key; an enrollment code is kept only as its
+    // verifier. The VMs each agent last reported, items and jobs that belong to a host.
+    "CREATE TABLE hosts (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        key TEXT UNIQUE,
+        public_key TEXT,
+        code_id TEXT UNIQUE,
+        verifier TEXT,
+        code_expires TEXT,
+        code_failures INTEGER NOT NULL DEFAULT 0,
+        agent_version TEXT,
+        instance TEXT,
+        last_heartbeat TEXT,
+        silent_alerted INTEGER NOT NULL DEFAULT 0,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE revoked_keys (
+        key TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        revoked TEXT NOT NULL
+    );
+    CREATE TABLE host_vms (
+        host_id INTEGER NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        info TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        PRIMARY KEY (host_id, name)
+    );
+    ALTER TABLE protected_items ADD COLUMN host TEXT;
+    ALTER TABLE protected_items ADD COLUMN scripts TEXT;
+    ALTER TABLE jobs ADD COLUMN host TEXT;
+    CREATE INDEX jobs_host ON jobs (host, state, id);",
 ];
 
 /// The database behind one lock: every statement is short, and the catalog's reads are

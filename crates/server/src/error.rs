@@ -42,6 +42,10 @@ pub enum Error {
     Tls(String),
     #[error("configuration: {0}")]
     Config(String),
+    /// A host agent's job ended without a point: the agent failed, went silent, broke the
+    /// protocol, or the job was cancelled.
+    #[error("{0}")]
+    Agent(String),
     /// A job's thread panicked: a bug, not a condition a retry would change.
     #[error("the job panicked (a bug in vmvault: please report it): {0}")]
     Panicked(String),
@@ -91,7 +95,11 @@ impl Classify for Error {
             Error::PendingApproval { .. } => Class::Pending,
             Error::Engine(e) => e.class(),
             Error::Store(e) => e.class(),
-            Error::Db(_) | Error::Io { .. } | Error::Tls(_) | Error::Panicked(_) => Class::Failure,
+            Error::Db(_)
+            | Error::Io { .. }
+            | Error::Tls(_)
+            | Error::Agent(_)
+            | Error::Panicked(_) => Class::Failure,
         }
     }
 }

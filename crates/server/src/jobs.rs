@@ -20,8 +20,8 @@ use crate::{Error, Result};
 /// A running job's progress and its cancel switch, kept in memory while it runs.
 pub struct Live {
     pub cancel: Arc<AtomicBool>,
-    done: AtomicU64,
-    total: AtomicU64,
+    pub(crate) done: AtomicU64,
+    pub(crate) total: AtomicU64,
     started: Instant,
 }
 
@@ -105,6 +105,28 @@ impl Runner {
             .cloned()
     }
 
+    /// A job's live figures, from its start until [`Runner::unregister`].
+    pub(crate) fn register(&self, id: i64) -> Arc<Live> {
+        let live = Arc::new(Live {
+            cancel: Arc::new(AtomicBool::new(false)),
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, live.clone());
+        live
+    }
+
+    pub(crate) fn unregister(&self, id: i64) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
     pub fn running_count(&self) -> usize {
         self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -112,14 +134,26 @@ impl Runner {
 
 impl App {
     /// Queues a job; returns its id.
+    /// A backup of a host's VM is that host's job: its agent takes it.
     pub fn enqueue(&self, kind: &str, item: Option<&str>, p: &Params, by: &str) -> Result<i64> {
         let now = ts(self.now());
         let params_json = serde_json::to_string(p).map_err(|e| Error::Input(e.to_string()))?;
         let conn = self.db.conn();
+        let host: Option<String> = match (kind, item) {
+            ("backup", Some(item)) => conn
+                .query_row(
+                    "SELECT host FROM protected_items WHERE name = ?1",
+                    [item],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten(),
+            _ => None,
+        };
         conn.execute(
-            "INSERT INTO jobs (kind, vault, item, state, not_before, created, params, requested_by)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?4, ?5, ?6)",
-            params![kind, self.vault_name, item, now, params_json, by],
+            "INSERT INTO jobs (kind, vault, item, state, not_before, created, params, requested_by,
+             host) VALUES (?1, ?2, ?3, 'queued', ?4, ?4, ?5, ?6, ?7)",
+            params![kind, self.vault_name, item, now, params_json, by, host],
         )?;
         let id = conn.last_insert_rowid();
         drop(conn);
@@ -301,7 +335,7 @@ impl App {
             let conn = self.db.conn();
             let mut stmt = conn.prepare_cached(
                 "SELECT id, kind, item FROM jobs WHERE state = 'queued' AND not_before <= ?1
-                 ORDER BY id",
+                 AND host IS NULL ORDER BY id",
             )?;
             let rows = stmt
                 .query_map([&now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
@@ -309,7 +343,9 @@ impl App {
             rows
         };
         for (id, kind, item) in queued {
-            if self.runner.running_count() >= self.cfg.max_jobs {
+            // An agent's job runs on its host: it takes none of this server's slots.
+            let agents = self.relays.lock().unwrap_or_else(|e| e.into_inner()).len();
+            if self.runner.running_count().saturating_sub(agents) >= self.cfg.max_jobs {
                 break;
             }
             if let Some(item) = &item {
@@ -330,17 +366,7 @@ impl App {
             if took == 0 {
                 continue;
             }
-            let live = Arc::new(Live {
-                cancel: Arc::new(AtomicBool::new(false)),
-                done: AtomicU64::new(0),
-                total: AtomicU64::new(0),
-                started: Instant::now(),
-            });
-            self.runner
-                .live
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, live.clone());
+            let live = self.runner.register(id);
             let app = self.clone();
             std::thread::Builder::new()
                 .name(format!("job-{id}"))
@@ -350,7 +376,7 @@ impl App {
         Ok(())
     }
 
-    fn run_job(self: &Arc<App>, id: i64, kind: &str, live: Arc<Live>) {
+    pub(crate) fn run_job(self: &Arc<App>, id: i64, kind: &str, live: Arc<Live>) {
         let progress = JobProgress {
             app: self,
             id,

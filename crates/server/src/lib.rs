@@ -10,8 +10,11 @@ pub mod config;
 pub mod confine;
 pub mod db;
 mod error;
+pub mod hosts;
 pub mod jobs;
 pub mod metrics;
+pub mod peer;
+pub mod relay;
 pub mod schedule;
 pub mod tls;
 mod work;
@@ -38,11 +41,7 @@ pub async fn start(
     cfg: ServerConfig,
     clock: Arc<dyn Clock>,
     say: &dyn Fn(&str),
-) -> Result<(
-    Started,
-    tokio::net::TcpListener,
-    Option<Arc<rustls::ServerConfig>>,
-)> {
+) -> Result<(Started, tokio::net::TcpListener, Option<tls::Tls>)> {
     let listen = cfg.listen;
     let insecure = cfg.insecure_http;
     let state_dir = cfg.state_dir.clone();
@@ -54,6 +53,7 @@ pub async fn start(
         let fp = tls::fingerprint(&id.cert);
         (Some(tls::server_config(&id)?), Some(fp))
     };
+    *app.fingerprint.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint.clone();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::io(format!("listening on {listen}"), e))?;

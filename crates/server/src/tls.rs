@@ -74,16 +74,67 @@ pub fn load_or_create(state_dir: &Path) -> Result<Identity> {
     })
 }
 
-pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>> {
+/// The two TLS configurations of one listener: browsers and the CLI are never asked for a
+/// certificate; connections offering the agent ALPN must present one (see [`crate::peer`]).
+#[derive(Clone)]
+pub struct Tls {
+    pub users: Arc<rustls::ServerConfig>,
+    pub agents: Arc<rustls::ServerConfig>,
+}
+
+pub fn server_config(id: &Identity) -> Result<Tls> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut users = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
         .map_err(|e| Error::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    users.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let verifier = Arc::new(crate::peer::AgentCertVerifier {
+        provider: provider.clone(),
+    });
+    let mut agents = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    agents.alpn_protocols = vec![vmvault_api::agent::ALPN.to_vec()];
+    Ok(Tls {
+        users: Arc::new(users),
+        agents: Arc::new(agents),
+    })
+}
+
+/// Completes the handshake with the configuration the client's ALPN asks for; what the
+/// peer proved goes with every request of the connection.
+async fn handshake(
+    tls: &Tls,
+    stream: tokio::net::TcpStream,
+) -> std::io::Result<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    crate::peer::Peer,
+)> {
+    let start =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+    let agent = start
+        .client_hello()
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == vmvault_api::agent::ALPN));
+    let config = if agent { &tls.agents } else { &tls.users };
+    let stream = start.into_stream(config.clone()).await?;
+    let key = if agent {
+        stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::peer::host_key)
+    } else {
+        None
+    };
+    Ok((stream, crate::peer::Peer { agent: key }))
 }
 
 /// Holds one of the `max_connections` slots and the open-connection count while a
@@ -110,13 +161,12 @@ impl Drop for Slot {
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let router = crate::api::router(app.clone());
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(app.cfg.max_connections));
-    let handshake = Duration::from_secs(app.cfg.tls_handshake_timeout_secs);
+    let handshake_limit = Duration::from_secs(app.cfg.tls_handshake_timeout_secs);
     let headers = Duration::from_secs(app.cfg.header_read_timeout_secs);
     let mut failures = 0u64;
     tokio::pin!(shutdown);
@@ -164,8 +214,8 @@ pub async fn serve(
             app: app.clone(),
             _permit: permit,
         };
-        let service = TowerToHyperService::new(router.clone());
-        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let mut http = hyper::server::conn::http1::Builder::new();
@@ -173,18 +223,40 @@ pub async fn serve(
             // A client that fails or stalls the handshake (an untrusted certificate, a port
             // scan, a slow attack) or drops the connection is its own business: nothing to
             // report.
-            match acceptor {
-                Some(acc) => {
-                    if let Ok(Ok(tls)) = tokio::time::timeout(handshake, acc.accept(stream)).await {
-                        let _ = http.serve_connection(TokioIo::new(tls), service).await;
+            match tls {
+                Some(tls) => {
+                    let shaken =
+                        tokio::time::timeout(handshake_limit, handshake(&tls, stream)).await;
+                    if let Ok(Ok((stream, peer))) = shaken {
+                        let service = TowerToHyperService::new(with_peer(router, peer));
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
                     }
                 }
                 None => {
+                    let service =
+                        TowerToHyperService::new(with_peer(router, crate::peer::Peer::default()));
                     let _ = http.serve_connection(TokioIo::new(stream), service).await;
                 }
             }
         });
     }
+}
+
+/// The router with the connection's [`crate::peer::Peer`] in every request's extensions.
+fn with_peer(
+    router: axum::Router,
+    peer: crate::peer::Peer,
+) -> impl tower::Service<
+    axum::http::Request<hyper::body::Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    use tower::ServiceExt;
+    router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        req
+    })
 }
 
 /// The longest pause between failed accepts.

@@ -34,7 +34,7 @@ pub fn parse_keep_until(s: &str) -> Result<DateTime<Utc>> {
 
 impl App {
     /// The vault opened for one job, its regions wrapped so that a cancel stops the job.
-    fn job_vault(&self, live: &Live) -> Result<Vault> {
+    pub(crate) fn job_vault(&self, live: &Live) -> Result<Vault> {
         let mut spec = self.cfg.spec(false)?;
         spec.cancel = Some((live.cancel.clone(), CANCELLED));
         let pass = self.passphrase.clone();
@@ -67,6 +67,14 @@ impl App {
         match kind {
             "backup" => {
                 let item = item.ok_or_else(|| Error::Input("a backup job names no VM".into()))?;
+                let on_host = self
+                    .relays
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&id);
+                if on_host {
+                    return self.run_agent_backup(id).map(Some);
+                }
                 self.run_backup(id, &item, &params, live, progress)
                     .map(Some)
             }
@@ -122,6 +130,13 @@ impl App {
         let m = backup_image_vm(&vault, &desc, &opts, progress)?;
         let point = m.id.to_hex();
         catalog::add(&self.db, &self.vault_name, &m)?;
+        self.record_success(item, m.logical_bytes(), m.stats.bytes_stored);
+        self.after_backup(id, item, &m);
+        Ok(point)
+    }
+
+    /// After a point is made: its log line, then the policy's retention over the VM's points.
+    pub(crate) fn after_backup(&self, id: i64, item: &str, m: &vmvault_format::Manifest) {
         self.job_log(
             id,
             &format!(
@@ -131,7 +146,15 @@ impl App {
                 m.stats.bytes_stored
             ),
         );
-        self.record_success(item, m.logical_bytes(), m.stats.bytes_stored);
+        let policy: String = match self.db.conn().query_row(
+            "SELECT policy FROM protected_items WHERE name = ?1",
+            [item],
+            |r| r.get(0),
+        ) {
+            Ok(p) => p,
+            // Unprotected while the backup ran: no policy to apply any more.
+            Err(_) => return,
+        };
         match self.apply_retention(item, &policy) {
             Ok(0) => {}
             Ok(n) => self.job_log(
@@ -143,12 +166,11 @@ impl App {
             // The point is made: a prune that fails is retried after the next backup.
             Err(e) => self.job_log(id, &format!("retention could not be applied: {e}")),
         }
-        Ok(point)
     }
 
     /// The retention a new point records: an on-demand backup's own keep-until (30 days
     /// unless asked otherwise), or the policy's rules and time zone for a scheduled one.
-    fn point_retention(
+    pub(crate) fn point_retention(
         &self,
         params: &Params,
         policy: &str,

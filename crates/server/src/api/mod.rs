@@ -2,7 +2,9 @@
 //! who is asking (401), may they (403, with the reason), and the audit record.
 
 pub mod admin;
+pub mod agent;
 pub mod approvals;
+pub mod hosts;
 pub mod items;
 pub mod jobs;
 pub mod points;
@@ -221,6 +223,9 @@ impl Modify for TokenAuth {
         items::list, items::show, items::protect, items::unprotect, items::backup,
         points::list, points::show, points::delete, points::undelete, points::restore,
         jobs::list, jobs::show, jobs::cancel,
+        hosts::list, hosts::add, hosts::remove, hosts::vms, hosts::protect,
+        agent::enroll, agent::heartbeat, agent::next, agent::begin, agent::base, agent::reuse,
+        agent::chunks, agent::zero, agent::commit, agent::progress, agent::log, agent::fail,
     ),
     modifiers(&TokenAuth)
 )]
@@ -282,6 +287,9 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
 /// Paths anyone may read: the API's description and the metrics scrape.
 const OPEN_PATHS: [&str; 2] = ["/api/v1/openapi.json", "/metrics"];
 
+/// Where the agent routes are: only an agent's certificate opens them, never a token.
+const AGENT_PREFIX: &str = "/api/v1/agent/";
+
 /// Checks the token before routing, so that nothing of a request from someone unknown is
 /// read (no JSON or TOML parser sees its body) and an unknown client learns nothing of the
 /// API's shape (a wrong path or method is 401 too). Handlers check roles themselves.
@@ -292,6 +300,29 @@ async fn authenticate_first(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     if OPEN_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    // Agent routes look at the connection's certificate only; user routes at the token
+    // only: a host is not a user and holds no role, and a user token opens no agent route.
+    if req.uri().path().starts_with(AGENT_PREFIX) {
+        let peer = req
+            .extensions()
+            .get::<crate::peer::Peer>()
+            .cloned()
+            .unwrap_or_default();
+        let checked = if req.uri().path() == "/api/v1/agent/enroll" {
+            match peer.agent {
+                Some(_) => Ok(()),
+                None => Err(crate::Error::Unauthorized(
+                    "enrollment needs the agent's TLS client certificate".into(),
+                )),
+            }
+        } else {
+            app.agent_host(&peer).map(|_| ())
+        };
+        if let Err(e) = checked {
+            return e.into_response();
+        }
         return next.run(req).await;
     }
     let header = req
@@ -360,6 +391,37 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/jobs", get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::show))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/hosts", get(hosts::list).post(hosts::add))
+        .route("/api/v1/hosts/{name}", axum::routing::delete(hosts::remove))
+        .route(
+            "/api/v1/hosts/{host}/vms/{vm}/protect",
+            post(hosts::protect),
+        )
+        .route("/api/v1/vms", get(hosts::vms))
+        .route("/api/v1/agent/enroll", post(agent::enroll))
+        .route("/api/v1/agent/heartbeat", post(agent::heartbeat))
+        .route("/api/v1/agent/jobs/next", get(agent::next))
+        .route("/api/v1/agent/jobs/{id}/begin", post(agent::begin))
+        .route("/api/v1/agent/jobs/{id}/base/{disk}", get(agent::base))
+        .route(
+            "/api/v1/agent/jobs/{id}/disks/{disk}/reuse",
+            post(agent::reuse),
+        )
+        .route(
+            "/api/v1/agent/jobs/{id}/disks/{disk}/chunks",
+            post(agent::chunks).layer(axum::extract::DefaultBodyLimit::max(
+                vmvault_api::agent::MAX_UPLOAD
+                    + vmvault_api::agent::MAX_FRAMES * vmvault_api::agent::FRAME_HEADER,
+            )),
+        )
+        .route(
+            "/api/v1/agent/jobs/{id}/disks/{disk}/zero",
+            post(agent::zero),
+        )
+        .route("/api/v1/agent/jobs/{id}/commit", post(agent::commit))
+        .route("/api/v1/agent/jobs/{id}/progress", post(agent::progress))
+        .route("/api/v1/agent/jobs/{id}/log", post(agent::log))
+        .route("/api/v1/agent/jobs/{id}/fail", post(agent::fail))
         .route("/metrics", get(crate::metrics::metrics))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))

@@ -28,6 +28,7 @@ pub struct Server {
     pub app: Arc<App>,
     pub admin: String,
     rt: tokio::runtime::Runtime,
+    http: ureq::Agent,
 }
 
 pub struct Answer {
@@ -38,6 +39,16 @@ pub struct Answer {
 impl Server {
     pub fn start(clock: Arc<dyn Clock>) -> Server {
         Self::start_with(clock, |_| {})
+    }
+
+    /// Over TLS, as agents need (they talk nothing else).
+    pub fn start_tls(clock: Arc<dyn Clock>) -> Server {
+        Self::start_with(clock, |c| c.insecure_http = false)
+    }
+
+    /// The TLS certificate's fingerprint (TLS servers only).
+    pub fn fingerprint(&self) -> String {
+        self.app.fingerprint().expect("a TLS server")
     }
 
     pub fn start_with(clock: Arc<dyn Clock>, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
@@ -75,8 +86,13 @@ impl Server {
             .unwrap()
             .trim()
             .to_string();
+        let (scheme, http) = match &started.fingerprint {
+            Some(fp) => ("https", pinned(fp)),
+            None => ("http", ureq::Agent::new()),
+        };
         Server {
-            base: format!("http://{}", started.addr),
+            http,
+            base: format!("{scheme}://{}", started.addr),
             dir,
             app,
             admin,
@@ -91,7 +107,7 @@ impl Server {
         path: &str,
         body: Option<Value>,
     ) -> Answer {
-        let mut r = ureq::request(method, &format!("{}{path}", self.base));
+        let mut r = self.http.request(method, &format!("{}{path}", self.base));
         if let Some(t) = token {
             r = r.set("Authorization", &format!("Bearer {t}"));
         }
@@ -266,4 +282,67 @@ pub fn write_disk(path: &Path, mib: usize, seed: &str) {
         block[..tag.len()].copy_from_slice(tag.as_bytes());
         f.write_all(&block).unwrap();
     }
+}
+
+/// A client that trusts exactly the server's certificate, as the CLI does once pinned.
+fn pinned(fingerprint: &str) -> ureq::Agent {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct Pin(String, Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for Pin {
+        fn verify_server_cert(
+            &self,
+            cert: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            if vmvault_server::tls::fingerprint(cert) == self.0 {
+                Ok(ServerCertVerified::assertion())
+            } else {
+                Err(rustls::Error::General("not the pinned certificate".into()))
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.1.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.1.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.1.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pin(fingerprint.to_string(), provider)))
+        .with_no_client_auth();
+    ureq::AgentBuilder::new()
+        .tls_config(Arc::new(config))
+        .build()
 }

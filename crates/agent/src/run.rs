@@ -1,0 +1,298 @@
+//! `vmvault agent run`: heartbeats with the VMs found, and the jobs the server leases to this
+//! host, one at a time. Every request goes out to the server; nothing listens here.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmvault_api::agent::{
+    job_path, AgentJob, AgentJobKind, FailReport, FoundVm, Heartbeat, HeartbeatAnswer, LogReport,
+    ProgressReport, HEARTBEAT, NEXT_JOB,
+};
+use vmvault_engine::{DiskDescription, Progress, Quiesce, RunningVm};
+use vmvault_qemu::Scripts;
+
+use crate::client::Client;
+use crate::discover::{discover, DiscoverConfig};
+use crate::relay::RelayDestination;
+use crate::state::AgentState;
+use crate::{AgentError, Result};
+
+/// Makes the guest agent's quiesce for a job: its socket and the VM's scripts. The CLI gives
+/// its own (a helper process holds the freeze, so the guest thaws even if the agent dies).
+pub type QuiesceMaker = dyn Fn(PathBuf, Option<Scripts>) -> Box<dyn Quiesce> + Send + Sync;
+
+pub struct AgentOptions {
+    pub discover: DiscoverConfig,
+    pub quiesce: Option<Box<QuiesceMaker>>,
+    /// Set to stop: the loop ends after the job it runs, if any.
+    pub stop: Arc<AtomicBool>,
+    /// How long one poll for a job waits at the server.
+    pub poll_wait_secs: u64,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            discover: DiscoverConfig::default(),
+            quiesce: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            poll_wait_secs: 20,
+        }
+    }
+}
+
+/// What the agent knows of its VMs: the last discovery, and VMs seen earlier in this run
+/// (a VM that stops is backed up from the images QEMU had open).
+#[derive(Default)]
+struct Known {
+    now: Vec<FoundVm>,
+    seen: HashMap<String, FoundVm>,
+}
+
+/// Runs until `opts.stop` is set.
+pub fn run(state: &AgentState, opts: &AgentOptions, say: &(dyn Fn(&str) + Sync)) -> Result<()> {
+    let pins = state.pins()?.ok_or_else(|| {
+        AgentError::Input(
+            "this host is not enrolled: run `vmvault agent enroll URL --code CODE` first".into(),
+        )
+    })?;
+    let identity = state.identity()?;
+    let client = Client::new(&pins.server, &identity, Some(pins.fingerprint.clone()))?;
+    let mut instance = [0u8; 16];
+    vmvault_format::random_bytes(&mut instance);
+    let instance = hex::encode(instance);
+    let known = Mutex::new(Known::default());
+    say(&format!(
+        "vmvault agent {} for host '{}' at {}",
+        crate::VERSION,
+        pins.host,
+        pins.server
+    ));
+    std::thread::scope(|s| {
+        s.spawn(|| heartbeats(&client, &instance, opts, &known, say));
+        while !opts.stop.load(Ordering::Relaxed) {
+            let path = format!("{NEXT_JOB}?wait={}", opts.poll_wait_secs);
+            match client.get::<AgentJob>(&path, None) {
+                Ok(Some(job)) => run_job(&client, state, opts, &known, &job, say),
+                Ok(None) => {}
+                Err(e) => {
+                    say(&format!("asking for jobs: {e}"));
+                    pause(&opts.stop, Duration::from_secs(5));
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+fn pause(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn heartbeats(
+    client: &Client,
+    instance: &str,
+    opts: &AgentOptions,
+    known: &Mutex<Known>,
+    say: &(dyn Fn(&str) + Sync),
+) {
+    let mut told = std::collections::HashSet::new();
+    while !opts.stop.load(Ordering::Relaxed) {
+        let found = discover(&opts.discover);
+        for (what, why) in &found.skipped {
+            if told.insert(what.clone()) {
+                say(&format!("not reported: {what}: {why}"));
+            }
+        }
+        {
+            let mut k = known.lock().unwrap_or_else(|e| e.into_inner());
+            for vm in &found.vms {
+                k.seen.insert(vm.name.clone(), vm.clone());
+            }
+            k.now = found.vms.clone();
+        }
+        let mut vms = found.vms;
+        vms.truncate(vmvault_api::agent::MAX_VMS);
+        let hb = Heartbeat {
+            version: crate::VERSION.to_string(),
+            instance: instance.to_string(),
+            vms,
+        };
+        let every = match client.post::<HeartbeatAnswer>(HEARTBEAT, None, &hb) {
+            Ok(a) => a.every_secs.clamp(1, 3600),
+            Err(e) => {
+                say(&format!("heartbeat: {e}"));
+                5
+            }
+        };
+        pause(&opts.stop, Duration::from_secs(every));
+    }
+}
+
+/// Sends the engine's messages to the job's log, and its figures with the keep-alive.
+struct JobProgress<'a> {
+    client: &'a Client,
+    job: i64,
+    lease: &'a str,
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Progress for JobProgress<'_> {
+    fn start(&self, what: &str, total: u64) {
+        self.total.fetch_add(total, Ordering::Relaxed);
+        self.message(what);
+    }
+    fn advance(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn finish(&self) {}
+    fn message(&self, text: &str) {
+        let _ = self.client.tell(
+            &job_path(self.job, "log"),
+            Some(self.lease),
+            &LogReport {
+                line: text.to_string(),
+            },
+        );
+    }
+}
+
+fn run_job(
+    client: &Client,
+    state: &AgentState,
+    opts: &AgentOptions,
+    known: &Mutex<Known>,
+    job: &AgentJob,
+    say: &(dyn Fn(&str) + Sync),
+) {
+    say(&format!("job {}: {} of {}", job.id, job.kind, job.vm));
+    let progress = JobProgress {
+        client,
+        job: job.id,
+        lease: &job.lease,
+        done: AtomicU64::new(0),
+        total: AtomicU64::new(0),
+    };
+    let ended = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        // A request at least every 10 s, even while a quiesce waits: a silent agent's job
+        // fails at the server.
+        s.spawn(|| {
+            while !ended.load(Ordering::Relaxed) {
+                pause(&ended, Duration::from_secs(10));
+                if ended.load(Ordering::Relaxed) {
+                    break;
+                }
+                let p = ProgressReport {
+                    stage: "running".into(),
+                    done: progress.done.load(Ordering::Relaxed),
+                    total: progress.total.load(Ordering::Relaxed),
+                };
+                let _ = client.tell(&job_path(job.id, "progress"), Some(&job.lease), &p);
+            }
+        });
+        let r = match job.kind {
+            AgentJobKind::Backup => backup(client, state, opts, known, job, &progress),
+            AgentJobKind::Unknown(ref k) => Err(AgentError::Input(format!(
+                "a job of kind '{k}', which this agent does not know"
+            ))),
+        };
+        ended.store(true, Ordering::Relaxed);
+        r
+    });
+    match result {
+        Ok(point) => say(&format!("job {}: point {point} made", job.id)),
+        Err(e) => {
+            say(&format!("job {}: failed: {e}", job.id));
+            // A job the server ended (cancelled, retried, host removed) needs no report.
+            if e.status() != Some(409) && e.status() != Some(401) {
+                let _ = client.tell(
+                    &job_path(job.id, "fail"),
+                    Some(&job.lease),
+                    &FailReport {
+                        error: e.to_string(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+fn backup(
+    client: &Client,
+    state: &AgentState,
+    opts: &AgentOptions,
+    known: &Mutex<Known>,
+    job: &AgentJob,
+    progress: &JobProgress<'_>,
+) -> Result<String> {
+    let (now, seen) = {
+        let k = known.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            k.now.iter().find(|v| v.name == job.vm).cloned(),
+            k.seen.get(&job.vm).cloned(),
+        )
+    };
+    let scratch = state.scratch();
+    std::fs::create_dir_all(&scratch)
+        .map_err(|e| AgentError::io(format!("making {}", scratch.display()), e))?;
+    let mut dest = RelayDestination::new(client, job.id, &job.lease);
+    let running = now
+        .as_ref()
+        .and_then(|v| v.qmp.clone().map(|q| (q, v.qga.clone())));
+    let point = match running {
+        Some((qmp, qga)) => {
+            let scripts = match &job.scripts {
+                Some(text) => Some(
+                    Scripts::parse(text)
+                        .map_err(|e| AgentError::Input(format!("the VM's scripts file: {e}")))?,
+                ),
+                None => None,
+            };
+            let mut quiesce = match (&opts.quiesce, qga) {
+                (Some(make), Some(qga)) => Some(make(PathBuf::from(qga), scripts)),
+                _ => None,
+            };
+            let vm = RunningVm {
+                qmp: PathBuf::from(qmp),
+                name: Some(job.vm.clone()),
+                scratch,
+                quiesce: quiesce.as_mut().map(|q| q.as_mut() as &mut dyn Quiesce),
+            };
+            vmvault_engine::backup_running_vm_to(&mut dest, vm, progress)?
+        }
+        None => {
+            // Only images QEMU had open for this VM: a job cannot make the agent read any
+            // other file as a disk.
+            let seen = seen.ok_or_else(|| {
+                AgentError::Input(format!(
+                    "VM '{}' is not running and this agent has not seen it run since it started, \
+                     so it does not know its images",
+                    job.vm
+                ))
+            })?;
+            let disks: Vec<DiskDescription> = seen
+                .disks
+                .iter()
+                .filter_map(|d| {
+                    d.file.as_ref().map(|f| DiskDescription {
+                        name: d.name.clone(),
+                        path: PathBuf::from(f),
+                        format: d.format.clone(),
+                        bus: "virtio".into(),
+                        allow_backing: Vec::new(),
+                    })
+                })
+                .collect();
+            vmvault_engine::backup_stopped_vm_to(&mut dest, &job.vm, &disks, &scratch, progress)?
+        }
+    };
+    Ok(point.to_hex())
+}

@@ -1,0 +1,229 @@
+//! `/api/v1/agent/*`: the routes only an enrolled host agent's certificate opens (the
+//! middleware checks it before routing). The work is in crates/server/src/relay.rs; vault
+//! reads and writes run on the blocking pool.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use vmvault_api::agent::{
+    Accepted, BeginAnswer, BeginRequest, CommitAnswer, CommitRequest, EnrollAnswer, EnrollRequest,
+    FailReport, Heartbeat, HeartbeatAnswer, LogReport, ProgressReport, ReuseAnswer, ReuseRequest,
+    ZeroRequest, LEASE_HEADER,
+};
+use vmvault_api::ErrorBody;
+
+use crate::app::App;
+use crate::hosts::HostRow;
+use crate::peer::Peer;
+use crate::relay::Caller;
+use crate::{Error, Result};
+
+/// Runs `f` on the blocking pool with the caller's host and lease.
+async fn blocking<T: Send + 'static>(
+    app: Arc<App>,
+    peer: Peer,
+    h: &HeaderMap,
+    f: impl FnOnce(&Arc<App>, &Caller<'_>) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let host = app.agent_host(&peer)?;
+    let lease = h
+        .get(LEASE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let caller = Caller {
+            host: &host,
+            lease: lease.as_deref(),
+        };
+        f(&app, &caller)
+    })
+    .await
+    .map_err(|e| Error::Panicked(e.to_string()))?
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/enroll", tag = "agent", request_body = EnrollRequest,
+    responses((status = 200, body = EnrollAnswer), (status = 401, body = ErrorBody)))]
+pub async fn enroll(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Json(req): Json<EnrollRequest>,
+) -> Result<Json<EnrollAnswer>> {
+    Ok(Json(app.enroll(&peer, &req)?))
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/heartbeat", tag = "agent", request_body = Heartbeat,
+    responses((status = 200, body = HeartbeatAnswer), (status = 401, body = ErrorBody)))]
+pub async fn heartbeat(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Json(hb): Json<Heartbeat>,
+) -> Result<Json<HeartbeatAnswer>> {
+    let host = app.agent_host(&peer)?;
+    Ok(Json(app.heartbeat(&host, &hb)?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct Wait {
+    /// Seconds to wait for a job (at most 60).
+    #[serde(default)]
+    pub wait: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/api/v1/agent/jobs/next", tag = "agent", params(Wait),
+    responses((status = 200, body = vmvault_api::agent::AgentJob), (status = 204, description = "no job came in the time"), (status = 401, body = ErrorBody)))]
+pub async fn next(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<Wait>,
+) -> Result<Response> {
+    let host: HostRow = app.agent_host(&peer)?;
+    let until =
+        std::time::Instant::now() + std::time::Duration::from_secs(q.wait.unwrap_or(0).min(60));
+    loop {
+        let (a, h) = (app.clone(), host.clone());
+        let job = tokio::task::spawn_blocking(move || a.take_agent_job(&h))
+            .await
+            .map_err(|e| Error::Panicked(e.to_string()))??;
+        if let Some(job) = job {
+            return Ok(Json(job).into_response());
+        }
+        if std::time::Instant::now() >= until {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        // A host removed while it waits gets no job.
+        app.agent_host(&peer)?;
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/begin", tag = "agent", params(("id" = i64, Path)), request_body = BeginRequest,
+    responses((status = 200, body = BeginAnswer), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn begin(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path(id): Path<i64>,
+    Json(req): Json<BeginRequest>,
+) -> Result<Json<BeginAnswer>> {
+    blocking(app, peer, &h, move |app, c| app.agent_begin(id, c, &req))
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(get, path = "/api/v1/agent/jobs/{id}/base/{disk}", tag = "agent", params(("id" = i64, Path), ("disk" = usize, Path)),
+    responses((status = 200, description = "the base point's chunk ids, 32 bytes each", content_type = "application/octet-stream"), (status = 404, body = ErrorBody)))]
+pub async fn base(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path((id, disk)): Path<(i64, usize)>,
+) -> Result<Vec<u8>> {
+    blocking(app, peer, &h, move |app, c| app.agent_base(id, c, disk)).await
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/disks/{disk}/reuse", tag = "agent", params(("id" = i64, Path), ("disk" = usize, Path)), request_body = ReuseRequest,
+    responses((status = 200, body = ReuseAnswer), (status = 403, body = ErrorBody)))]
+pub async fn reuse(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path((id, disk)): Path<(i64, usize)>,
+    Json(req): Json<ReuseRequest>,
+) -> Result<Json<ReuseAnswer>> {
+    blocking(app, peer, &h, move |app, c| {
+        app.agent_reuse(id, c, disk, &req.claims)
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/disks/{disk}/chunks", tag = "agent", params(("id" = i64, Path), ("disk" = usize, Path)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "frames: position u64, compression u8, 3 zero bytes, plain length u32, body length u32, body"),
+    responses((status = 200, body = Accepted), (status = 403, body = ErrorBody)))]
+pub async fn chunks(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path((id, disk)): Path<(i64, usize)>,
+    body: Bytes,
+) -> Result<Json<Accepted>> {
+    blocking(app, peer, &h, move |app, c| {
+        app.agent_chunks(id, c, disk, &body)
+    })
+    .await
+    .map(|accepted| Json(Accepted { accepted }))
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/disks/{disk}/zero", tag = "agent", params(("id" = i64, Path), ("disk" = usize, Path)), request_body = ZeroRequest,
+    responses((status = 200, body = Accepted), (status = 403, body = ErrorBody)))]
+pub async fn zero(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path((id, disk)): Path<(i64, usize)>,
+    Json(req): Json<ZeroRequest>,
+) -> Result<Json<Accepted>> {
+    blocking(app, peer, &h, move |app, c| {
+        app.agent_zero(id, c, disk, &req.runs)
+    })
+    .await
+    .map(|accepted| Json(Accepted { accepted }))
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/commit", tag = "agent", params(("id" = i64, Path)), request_body = CommitRequest,
+    responses((status = 200, body = CommitAnswer), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn commit(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path(id): Path<i64>,
+    Json(req): Json<CommitRequest>,
+) -> Result<Json<CommitAnswer>> {
+    blocking(app, peer, &h, move |app, c| app.agent_commit(id, c, &req))
+        .await
+        .map(|point| Json(CommitAnswer { point }))
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/progress", tag = "agent", params(("id" = i64, Path)), request_body = ProgressReport,
+    responses((status = 204, description = "noted: the job is alive"), (status = 409, body = ErrorBody)))]
+pub async fn progress(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path(id): Path<i64>,
+    Json(p): Json<ProgressReport>,
+) -> Result<StatusCode> {
+    blocking(app, peer, &h, move |app, c| app.agent_progress(id, c, &p)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/log", tag = "agent", params(("id" = i64, Path)), request_body = LogReport,
+    responses((status = 204, description = "logged"), (status = 409, body = ErrorBody)))]
+pub async fn log(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path(id): Path<i64>,
+    Json(l): Json<LogReport>,
+) -> Result<StatusCode> {
+    blocking(app, peer, &h, move |app, c| app.agent_log(id, c, &l.line)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/fail", tag = "agent", params(("id" = i64, Path)), request_body = FailReport,
+    responses((status = 204, description = "the job fails; no point"), (status = 409, body = ErrorBody)))]
+pub async fn fail(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path(id): Path<i64>,
+    Json(f): Json<FailReport>,
+) -> Result<StatusCode> {
+    blocking(app, peer, &h, move |app, c| app.agent_fail(id, c, &f.error)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,854 @@
+//! The server's half of a host agent's backup (docs/design.md, "The relay data path").
+//!
+//! A job for a host's VM runs on a server thread like any other job: it holds the VM's
+//! backup lock, the new point's indexes and the vault's keys, and it waits while the agent
+//! sends what it read. The agent names no object and no point: it claims the base point's
+//! chunk at the same position (checked against the base index), sends a chunk's content (the
+//! server computes its id with the vault's key), or says a run of chunks is zero. Each
+//! position is filled once. Only a commit with every position filled writes a manifest; a
+//! job that fails, is cancelled or whose agent goes silent writes none, and what it stored
+//! is chunks nothing references, which a later backup reuses or gc removes.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, OptionalExtension};
+use vmvault_api::agent::{
+    AgentJob, AgentJobKind, BasePoint, BeginAnswer, BeginDisk, BeginRequest, CommitRequest,
+    ProgressReport, ReuseAnswer, MAX_FRAMES, RAW, ZSTD,
+};
+use vmvault_format::{
+    is_zero, max_disk_size, Consistency, Digest, DiskIndex, DiskRecord, Manifest, ObjectKind,
+    PointId, PointRetention, TransferStats, VmConfig, MANIFEST_VERSION,
+};
+use vmvault_store::{LockGuard, Vault};
+
+use crate::app::App;
+use crate::db::ts;
+use crate::hosts::HostRow;
+use crate::jobs::{Live, Params};
+use crate::{Error, Result};
+
+/// How a position of a disk was filled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Empty,
+    Reused,
+    Sent,
+    Zero,
+}
+
+struct DiskFill {
+    name: String,
+    format: String,
+    index: DiskIndex,
+    fill: Vec<Fill>,
+    /// The base point's index of the disk of the same name and size, once asked for.
+    base: Option<Arc<DiskIndex>>,
+    base_record: Option<DiskRecord>,
+    stats: TransferStats,
+}
+
+struct Begun {
+    lock: LockGuard,
+    point: PointId,
+    began: DateTime<Utc>,
+    disks: Vec<DiskFill>,
+}
+
+enum Phase {
+    Leased,
+    Begun(Box<Begun>),
+    Committed(Box<Manifest>),
+    Failed(String),
+}
+
+struct State {
+    last_contact: Instant,
+    phase: Phase,
+}
+
+/// One agent job's server side, shared by its job thread and the agent's requests.
+pub struct Relay {
+    pub job: i64,
+    pub host_id: i64,
+    pub host: String,
+    pub item: String,
+    lease: String,
+    live: Arc<Live>,
+    vault: Vault,
+    retention: PointRetention,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// What a request to a job route must carry.
+pub struct Caller<'a> {
+    pub host: &'a HostRow,
+    pub lease: Option<&'a str>,
+}
+
+impl Relay {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the job as failed (a protocol violation, the agent's own failure); what it stored
+    /// stays unreferenced.
+    fn fail(&self, why: String) -> Error {
+        let mut st = self.state();
+        if !matches!(st.phase, Phase::Committed(_)) {
+            st.phase = Phase::Failed(why.clone());
+        }
+        drop(st);
+        self.changed.notify_all();
+        Error::Forbidden(why)
+    }
+
+    fn with_begun<T>(&self, f: impl FnOnce(&mut Begun) -> Result<T>) -> Result<T> {
+        let mut st = self.state();
+        st.last_contact = Instant::now();
+        match &mut st.phase {
+            Phase::Begun(b) => f(b),
+            Phase::Leased => Err(Error::Conflict(
+                "the job has not begun (`begin` first)".into(),
+            )),
+            Phase::Committed(_) => Err(Error::Conflict("the job's point is committed".into())),
+            Phase::Failed(why) => Err(Error::Conflict(format!("the job failed: {why}"))),
+        }
+    }
+}
+
+impl App {
+    /// The relay of a running job, if `caller` may work on it: its host, its current lease.
+    fn relay_for(&self, job: i64, caller: &Caller<'_>) -> Result<Arc<Relay>> {
+        let relay = self
+            .relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&job)
+            .cloned();
+        let host: Option<String> = self
+            .db
+            .conn()
+            .query_row("SELECT host FROM jobs WHERE id = ?1", [job], |r| r.get(0))
+            .optional()?
+            .flatten();
+        if host.as_deref() != Some(caller.host.name.as_str()) {
+            crate::auth::audit(
+                &self.db,
+                &format!("host:{}", caller.host.name),
+                "agent.job",
+                &job.to_string(),
+                "denied: not this host's job",
+            );
+            return Err(Error::Forbidden(format!(
+                "job {job} is not for host '{}'",
+                caller.host.name
+            )));
+        }
+        let relay = relay
+            .filter(|r| r.host_id == caller.host.id)
+            .ok_or_else(|| Error::Conflict(format!("job {job} is not running")))?;
+        // Compared as BLAKE3 hashes, which compare in constant time.
+        let lease_ok = caller
+            .lease
+            .is_some_and(|l| blake3::hash(l.as_bytes()) == blake3::hash(relay.lease.as_bytes()));
+        if !lease_ok {
+            return Err(Error::Conflict(format!(
+                "job {job}: this lease is not the job's current one (the job was retried or \
+                 taken by another agent process)"
+            )));
+        }
+        relay.state().last_contact = Instant::now();
+        Ok(relay)
+    }
+
+    /// The host's next job whose time has come, leased to the caller; `None` if there is none.
+    pub fn take_agent_job(self: &Arc<App>, host: &HostRow) -> Result<Option<AgentJob>> {
+        let now = ts(self.now());
+        let next: Option<(i64, String, String)> = self
+            .db
+            .conn()
+            .query_row(
+                "SELECT id, kind, item FROM jobs j WHERE host = ?1 AND state = 'queued'
+                 AND not_before <= ?2 AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.item = j.item
+                 AND r.state = 'running') ORDER BY id LIMIT 1",
+                params![host.name, now],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((id, kind, item)) = next else {
+            return Ok(None);
+        };
+        let job_kind = AgentJobKind::from(kind.as_str());
+        if job_kind != AgentJobKind::Backup {
+            return Err(Error::Input(format!(
+                "job {id} is a {kind} job, which agents do not run yet"
+            )));
+        }
+        let (policy, scripts): (String, Option<String>) = self.db.conn().query_row(
+            "SELECT policy, scripts FROM protected_items WHERE name = ?1",
+            [&item],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let params: Params = {
+            let text: String =
+                self.db
+                    .conn()
+                    .query_row("SELECT params FROM jobs WHERE id = ?1", [id], |r| r.get(0))?;
+            serde_json::from_str(&text).map_err(|e| Error::Input(e.to_string()))?
+        };
+        let retention = self.point_retention(&params, &policy)?;
+        let took = self.db.conn().execute(
+            "UPDATE jobs SET state = 'running', started = ?2, ended = NULL, error = NULL
+             WHERE id = ?1 AND state = 'queued'",
+            params![id, now],
+        )?;
+        if took == 0 {
+            return Ok(None);
+        }
+        let live = self.runner.register(id);
+        let vault = match self.job_vault(&live) {
+            Ok(v) => v,
+            Err(e) => {
+                self.runner.unregister(id);
+                return Err(e);
+            }
+        };
+        let mut lease = [0u8; 16];
+        vmvault_format::random_bytes(&mut lease);
+        let lease = hex::encode(lease);
+        let relay = Arc::new(Relay {
+            job: id,
+            host_id: host.id,
+            host: host.name.clone(),
+            item: item.clone(),
+            lease: lease.clone(),
+            live: live.clone(),
+            vault,
+            retention,
+            state: Mutex::new(State {
+                last_contact: Instant::now(),
+                phase: Phase::Leased,
+            }),
+            changed: Condvar::new(),
+        });
+        self.relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, relay);
+        self.job_log(id, &format!("taken by the agent on host '{}'", host.name));
+        let app = self.clone();
+        std::thread::Builder::new()
+            .name(format!("job-{id}"))
+            .spawn(move || app.run_job(id, &kind, live))
+            .map_err(|e| Error::io("starting a job thread", e))?;
+        Ok(Some(AgentJob {
+            id,
+            kind: job_kind,
+            lease,
+            vm: item,
+            scripts,
+        }))
+    }
+
+    /// The job thread of an agent's backup: waits for the commit, a failure, a cancel or the
+    /// agent's silence; returns the point.
+    pub(crate) fn run_agent_backup(&self, id: i64) -> Result<String> {
+        let relay = self
+            .relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::Input(format!("job {id} was not taken by an agent")))?;
+        let result = self.wait_for_agent(&relay);
+        // The lock (in a begun phase) goes with the relay: nothing more is written for it.
+        let phase = std::mem::replace(&mut relay.state().phase, Phase::Failed("ended".into()));
+        self.relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        drop(phase);
+        let m = result?;
+        self.record_success(&relay.item, m.logical_bytes(), m.stats.bytes_stored);
+        self.after_backup(id, &relay.item, &m);
+        Ok(m.id.to_hex())
+    }
+
+    fn wait_for_agent(&self, relay: &Relay) -> Result<Manifest> {
+        let silence = Duration::from_secs(self.cfg.agent_job_silence_secs);
+        let mut st = relay.state();
+        loop {
+            match &st.phase {
+                Phase::Committed(m) => return Ok((**m).clone()),
+                Phase::Failed(why) => return Err(Error::Agent(why.clone())),
+                _ => {}
+            }
+            if relay.live.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Agent("the job was cancelled".into()));
+            }
+            if st.last_contact.elapsed() > silence {
+                let why = format!(
+                    "the agent on host '{}' was silent for {} s during the job",
+                    relay.host,
+                    silence.as_secs()
+                );
+                st.phase = Phase::Failed(why.clone());
+                return Err(Error::Agent(why));
+            }
+            st = relay
+                .changed
+                .wait_timeout(st, Duration::from_millis(250))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// `begin`: the VM's backup lock, the new point's id, and the base point.
+    pub fn agent_begin(
+        &self,
+        job: i64,
+        caller: &Caller<'_>,
+        req: &BeginRequest,
+    ) -> Result<BeginAnswer> {
+        let relay = self.relay_for(job, caller)?;
+        if !matches!(relay.state().phase, Phase::Leased) {
+            return Err(Error::Conflict(format!("job {job} has begun already")));
+        }
+        let vault = &relay.vault;
+        let chunk_size = vault.config().chunk_size;
+        if req.disks.is_empty() || req.disks.len() > 64 {
+            return Err(relay.fail("a backup names 1 to 64 disks".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for d in &req.disks {
+            if crate::api::check_name(&d.name, "disk").is_err() || !names.insert(&d.name) {
+                return Err(relay.fail(format!(
+                    "disk name {:?} is not valid or is repeated",
+                    d.name
+                )));
+            }
+            if d.size == 0 || d.size > max_disk_size(chunk_size) {
+                return Err(
+                    relay.fail(format!("disk {} has a size this vault cannot hold", d.name))
+                );
+            }
+            if !matches!(d.format.as_str(), "raw" | "qcow2" | "vmdk" | "vhd" | "vhdx") {
+                return Err(relay.fail(format!(
+                    "disk {} has an unknown format {:?}",
+                    d.name, d.format
+                )));
+            }
+        }
+        let lock = vault.lock_backup(&relay.item, &mut |m| self.job_log(job, m))?;
+        let (points, _) = vault.points()?;
+        let base = points
+            .into_iter()
+            .filter(|m| m.vm == relay.item)
+            .max_by(|a, b| a.time.cmp(&b.time));
+        let point = PointId::generate();
+        let disks = req
+            .disks
+            .iter()
+            .map(|d| {
+                let count = DiskIndex::chunk_count(d.size, chunk_size) as usize;
+                DiskFill {
+                    name: d.name.clone(),
+                    format: d.format.clone(),
+                    index: DiskIndex {
+                        disk_size: d.size,
+                        chunk_size,
+                        chunks: vec![Digest::ZERO_CHUNK; count],
+                    },
+                    fill: vec![Fill::Empty; count],
+                    base: None,
+                    base_record: base.as_ref().and_then(|b| {
+                        b.disks
+                            .iter()
+                            .find(|r| r.name == d.name && r.size == d.size)
+                            .cloned()
+                    }),
+                    stats: TransferStats::default(),
+                }
+            })
+            .collect();
+        let total: u64 = req.disks.iter().map(|d| d.size).sum();
+        relay.live.total.store(total, Ordering::Relaxed);
+        self.job_log(
+            job,
+            &format!(
+                "backing up {} on host '{}' ({} disk(s)) as point {}",
+                relay.item,
+                relay.host,
+                req.disks.len(),
+                point.short()
+            ),
+        );
+        let answer = BeginAnswer {
+            point: point.to_hex(),
+            vault_id: hex::encode(vault.config().vault_id),
+            chunk_size,
+            zstd_level: vault.config().zstd_level,
+            base: base.as_ref().map(|b| BasePoint {
+                id: b.id.to_hex(),
+                time: b.time.clone(),
+                disks: b
+                    .disks
+                    .iter()
+                    .map(|r| BeginDisk {
+                        name: r.name.clone(),
+                        size: r.size,
+                        format: r.format.clone(),
+                    })
+                    .collect(),
+            }),
+        };
+        relay.state().phase = Phase::Begun(Box::new(Begun {
+            lock,
+            point,
+            began: self.now(),
+            disks,
+        }));
+        Ok(answer)
+    }
+
+    /// The base point's index of disk `disk` (32 bytes a chunk): what reuse claims are
+    /// checked against.
+    pub fn agent_base(&self, job: i64, caller: &Caller<'_>, disk: usize) -> Result<Vec<u8>> {
+        let relay = self.relay_for(job, caller)?;
+        let index = self.base_index(&relay, disk)?;
+        let mut out = Vec::with_capacity(index.chunks.len() * 32);
+        for d in &index.chunks {
+            out.extend_from_slice(&d.0);
+        }
+        Ok(out)
+    }
+
+    fn base_index(&self, relay: &Relay, disk: usize) -> Result<Arc<DiskIndex>> {
+        let record = relay.with_begun(|b| {
+            let d = b
+                .disks
+                .get(disk)
+                .ok_or_else(|| Error::NotFound(format!("no disk {disk}")))?;
+            if let Some(i) = &d.base {
+                return Ok(Err(i.clone()));
+            }
+            d.base_record.clone().map(Ok).ok_or_else(|| {
+                Error::NotFound(format!("disk {} has no base point to build on", d.name))
+            })
+        })?;
+        let record = match record {
+            Err(loaded) => return Ok(loaded),
+            Ok(r) => r,
+        };
+        let index = Arc::new(relay.vault.load_index(&record.index, record.size)?);
+        relay.with_begun(|b| {
+            b.disks[disk].base = Some(index.clone());
+            Ok(())
+        })?;
+        Ok(index)
+    }
+
+    /// Claims of the base point's chunks at the same positions; answers the positions whose
+    /// chunk the vault lacks. A claim of anything else fails the job.
+    pub fn agent_reuse(
+        &self,
+        job: i64,
+        caller: &Caller<'_>,
+        disk: usize,
+        claims: &[(u64, String)],
+    ) -> Result<ReuseAnswer> {
+        let relay = self.relay_for(job, caller)?;
+        let base = self.base_index(&relay, disk)?;
+        let mut checked = Vec::with_capacity(claims.len());
+        for (pos, id) in claims {
+            let claimed = id.parse::<Digest>().ok();
+            let at = base.chunks.get(*pos as usize);
+            match (claimed, at) {
+                (Some(c), Some(b)) if c == *b => checked.push((*pos as usize, c)),
+                _ => {
+                    let why = format!(
+                        "host '{}' claimed a chunk at position {pos} of disk {disk} that is not the \
+                         base point's there",
+                        relay.host
+                    );
+                    crate::auth::audit(
+                        &self.db,
+                        &format!("host:{}", relay.host),
+                        "agent.reuse",
+                        &job.to_string(),
+                        &format!("denied: {why}"),
+                    );
+                    return Err(relay.fail(why));
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        for (pos, digest) in checked {
+            let len = base.chunk_range(pos).1;
+            let fill = if digest == Digest::ZERO_CHUNK {
+                Some(Fill::Zero)
+            } else if relay.vault.touch_chunk(&digest, len)? {
+                Some(Fill::Reused)
+            } else {
+                None
+            };
+            match fill {
+                Some(f) => self.fill(&relay, disk, pos, digest, f, len as u64, 0)?,
+                None => missing.push(pos as u64),
+            }
+        }
+        Ok(ReuseAnswer { missing })
+    }
+
+    /// Sets one position; the same fill again is a retried request, another one fails the job.
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &self,
+        relay: &Relay,
+        disk: usize,
+        pos: usize,
+        digest: Digest,
+        how: Fill,
+        len: u64,
+        stored: u64,
+    ) -> Result<()> {
+        let r = relay.with_begun(|b| {
+            let d = b
+                .disks
+                .get_mut(disk)
+                .ok_or_else(|| Error::NotFound(format!("no disk {disk}")))?;
+            match d.fill.get(pos) {
+                None => {
+                    return Ok(Some(format!(
+                        "position {pos} is past the end of disk {}",
+                        d.name
+                    )))
+                }
+                Some(Fill::Empty) => {}
+                Some(_) if d.index.chunks[pos] == digest => return Ok(None),
+                Some(_) => {
+                    return Ok(Some(format!(
+                        "position {pos} of disk {} was filled twice, differently",
+                        d.name
+                    )))
+                }
+            }
+            d.fill[pos] = how;
+            d.index.chunks[pos] = digest;
+            match how {
+                Fill::Zero => d.stats.chunks_zero += 1,
+                Fill::Reused => d.stats.chunks_reused += 1,
+                Fill::Sent if stored > 0 => {
+                    d.stats.chunks_new += 1;
+                    d.stats.bytes_new += len;
+                    d.stats.bytes_stored += stored;
+                }
+                Fill::Sent => d.stats.chunks_reused += 1,
+                Fill::Empty => {}
+            }
+            if how == Fill::Sent {
+                d.stats.bytes_read += len;
+            }
+            Ok(None)
+        })?;
+        match r {
+            Some(why) => Err(relay.fail(why)),
+            None => {
+                relay.live.done.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs of all-zero chunks.
+    pub fn agent_zero(
+        &self,
+        job: i64,
+        caller: &Caller<'_>,
+        disk: usize,
+        runs: &[(u64, u64)],
+    ) -> Result<u64> {
+        let relay = self.relay_for(job, caller)?;
+        let (count, layout) = relay.with_begun(|b| {
+            let d = b
+                .disks
+                .get(disk)
+                .ok_or_else(|| Error::NotFound(format!("no disk {disk}")))?;
+            Ok((
+                d.fill.len() as u64,
+                DiskIndex {
+                    chunks: Vec::new(),
+                    ..d.index
+                },
+            ))
+        })?;
+        let mut n = 0;
+        for &(first, len) in runs {
+            let end = first.checked_add(len).filter(|&e| e <= count);
+            let Some(end) = end else {
+                return Err(relay.fail(format!(
+                    "zero run {first}+{len} is past the end of disk {disk}"
+                )));
+            };
+            for pos in first..end {
+                let l = layout.chunk_range(pos as usize).1 as u64;
+                self.fill(
+                    &relay,
+                    disk,
+                    pos as usize,
+                    Digest::ZERO_CHUNK,
+                    Fill::Zero,
+                    l,
+                    0,
+                )?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Uploaded chunks: each frame checked, decompressed into exactly its position's length,
+    /// named with the vault's id key, and stored only if the vault lacks it.
+    pub fn agent_chunks(
+        &self,
+        job: i64,
+        caller: &Caller<'_>,
+        disk: usize,
+        body: &[u8],
+    ) -> Result<u64> {
+        let relay = self.relay_for(job, caller)?;
+        let Some(frames) = vmvault_api::agent::frames(body) else {
+            return Err(relay.fail("an upload's frames are cut short or malformed".into()));
+        };
+        if frames.len() > MAX_FRAMES {
+            return Err(relay.fail(format!("an upload carries at most {MAX_FRAMES} chunks")));
+        }
+        let layout = relay.with_begun(|b| {
+            let d = b
+                .disks
+                .get(disk)
+                .ok_or_else(|| Error::NotFound(format!("no disk {disk}")))?;
+            Ok(DiskIndex {
+                chunks: Vec::new(),
+                ..d.index
+            })
+        })?;
+        let count = DiskIndex::chunk_count(layout.disk_size, layout.chunk_size);
+        let codec = relay.vault.codec();
+        let mut sealer = codec.sealer();
+        let mut sealed = Vec::new();
+        let mut plain = Vec::new();
+        let mut decompressor =
+            zstd::bulk::Decompressor::new().map_err(|e| Error::io("starting zstd", e))?;
+        for (pos, compression, plain_len, body) in frames {
+            if pos >= count {
+                return Err(relay.fail(format!(
+                    "a chunk at position {pos}, past the end of disk {disk}"
+                )));
+            }
+            let len = layout.chunk_range(pos as usize).1;
+            if plain_len as usize != len {
+                return Err(relay.fail(format!(
+                    "the chunk at position {pos} says {plain_len} bytes; that position holds {len}"
+                )));
+            }
+            plain.clear();
+            match compression {
+                RAW if body.len() == len => plain.extend_from_slice(body),
+                ZSTD => {
+                    let one_frame = zstd::zstd_safe::find_frame_compressed_size(body)
+                        .is_ok_and(|n| n == body.len());
+                    plain.resize(len, 0);
+                    let got = if one_frame {
+                        decompressor.decompress_to_buffer(body, &mut plain[..]).ok()
+                    } else {
+                        None
+                    };
+                    if got != Some(len) {
+                        return Err(relay.fail(format!(
+                            "the chunk at position {pos} is not one zstd frame of exactly {len} bytes"
+                        )));
+                    }
+                }
+                _ => {
+                    return Err(relay.fail(format!(
+                        "the chunk at position {pos} has an unknown encoding or a wrong length"
+                    )))
+                }
+            }
+            if is_zero(&plain) {
+                self.fill(
+                    &relay,
+                    disk,
+                    pos as usize,
+                    Digest::ZERO_CHUNK,
+                    Fill::Zero,
+                    len as u64,
+                    0,
+                )?;
+                continue;
+            }
+            let digest = codec.digest(&plain);
+            let stored = if relay.vault.touch_chunk(&digest, len)? {
+                0
+            } else {
+                sealer.seal(ObjectKind::Chunk, &plain, &mut sealed);
+                relay.vault.write_chunk(&digest, &sealed)?;
+                sealed.len() as u64
+            };
+            self.fill(
+                &relay,
+                disk,
+                pos as usize,
+                digest,
+                Fill::Sent,
+                len as u64,
+                stored,
+            )?;
+        }
+        Ok(body.len() as u64)
+    }
+
+    /// `commit`: every position filled; the indexes, then the manifest, which the server
+    /// writes: the point's id, VM, host, stats and retention are its own.
+    pub fn agent_commit(
+        &self,
+        job: i64,
+        caller: &Caller<'_>,
+        req: &CommitRequest,
+    ) -> Result<String> {
+        let relay = self.relay_for(job, caller)?;
+        let consistency: Consistency = serde_json::from_value(serde_json::json!(req.consistency))
+            .map_err(|_| {
+            relay.fail(format!(
+                "consistency {:?} is not application, filesystem or crash",
+                req.consistency
+            ))
+        })?;
+        if !matches!(req.source.as_str(), "qemu" | "image") {
+            return Err(relay.fail(format!("source {:?} is not qemu or image", req.source)));
+        }
+        if req.consistency_reason.len() > 4096 || req.vm_config.len() > 1 << 20 {
+            return Err(relay.fail("a commit's reason or VM configuration is too long".into()));
+        }
+        let mut config: VmConfig = toml::from_str(&req.vm_config)
+            .map_err(|e| relay.fail(format!("the VM configuration: {e}")))?;
+        config.name = relay.item.clone();
+        let agent_time = crate::db::parse_ts(&req.time)
+            .ok_or_else(|| relay.fail(format!("time {:?} is not RFC 3339", req.time)))?;
+        let begun = {
+            let mut st = relay.state();
+            st.last_contact = Instant::now();
+            match std::mem::replace(&mut st.phase, Phase::Leased) {
+                Phase::Begun(b) => b,
+                other => {
+                    st.phase = other;
+                    return Err(Error::Conflict(format!("job {job} is not begun")));
+                }
+            }
+        };
+        let unfilled = begun.disks.iter().find_map(|d| {
+            d.fill
+                .iter()
+                .position(|f| *f == Fill::Empty)
+                .map(|p| (d.name.clone(), p))
+        });
+        if let Some((disk, pos)) = unfilled {
+            relay.state().phase = Phase::Begun(begun);
+            return Err(Error::Input(format!(
+                "disk {disk}: position {pos} was never sent, claimed or zeroed"
+            )));
+        }
+        let now = self.now();
+        let time = agent_time.clamp(begun.began, now);
+        let mut records = Vec::new();
+        let mut total = TransferStats::default();
+        for d in &begun.disks {
+            let digest = relay.vault.save_index(&d.index)?;
+            total.add(&d.stats);
+            records.push(DiskRecord {
+                name: d.name.clone(),
+                format: d.format.clone(),
+                size: d.index.disk_size,
+                index: digest,
+                stats: d.stats,
+            });
+        }
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            id: begun.point,
+            vm: relay.item.clone(),
+            time: time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            source: req.source.clone(),
+            consistency,
+            consistency_reason: if consistency == Consistency::Application {
+                String::new()
+            } else {
+                req.consistency_reason.clone()
+            },
+            host: relay.host.clone(),
+            program: format!(
+                "vmvault {} (through the host agent)",
+                env!("CARGO_PKG_VERSION")
+            ),
+            chunk_size: relay.vault.config().chunk_size,
+            vm_config: config,
+            disks: records,
+            stats: total,
+            retention: relay.retention.clone(),
+        };
+        if let Err(e) = relay.vault.commit_point(&begun.lock, &manifest) {
+            let why = format!("committing the point: {e}");
+            relay.state().phase = Phase::Failed(why);
+            relay.changed.notify_all();
+            return Err(e.into());
+        }
+        drop(begun);
+        crate::catalog::add(&self.db, &self.vault_name, &manifest)?;
+        let id = manifest.id.to_hex();
+        relay.state().phase = Phase::Committed(Box::new(manifest));
+        relay.changed.notify_all();
+        Ok(id)
+    }
+
+    pub fn agent_progress(&self, job: i64, caller: &Caller<'_>, p: &ProgressReport) -> Result<()> {
+        let relay = self.relay_for(job, caller)?;
+        let _ = p;
+        relay.changed.notify_all();
+        Ok(())
+    }
+
+    pub fn agent_log(&self, job: i64, caller: &Caller<'_>, line: &str) -> Result<()> {
+        let relay = self.relay_for(job, caller)?;
+        let line: String = line
+            .chars()
+            .take(2000)
+            .filter(|c| !c.is_control())
+            .collect();
+        self.job_log(relay.job, &format!("agent: {line}"));
+        Ok(())
+    }
+
+    pub fn agent_fail(&self, job: i64, caller: &Caller<'_>, error: &str) -> Result<()> {
+        let relay = self.relay_for(job, caller)?;
+        let error: String = error
+            .chars()
+            .take(2000)
+            .filter(|c| !c.is_control())
+            .collect();
+        relay.fail(format!(
+            "the agent on host '{}' failed: {error}",
+            relay.host
+        ));
+        Ok(())
+    }
+}
+
+/// The relays of the agent jobs running now, by job id.
+pub type Relays = Mutex<HashMap<i64, Arc<Relay>>>;

@@ -1,0 +1,269 @@
+//! A host agent end to end, through the real server over TLS: `host add`, enrollment with the
+//! one-time code, a running QEMU VM found and reported, protected, backed up live through the
+//! relay (the agent holds no vault key), then incrementally with changed-block tracking; and
+//! the point restores to the disk at the instant.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vmvault_agent::discover::DiscoverConfig;
+use vmvault_agent::{AgentOptions, AgentState};
+use vmvault_engine::{restore_disk, NoProgress, RestoreOptions};
+use vmvault_qemu::Qmp;
+use vmvault_server::SystemClock;
+use vmvault_testkit::QemuVm;
+
+use common::Server;
+
+const SIZE: usize = 16 << 20;
+
+/// 16 MiB of data that differs per MiB, with a zero MiB in the middle, as a qcow2 image.
+fn make_image(dir: &Path) -> Vec<u8> {
+    let mut data = vec![0u8; SIZE];
+    for (i, mib) in data.chunks_mut(1 << 20).enumerate() {
+        if i != 7 {
+            for (j, b) in mib.iter_mut().enumerate() {
+                *b = (i * 31 + j / 4096) as u8 ^ 0x5a;
+            }
+        }
+    }
+    let raw = dir.join("os.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(dir.join("os.qcow2"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    data
+}
+
+fn start_vm(dir: &Path) -> Option<QemuVm> {
+    let os = format!(
+        "driver=qcow2,node-name=drive0,file.driver=file,file.filename={}",
+        dir.join("os.qcow2").display()
+    );
+    let second = format!(
+        "unix:{},server=on,wait=off",
+        dir.join("monitor2.sock").display()
+    );
+    let vm = QemuVm::start(
+        0,
+        &[
+            "-name",
+            "web01",
+            "-blockdev",
+            &os,
+            "-device",
+            "virtio-blk-pci,drive=drive0,id=os",
+            "-qmp",
+            &second,
+        ],
+    )?;
+    let mut qmp = Qmp::connect(&vm.qmp_socket()).unwrap();
+    qmp.execute("cont", json!({})).unwrap();
+    Some(vm)
+}
+
+fn guest_write(monitor: &Path, pattern: u8, offset: usize, len: usize) {
+    let mut qmp = Qmp::connect(monitor).unwrap();
+    let cmd = format!("qemu-io -d os/virtio-backend \"write -P {pattern:#x} {offset} {len}\"");
+    let out = qmp
+        .execute("human-monitor-command", json!({ "command-line": cmd }))
+        .unwrap();
+    assert!(
+        !out.as_str().unwrap_or("").contains("error"),
+        "qemu-io: {out}"
+    );
+}
+
+fn restored(s: &Server, point: &str) -> Vec<u8> {
+    let (points, _) = s.app.vault.points().unwrap();
+    let m = points.into_iter().find(|m| m.id.to_hex() == point).unwrap();
+    let out = s.path(&format!("restored-{point}.raw"));
+    let opts = RestoreOptions {
+        overwrite: true,
+        format: Some("raw".into()),
+        ..RestoreOptions::default()
+    };
+    restore_disk(&s.app.vault, &m, &m.disks[0], &out, &opts, &NoProgress).unwrap();
+    std::fs::read(out).unwrap()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} did not happen in 30 s");
+}
+
+fn job_log(j: &Value) -> String {
+    j["log"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|x| x["line"].as_str().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_enrolled_agent_backs_up_a_running_vm_through_the_server_then_only_what_changed() {
+    let s = Server::start_tls(Arc::new(SystemClock));
+    let vm_dir = tempfile::tempdir().unwrap();
+    let mut data = make_image(vm_dir.path());
+    let Some(vm) = start_vm(vm_dir.path()) else {
+        return;
+    };
+
+    let code = s.ok(
+        &s.admin.clone(),
+        "POST",
+        "/api/v1/hosts",
+        Some(json!({"name": "kvm02"})),
+    );
+    assert_eq!(code["fingerprint"], s.fingerprint());
+    let hosts = s.ok(&s.admin.clone(), "GET", "/api/v1/hosts", None);
+    assert_eq!(hosts[0]["state"], "pending");
+
+    let agent_dir = tempfile::tempdir().unwrap();
+    let state = AgentState::open(agent_dir.path()).unwrap();
+    let pins = vmvault_agent::enroll(
+        &state,
+        &s.base,
+        code["code"].as_str().unwrap(),
+        Some(&s.fingerprint()),
+    )
+    .unwrap();
+    assert_eq!(pins.host, "kvm02");
+    assert_eq!(pins.release_key, s.app.release_public_key().unwrap());
+    // A code enrolls once.
+    let again = AgentState::open(&agent_dir.path().join("second")).unwrap();
+    let err =
+        vmvault_agent::enroll(&again, &s.base, code["code"].as_str().unwrap(), None).unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
+
+    let opts = AgentOptions {
+        discover: DiscoverConfig {
+            qmp_globs: vec![vm.qmp_socket().display().to_string()],
+            scan_processes: false,
+            ..DiscoverConfig::default()
+        },
+        poll_wait_secs: 1,
+        ..AgentOptions::default()
+    };
+    let stop = opts.stop.clone();
+    let agent = std::thread::spawn(move || {
+        vmvault_agent::run(&state, &opts, &|line| eprintln!("agent: {line}")).unwrap()
+    });
+
+    wait_for("the agent's report of web01", || {
+        let vms = s.ok(&s.admin.clone(), "GET", "/api/v1/vms?host=kvm02", None);
+        vms.as_array()
+            .is_some_and(|v| v.iter().any(|x| x["name"] == "web01"))
+    });
+    let vms = s.ok(&s.admin.clone(), "GET", "/api/v1/vms", None);
+    assert_eq!(vms[0]["state"], "running", "{vms}");
+    assert_eq!(vms[0]["disks"][0]["name"], "os");
+    assert_eq!(vms[0]["protected"], Value::Null);
+    let hosts = s.ok(&s.admin.clone(), "GET", "/api/v1/hosts", None);
+    assert_eq!(hosts[0]["state"], "enrolled", "{hosts}");
+    assert_eq!(hosts[0]["agent_version"], vmvault_agent::VERSION);
+    assert_eq!(hosts[0]["vms"], 1);
+
+    s.policy("daily", "daily 02:00", json!({}));
+    s.ok(
+        &s.admin.clone(),
+        "POST",
+        "/api/v1/hosts/kvm02/vms/web01/protect",
+        Some(json!({"policy": "daily"})),
+    );
+    let vms = s.ok(&s.admin.clone(), "GET", "/api/v1/vms", None);
+    assert_eq!(vms[0]["protected"], "web01");
+
+    // The first backup reads the whole disk; the guest writes during it.
+    let first = s.run_backup("web01", json!({}));
+    assert_eq!(first["state"], "succeeded", "{first}");
+    let p1 = first["point"].as_str().unwrap().to_string();
+    let detail = s.ok(
+        &s.admin.clone(),
+        "GET",
+        &format!("/api/v1/jobs/{}", first["id"]),
+        None,
+    );
+    assert!(
+        job_log(&detail).contains("taken by the agent on host 'kvm02'"),
+        "{}",
+        job_log(&detail)
+    );
+    assert!(
+        job_log(&detail).contains("reading it whole"),
+        "{}",
+        job_log(&detail)
+    );
+    let m = s.ok(
+        &s.admin.clone(),
+        "GET",
+        &format!("/api/v1/recovery-points/{p1}"),
+        None,
+    );
+    let m = &m["manifest"];
+    assert_eq!(m["host"], "kvm02", "{m}");
+    assert_eq!(m["vm"], "web01");
+    assert_eq!(m["source"], "qemu");
+    assert!(
+        restored(&s, &p1) == data,
+        "the point is the disk at its instant"
+    );
+
+    // Then only what the guest wrote is read and sent; the rest is claimed from the base.
+    guest_write(
+        &vm_dir.path().join("monitor2.sock"),
+        0xab,
+        3 << 20,
+        64 << 10,
+    );
+    data[3 << 20..(3 << 20) + (64 << 10)].fill(0xab);
+    let second = s.run_backup("web01", json!({}));
+    assert_eq!(second["state"], "succeeded", "{second}");
+    let p2 = second["point"].as_str().unwrap().to_string();
+    let detail = s.ok(
+        &s.admin.clone(),
+        "GET",
+        &format!("/api/v1/jobs/{}", second["id"]),
+        None,
+    );
+    assert!(
+        job_log(&detail).contains("reading only what changed since"),
+        "{}",
+        job_log(&detail)
+    );
+    let m2 = s.ok(
+        &s.admin.clone(),
+        "GET",
+        &format!("/api/v1/recovery-points/{p2}"),
+        None,
+    );
+    let stats = &m2["manifest"]["disks"][0]["stats"];
+    assert_eq!(stats["chunks_new"], 1, "one changed chunk: {m2}");
+    assert_eq!(stats["bytes_read"], 1 << 20, "one chunk sent: {m2}");
+    assert!(
+        restored(&s, &p2) == data,
+        "the incremental point is the disk with the change"
+    );
+    assert!(restored(&s, &p1) != data);
+
+    stop.store(true, Ordering::Relaxed);
+    agent.join().unwrap();
+}
