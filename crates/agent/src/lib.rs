@@ -9,11 +9,13 @@ pub mod enroll;
 pub mod relay;
 pub mod run;
 pub mod state;
+pub mod upgrade;
 
 pub use client::Refused;
 pub use enroll::enroll;
 pub use run::{run, AgentOptions};
 pub use state::AgentState;
+pub use upgrade::RunEnd;
 
 /// This agent's version, as heartbeats report it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

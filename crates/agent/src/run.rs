@@ -18,6 +18,7 @@ use crate::client::Client;
 use crate::discover::{discover, DiscoverConfig};
 use crate::relay::RelayDestination;
 use crate::state::AgentState;
+use crate::upgrade::{RunEnd, Upgrades};
 use crate::{AgentError, Result};
 
 /// Makes the guest agent's quiesce for a job: its socket and the VM's scripts. The CLI gives
@@ -52,8 +53,9 @@ struct Known {
     seen: HashMap<String, FoundVm>,
 }
 
-/// Runs until `opts.stop` is set.
-pub fn run(state: &AgentState, opts: &AgentOptions, say: &(dyn Fn(&str) + Sync)) -> Result<()> {
+/// Runs until `opts.stop` is set, or until an upgrade (or a rollback) asks to be restarted
+/// in another binary: the caller then starts it with the same arguments.
+pub fn run(state: &AgentState, opts: &AgentOptions, say: &(dyn Fn(&str) + Sync)) -> Result<RunEnd> {
     let pins = state.pins()?.ok_or_else(|| {
         AgentError::Input(
             "this host is not enrolled: run `vmvault agent enroll URL --code CODE` first".into(),
@@ -61,36 +63,62 @@ pub fn run(state: &AgentState, opts: &AgentOptions, say: &(dyn Fn(&str) + Sync))
     })?;
     let identity = state.identity()?;
     let client = Client::new(&pins.server, &identity, Some(pins.fingerprint.clone()))?;
+    let (upgrades, restart) = Upgrades::start(state, &pins.release_key)?;
+    if let Some(bin) = restart {
+        say(&format!("restarting in {}", bin.display()));
+        return Ok(RunEnd::Restart(bin));
+    }
+    // Set by either thread; ends both.
+    let restart: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let stop = AtomicBool::new(false);
+    let stopping = || stop.load(Ordering::Relaxed) || opts.stop.load(Ordering::Relaxed);
     let mut instance = [0u8; 16];
     vmvault_format::random_bytes(&mut instance);
     let instance = hex::encode(instance);
     let known = Mutex::new(Known::default());
     say(&format!(
         "vmvault agent {} for host '{}' at {}",
-        crate::VERSION,
-        pins.host,
-        pins.server
+        upgrades.running, pins.host, pins.server
     ));
+    let ending = |bin: PathBuf| {
+        *restart.lock().unwrap_or_else(|e| e.into_inner()) = Some(bin);
+        stop.store(true, Ordering::Relaxed);
+    };
     std::thread::scope(|s| {
-        s.spawn(|| heartbeats(&client, &instance, opts, &known, say));
-        while !opts.stop.load(Ordering::Relaxed) {
+        s.spawn(|| {
+            heartbeats(
+                &client, &instance, opts, &known, &upgrades, &stopping, &ending, say,
+            )
+        });
+        while !stopping() {
+            // Between jobs only: an upgrade never cuts a backup short.
+            if let Some(bin) = upgrades.apply(&client, say) {
+                ending(bin);
+                break;
+            }
             let path = format!("{NEXT_JOB}?wait={}", opts.poll_wait_secs);
             match client.get::<AgentJob>(&path, None) {
                 Ok(Some(job)) => run_job(&client, state, opts, &known, &job, say),
                 Ok(None) => {}
                 Err(e) => {
                     say(&format!("asking for jobs: {e}"));
-                    pause(&opts.stop, Duration::from_secs(5));
+                    pause(&stopping, Duration::from_secs(5));
                 }
             }
         }
+        stop.store(true, Ordering::Relaxed);
     });
-    Ok(())
+    Ok(
+        match restart.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(bin) => RunEnd::Restart(bin),
+            None => RunEnd::Stopped,
+        },
+    )
 }
 
-fn pause(stop: &AtomicBool, d: Duration) {
+fn pause(stop: &dyn Fn() -> bool, d: Duration) {
     let until = Instant::now() + d;
-    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+    while Instant::now() < until && !stop() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -100,10 +128,13 @@ fn heartbeats(
     instance: &str,
     opts: &AgentOptions,
     known: &Mutex<Known>,
+    upgrades: &Upgrades,
+    stopping: &dyn Fn() -> bool,
+    ending: &dyn Fn(PathBuf),
     say: &(dyn Fn(&str) + Sync),
 ) {
     let mut told = std::collections::HashSet::new();
-    while !opts.stop.load(Ordering::Relaxed) {
+    while !stopping() {
         let found = discover(&opts.discover);
         for (what, why) in &found.skipped {
             if told.insert(what.clone()) {
@@ -119,19 +150,36 @@ fn heartbeats(
         }
         let mut vms = found.vms;
         vms.truncate(vmvault_api::agent::MAX_VMS);
+        let rolled_back = upgrades.report();
         let hb = Heartbeat {
-            version: crate::VERSION.to_string(),
+            version: upgrades.running.to_string(),
+            target: vmvault_release::this_target(),
+            rolled_back: rolled_back.clone(),
             instance: instance.to_string(),
             vms,
         };
         let every = match client.post::<HeartbeatAnswer>(HEARTBEAT, None, &hb) {
-            Ok(a) => a.every_secs.clamp(1, 3600),
+            Ok(a) => {
+                if let Err(e) = upgrades.heartbeat_answered(rolled_back.is_some(), a.upgrade) {
+                    say(&format!("upgrade: {e}"));
+                }
+                a.every_secs.clamp(1, 3600)
+            }
             Err(e) => {
                 say(&format!("heartbeat: {e}"));
+                match upgrades.heartbeat_failed() {
+                    Ok(Some(bin)) => {
+                        say("this version could not reach the server in time: rolled back");
+                        ending(bin);
+                        return;
+                    }
+                    Ok(None) => {}
+                    Err(e) => say(&format!("rollback: {e}")),
+                }
                 5
             }
         };
-        pause(&opts.stop, Duration::from_secs(every));
+        pause(stopping, Duration::from_secs(every));
     }
 }
 
@@ -186,7 +234,7 @@ fn run_job(
         // fails at the server.
         s.spawn(|| {
             while !ended.load(Ordering::Relaxed) {
-                pause(&ended, Duration::from_secs(10));
+                pause(&|| ended.load(Ordering::Relaxed), Duration::from_secs(10));
                 if ended.load(Ordering::Relaxed) {
                     break;
                 }

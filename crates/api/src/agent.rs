@@ -76,15 +76,45 @@ pub struct FoundVm {
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     pub version: String,
+    /// The target triple the agent runs on: releases are offered for it only.
+    pub target: String,
+    /// An upgrade this agent rolled back since its last heartbeat.
+    #[serde(default)]
+    pub rolled_back: Option<RolledBack>,
     /// Random per agent process: two live instances with one key show as a conflict.
     pub instance: String,
     pub vms: Vec<FoundVm>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolledBack {
+    /// The version that did not come back healthy.
+    pub version: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatAnswer {
     /// Seconds until the next heartbeat is due.
     pub every_secs: u64,
+    /// A release the agent is to run, once no job runs.
+    #[serde(default)]
+    pub upgrade: Option<UpgradeOffer>,
+}
+
+/// A release to upgrade to: the agent fetches the binary from [`release_path`] and trusts it
+/// only if this signature checks against the release key pinned at enrollment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpgradeOffer {
+    pub version: String,
+    /// The detached signature (`vmvault release 1` JSON).
+    pub signature: String,
+}
+
+/// `GET`: the binary of release `version` for the calling host's target.
+pub fn release_path(version: &str) -> String {
+    format!("/agent/releases/{version}")
 }
 
 wire_words! {

@@ -59,6 +59,12 @@ pub struct Host {
     pub vms: u32,
     /// Whether the agent has been silent longer than `agent_silence_alert_secs`.
     pub silent: bool,
+    /// The release the host is to run (an upgrade asked for, or the newest with
+    /// `auto_upgrade`), until it runs it.
+    pub wanted_version: Option<String>,
+    pub auto_upgrade: bool,
+    /// Versions that did not come back healthy on this host: never offered to it again.
+    pub bad_versions: Vec<String>,
     pub created: String,
 }
 

@@ -29,6 +29,7 @@ pub mod jobs;
 pub mod path;
 pub mod points;
 pub mod policies;
+pub mod releases;
 pub mod users;
 pub mod vaults;
 
@@ -43,6 +44,7 @@ pub use jobs::{CancelState, Cancelled, Job, JobDetail, JobQuery, JobRef, JobStat
 pub use path::PathError;
 pub use points::{Deleted, PointPage, PointQuery, PointRow, RestoreRequest};
 pub use policies::Policy;
+pub use releases::{AddRelease, HostSettings, ReleaseInfo, UpgradeRequest};
 pub use users::{NewToken, NewUser, Role, RoleChange, UnknownRole, User};
 pub use vaults::{LockRequest, VaultInfo, VaultSettings};
 

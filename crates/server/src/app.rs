@@ -238,6 +238,9 @@ impl App {
     /// The release key's public half (hex): the server's own key in the state dir, made on
     /// first use.
     pub fn release_public_key(&self) -> Result<String> {
+        if let Some(offline) = &self.cfg.release_public_key {
+            return Ok(offline.clone());
+        }
         let path = self.cfg.state_dir.join("release.key");
         let key = vmvault_release::ReleaseKey::load_or_create(&path)
             .map_err(|e| Error::Config(format!("the release key {}: {e}", path.display())))?;

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub restore_roots: Vec<PathBuf>,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// The public half (hex) of an offline release key: the server then signs no release
+    /// itself, and `release add` needs a signature made with `vmvault release sign`.
+    pub release_public_key: Option<String>,
     /// Seconds between an agent's heartbeats (told to it in each answer).
     pub agent_heartbeat_secs: u64,
     /// An agent not heard from for this long shows as silent in `hosts` and is alerted.
@@ -112,6 +115,7 @@ impl Default for ServerConfig {
             disk_roots: Vec::new(),
             restore_roots: Vec::new(),
             max_connections: 1024,
+            release_public_key: None,
             agent_heartbeat_secs: 30,
             agent_silence_alert_secs: 300,
             agent_job_silence_secs: 120,

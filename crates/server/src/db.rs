@@ -164,6 +164,26 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE protected_items ADD COLUMN scripts TEXT;
     ALTER TABLE jobs ADD COLUMN host TEXT;
     CREATE INDEX jobs_host ON jobs (host, state, id);",
+    // 6: agent releases (the binaries and their signatures are files in STATE/releases) and
+    // each host's upgrade: the version wanted, automatic upgrades, versions rolled back there.
+    "CREATE TABLE releases (
+        version TEXT NOT NULL,
+        target TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        added TEXT NOT NULL,
+        PRIMARY KEY (version, target)
+    );
+    ALTER TABLE hosts ADD COLUMN wanted_version TEXT;
+    ALTER TABLE hosts ADD COLUMN auto_upgrade INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hosts ADD COLUMN target TEXT;
+    CREATE TABLE host_bad_versions (
+        host_id INTEGER NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        version TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        time TEXT NOT NULL,
+        PRIMARY KEY (host_id, version)
+    );",
 ];
 
 /// The database behind one lock: every statement is short, and the catalog's reads are

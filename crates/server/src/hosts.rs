@@ -107,6 +107,9 @@ fn host_row(r: &rusqlite::Row) -> rusqlite::Result<(Host, i64)> {
             vms: r.get::<_, i64>(4)? as u32,
             silent: false,
             created: r.get(5)?,
+            wanted_version: r.get(7)?,
+            auto_upgrade: r.get(8)?,
+            bad_versions: Vec::new(),
         },
         r.get(6)?,
     ))
@@ -402,8 +405,10 @@ impl App {
         if before.is_some_and(|b| b != hb.instance) {
             self.note_instance_change(host, &hb.instance);
         }
+        let upgrade = self.upgrade_for(host, &hb.version, &hb.target, hb.rolled_back.as_ref())?;
         Ok(HeartbeatAnswer {
             every_secs: self.cfg.agent_heartbeat_secs,
+            upgrade,
         })
     }
 
@@ -480,16 +485,23 @@ impl App {
         let mut stmt = conn.prepare(
             "SELECT name, state, agent_version, last_heartbeat,
              (SELECT count(*) FROM host_vms v WHERE v.host_id = h.id AND v.state != 'stopped'),
-             created, id FROM hosts h ORDER BY name",
+             created, id, wanted_version, auto_upgrade FROM hosts h ORDER BY name",
         )?;
         let rows = stmt
             .query_map([], host_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let limit = chrono::Duration::seconds(self.cfg.agent_silence_alert_secs as i64);
         let now = self.now();
-        Ok(rows
+        drop(stmt);
+        drop(conn);
+        let mut out = Vec::new();
+        for (mut h, _) in rows {
+            h.bad_versions = self.bad_versions(&h.name)?;
+            out.push(h);
+        }
+        Ok(out
             .into_iter()
-            .map(|(mut h, _)| {
+            .map(|mut h| {
                 h.silent = h.state == HostState::Enrolled
                     && h.last_heartbeat
                         .as_deref()

@@ -227,3 +227,16 @@ pub async fn fail(
     blocking(app, peer, &h, move |app, c| app.agent_fail(id, c, &f.error)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[utoipa::path(get, path = "/api/v1/agent/releases/{version}", tag = "agent", params(("version" = String, Path)),
+    responses((status = 200, description = "the release's binary for this host's target", content_type = "application/octet-stream"), (status = 404, body = ErrorBody)))]
+pub async fn release(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(version): Path<String>,
+) -> Result<Vec<u8>> {
+    let host = app.agent_host(&peer)?;
+    tokio::task::spawn_blocking(move || app.release_binary(&host, &version))
+        .await
+        .map_err(|e| Error::Panicked(e.to_string()))?
+}

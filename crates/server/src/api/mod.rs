@@ -9,6 +9,7 @@ pub mod items;
 pub mod jobs;
 pub mod points;
 pub mod policies;
+pub mod releases;
 pub mod users;
 
 use std::sync::Arc;
@@ -226,6 +227,7 @@ impl Modify for TokenAuth {
         hosts::list, hosts::add, hosts::remove, hosts::vms, hosts::protect,
         agent::enroll, agent::heartbeat, agent::next, agent::begin, agent::base, agent::reuse,
         agent::chunks, agent::zero, agent::commit, agent::progress, agent::log, agent::fail,
+        agent::release, releases::list, releases::add, releases::upgrade, releases::settings,
     ),
     modifiers(&TokenAuth)
 )]
@@ -392,7 +394,20 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/jobs/{id}", get(jobs::show))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/hosts", get(hosts::list).post(hosts::add))
-        .route("/api/v1/hosts/{name}", axum::routing::delete(hosts::remove))
+        .route(
+            "/api/v1/hosts/{name}",
+            axum::routing::delete(hosts::remove).patch(releases::settings),
+        )
+        .route("/api/v1/hosts/{name}/upgrade", post(releases::upgrade))
+        .route(
+            "/api/v1/releases",
+            get(releases::list)
+                .post(releases::add)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::releases::MAX_RELEASE,
+                )),
+        )
+        .route("/api/v1/agent/releases/{version}", get(agent::release))
         .route(
             "/api/v1/hosts/{host}/vms/{vm}/protect",
             post(hosts::protect),

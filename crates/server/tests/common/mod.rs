@@ -126,6 +126,26 @@ impl Server {
         Answer { status, body }
     }
 
+    /// A POST of raw bytes as the first admin; the status.
+    pub fn call_bytes(&self, path: &str, body: &[u8]) -> u16 {
+        self.call_bytes_as(Some(&self.admin.clone()), path, body)
+    }
+
+    pub fn call_bytes_as(&self, token: Option<&str>, path: &str, body: &[u8]) -> u16 {
+        let mut r = self.http.post(&format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.set("Authorization", &format!("Bearer {t}"));
+        }
+        match r
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(body)
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("POST {path}: {e}"),
+        }
+    }
+
     pub fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
         self.call(Some(&self.admin.clone()), method, path, body)
     }
