@@ -7,6 +7,7 @@ pub mod client;
 pub mod discover;
 pub mod enroll;
 pub mod relay;
+pub mod restore;
 pub mod run;
 pub mod state;
 pub mod upgrade;

@@ -32,6 +32,8 @@ pub struct AgentOptions {
     pub stop: Arc<AtomicBool>,
     /// How long one poll for a job waits at the server.
     pub poll_wait_secs: u64,
+    /// Folders restores may write into; none: this host takes no restore.
+    pub restore_roots: Vec<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -41,6 +43,7 @@ impl Default for AgentOptions {
             quiesce: None,
             stop: Arc::new(AtomicBool::new(false)),
             poll_wait_secs: 20,
+            restore_roots: Vec::new(),
         }
     }
 }
@@ -248,6 +251,10 @@ fn run_job(
         });
         let r = match job.kind {
             AgentJobKind::Backup => backup(client, state, opts, known, job, &progress),
+            AgentJobKind::Restore => {
+                crate::restore::restore(client, job.id, &job.lease, &opts.restore_roots, &progress)
+                    .map(|files| files.join(", "))
+            }
             AgentJobKind::Unknown(ref k) => Err(AgentError::Input(format!(
                 "a job of kind '{k}', which this agent does not know"
             ))),
@@ -256,7 +263,7 @@ fn run_job(
         r
     });
     match result {
-        Ok(point) => say(&format!("job {}: point {point} made", job.id)),
+        Ok(what) => say(&format!("job {}: done: {what}", job.id)),
         Err(e) => {
             say(&format!("job {}: failed: {e}", job.id));
             // A job the server ended (cancelled, retried, host removed) needs no report.

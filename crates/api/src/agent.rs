@@ -121,6 +121,7 @@ wire_words! {
     /// What an agent job asks the agent to do.
     pub enum AgentJobKind {
         Backup = "backup",
+        Restore = "restore",
     }
 }
 
@@ -247,6 +248,8 @@ pub const FRAME_HEADER: usize = 20;
 pub const RAW: u8 = 0;
 /// One zstd frame.
 pub const ZSTD: u8 = 1;
+/// A chunk of zeros: no body (restore only).
+pub const ZERO: u8 = 2;
 
 /// Appends one frame to `out`.
 pub fn put_frame(out: &mut Vec<u8>, position: u64, compression: u8, plain_len: u32, body: &[u8]) {
@@ -280,6 +283,30 @@ pub fn frames(mut bytes: &[u8]) -> Option<Vec<Frame<'_>>> {
         bytes = &rest[body_len..];
     }
     Some(out)
+}
+
+/// What a restore job asks of the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RestorePlan {
+    /// The point's manifest (JSON): its disks, their sizes and formats, the VM's
+    /// configuration. Its chunks come by position from [`restore_chunk_path`].
+    #[schema(value_type = Object)]
+    pub manifest: serde_json::Value,
+    /// The folder (a VM) or image file (one disk) on this host.
+    pub target: String,
+    pub disk: Option<String>,
+    pub format: Option<String>,
+    pub overwrite: bool,
+}
+
+/// `GET`: the [`RestorePlan`].
+pub fn restore_path(job: i64) -> String {
+    format!("/agent/jobs/{job}/restore")
+}
+
+/// `GET`: one chunk of disk number `disk` (in the manifest's order) as one frame.
+pub fn restore_chunk_path(job: i64, disk: usize, position: u64) -> String {
+    format!("/agent/jobs/{job}/restore/{disk}/{position}")
 }
 
 pub const ENROLL: &str = "/agent/enroll";

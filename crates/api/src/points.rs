@@ -79,6 +79,10 @@ pub struct RestoreRequest {
     /// The image format to write (raw, qcow2, vhd, vhdx, vmdk); default: each disk's own.
     #[serde(default)]
     pub format: Option<String>,
+    /// Restore on this enrolled host, by its agent (the target is then a path on that host,
+    /// under the agent's restore roots); on the server's own host when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// `GET` (`PointPage`).

@@ -30,7 +30,10 @@ pub use live::{
 };
 pub use progress::{NoProgress, Progress};
 pub use prune::{prune, PruneOutcome, PrunedPoint};
-pub use restore::{restore_disk, restore_vm, RestoreOptions};
+pub use restore::{
+    restore_disk, restore_disk_from, restore_vm, restore_vm_from, ChunkFetcher, DiskChunks,
+    PointChunks, RestoreOptions, VaultChunks,
+};
 pub use select::{select_disk, select_point, DamagedPoint, Points};
 pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
 pub use vmvault_format::Keep;

@@ -12,6 +12,74 @@ use vmvault_disk::{CreateOptions, NewDisk, NewFile};
 
 use crate::{EngineError, Progress, Result, VmDescription};
 
+/// Where a restore's chunks come from: the vault itself, by each disk's index, or the server
+/// for a host agent, which has no vault key and asks for chunks by position.
+pub trait PointChunks: Sync {
+    /// The chunks of one disk of the point.
+    fn disk(&self, record: &DiskRecord) -> Result<Box<dyn DiskChunks + '_>>;
+}
+
+/// One disk's chunks, each fetched by its position.
+pub trait DiskChunks: Sync {
+    /// Where each chunk lies (only `disk_size` and `chunk_size` are used).
+    fn layout(&self) -> DiskIndex;
+    /// A fetcher for one worker thread.
+    fn fetcher(&self) -> Box<dyn ChunkFetcher + '_>;
+}
+
+pub trait ChunkFetcher {
+    /// Chunk `i` (`len` bytes), checked; `None` for a chunk of zeros.
+    fn fetch(&mut self, i: usize, len: usize) -> Result<Option<&[u8]>>;
+}
+
+/// The vault's own chunks.
+pub struct VaultChunks<'v>(pub &'v Vault);
+
+struct VaultDisk<'v> {
+    vault: &'v Vault,
+    index: DiskIndex,
+}
+
+struct VaultFetcher<'a> {
+    index: &'a DiskIndex,
+    reader: vmvault_store::ChunkReader<'a>,
+}
+
+impl PointChunks for VaultChunks<'_> {
+    fn disk(&self, record: &DiskRecord) -> Result<Box<dyn DiskChunks + '_>> {
+        Ok(Box::new(VaultDisk {
+            vault: self.0,
+            index: self.0.load_index(&record.index, record.size)?,
+        }))
+    }
+}
+
+impl DiskChunks for VaultDisk<'_> {
+    fn layout(&self) -> DiskIndex {
+        DiskIndex {
+            chunks: Vec::new(),
+            ..self.index
+        }
+    }
+
+    fn fetcher(&self) -> Box<dyn ChunkFetcher + '_> {
+        Box::new(VaultFetcher {
+            index: &self.index,
+            reader: self.vault.chunk_reader(),
+        })
+    }
+}
+
+impl ChunkFetcher for VaultFetcher<'_> {
+    fn fetch(&mut self, i: usize, len: usize) -> Result<Option<&[u8]>> {
+        let digest = &self.index.chunks[i];
+        if digest.is_zero_chunk() {
+            return Ok(None);
+        }
+        Ok(Some(self.reader.read(digest, len)?))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     /// Replace files that exist at the target.
@@ -68,11 +136,28 @@ pub fn restore_disk(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
+    let workers = opts.workers.max(vault.backend().concurrency());
+    let opts = RestoreOptions {
+        workers,
+        ..opts.clone()
+    };
+    restore_disk_from(&VaultChunks(vault), manifest, disk, to, &opts, progress)
+}
+
+/// [`restore_disk`] from any [`PointChunks`].
+pub fn restore_disk_from(
+    chunks: &dyn PointChunks,
+    manifest: &Manifest,
+    disk: &DiskRecord,
+    to: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
     let format = write_format(opts, disk)?;
     // Read before the target is made: a point whose index is lost leaves nothing to undo.
-    let index = vault.load_index(&disk.index, disk.size)?;
+    let source = chunks.disk(disk)?;
     let target = vmvault_disk::create(to, &format, disk.size, opts.overwrite)?;
-    let written = write_disk(vault, manifest, disk, &index, &target, opts, progress)
+    let written = write_disk(&*source, manifest, disk, &target, opts, progress)
         .and_then(|()| target.place().map_err(EngineError::from));
     written.map_err(|e| undone(e, [target.discard()]))
 }
@@ -104,20 +189,21 @@ fn undone(error: EngineError, left: impl IntoIterator<Item = Option<String>>) ->
 /// Writes the point's `disk`, whose index is `index`, into `target` and seals it (not yet at
 /// its target's name).
 fn write_disk(
-    vault: &Vault,
+    source: &dyn DiskChunks,
     manifest: &Manifest,
     disk: &DiskRecord,
-    index: &DiskIndex,
     target: &NewDisk,
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
+    let index = &source.layout();
+    let count = DiskIndex::chunk_count(index.disk_size, index.chunk_size) as usize;
     let to = target.path();
     progress.start(&format!("{} disk {}", manifest.vm, disk.name), disk.size);
     // Workers fetch, open and check chunks into buffers from a fixed pool; this thread alone
     // writes them, because parallel writes to one file only queue on its inode lock (a fifth
     // of a restore's CPU went to spinning on it).
-    let workers = opts.workers.max(vault.backend().concurrency()).max(1);
+    let workers = opts.workers.max(1);
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let pool = 2 * workers + 2;
@@ -134,26 +220,22 @@ fn write_disk(
             let (index, next, stop, done, free) =
                 (index, &next, &stop, done_tx.clone(), free_rx.clone());
             s.spawn(move || {
-                let mut reader = vault.chunk_reader();
+                let mut fetcher = source.fetcher();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= index.chunks.len() || stop.load(Ordering::Relaxed) {
+                    if i >= count || stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let digest = &index.chunks[i];
                     let (offset, len) = index.chunk_range(i);
-                    let piece = if digest.is_zero_chunk() {
-                        Ok(Piece::Zeros(offset, len as u64))
-                    } else {
-                        let Ok(mut buf) = free.recv() else { return };
-                        reader
-                            .read(digest, len)
-                            .map_err(EngineError::from)
-                            .map(|data| {
-                                buf.clear();
-                                buf.extend_from_slice(data);
-                                Piece::Data(offset, buf)
-                            })
+                    let piece = match fetcher.fetch(i, len) {
+                        Ok(None) => Ok(Piece::Zeros(offset, len as u64)),
+                        Ok(Some(data)) => {
+                            let Ok(mut buf) = free.recv() else { return };
+                            buf.clear();
+                            buf.extend_from_slice(data);
+                            Ok(Piece::Data(offset, buf))
+                        }
+                        Err(e) => Err(e),
                     };
                     if done.send(piece).is_err() {
                         return;
@@ -205,12 +287,28 @@ pub fn restore_vm(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<PathBuf>> {
+    let workers = opts.workers.max(vault.backend().concurrency());
+    let opts = RestoreOptions {
+        workers,
+        ..opts.clone()
+    };
+    restore_vm_from(&VaultChunks(vault), manifest, to, &opts, progress)
+}
+
+/// [`restore_vm`] from any [`PointChunks`].
+pub fn restore_vm_from(
+    chunks: &dyn PointChunks,
+    manifest: &Manifest,
+    to: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<PathBuf>> {
     let made_folder = opts.new_folder || std::fs::symlink_metadata(to).is_err();
     if made_folder {
         make_folder(to, opts.new_folder)?;
     }
     let mut written = Vec::new();
-    let r = restore_vm_into(vault, manifest, to, opts, progress, &mut written);
+    let r = restore_vm_into(chunks, manifest, to, opts, progress, &mut written);
     if let Err(e) = r {
         let e = undone(e, written.iter().map(Written::discard));
         if made_folder {
@@ -275,7 +373,7 @@ impl Written {
 }
 
 fn restore_vm_into(
-    vault: &Vault,
+    chunks: &dyn PointChunks,
     manifest: &Manifest,
     to: &Path,
     opts: &RestoreOptions,
@@ -309,12 +407,12 @@ fn restore_vm_into(
     };
     for disk in &manifest.disks {
         let format = write_format(opts, disk)?;
-        let index = vault.load_index(&disk.index, disk.size)?;
+        let source = chunks.disk(disk)?;
         let file = to.join(file_name(disk));
         let target = vmvault_disk::create_with(&file, &format, disk.size, &create)?;
         written.push(Written::Disk(target));
         if let Some(Written::Disk(target)) = written.last() {
-            write_disk(vault, manifest, disk, &index, target, opts, progress)?;
+            write_disk(&*source, manifest, disk, target, opts, progress)?;
         }
     }
     let desc = VmDescription::from_config(&manifest.vm_config, |d| {

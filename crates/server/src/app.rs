@@ -55,6 +55,7 @@ pub struct App {
     pub(crate) fingerprint: Mutex<Option<String>>,
     /// The agent jobs running now (crates/server/src/relay.rs).
     pub(crate) relays: crate::relay::Relays,
+    pub(crate) restore_relays: crate::relay_restore::RestoreRelays,
     /// Refused agent keys, by when each was last audited.
     pub(crate) refused_keys: Mutex<HashMap<String, std::time::Instant>>,
     /// Per host, the agent instances seen lately (a copied key shows as two).
@@ -189,6 +190,7 @@ impl App {
             storage_lock: Mutex::new(None),
             fingerprint: Mutex::new(None),
             relays: Mutex::new(HashMap::new()),
+            restore_relays: Mutex::new(HashMap::new()),
             refused_keys: Mutex::new(HashMap::new()),
             instance_flips: Mutex::new(HashMap::new()),
         });

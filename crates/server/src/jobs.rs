@@ -136,11 +136,24 @@ impl App {
     /// Queues a job; returns its id.
     /// A backup of a host's VM is that host's job: its agent takes it.
     pub fn enqueue(&self, kind: &str, item: Option<&str>, p: &Params, by: &str) -> Result<i64> {
+        self.enqueue_on(kind, item, p, by, None)
+    }
+
+    /// [`App::enqueue`], for the agent of `on` when given.
+    pub fn enqueue_on(
+        &self,
+        kind: &str,
+        item: Option<&str>,
+        p: &Params,
+        by: &str,
+        on: Option<&str>,
+    ) -> Result<i64> {
         let now = ts(self.now());
         let params_json = serde_json::to_string(p).map_err(|e| Error::Input(e.to_string()))?;
         let conn = self.db.conn();
-        let host: Option<String> = match (kind, item) {
-            ("backup", Some(item)) => conn
+        let host: Option<String> = match (kind, item, on) {
+            (_, _, Some(on)) => Some(on.to_string()),
+            ("backup", Some(item), None) => conn
                 .query_row(
                     "SELECT host FROM protected_items WHERE name = ?1",
                     [item],

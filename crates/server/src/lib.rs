@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod peer;
 pub mod relay;
+pub mod relay_restore;
 pub mod releases;
 pub mod schedule;
 pub mod tls;

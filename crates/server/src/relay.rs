@@ -185,16 +185,11 @@ impl App {
             return Ok(None);
         };
         let job_kind = AgentJobKind::from(kind.as_str());
-        if job_kind != AgentJobKind::Backup {
+        if !job_kind.is_known() {
             return Err(Error::Input(format!(
-                "job {id} is a {kind} job, which agents do not run yet"
+                "job {id} is a {kind} job, which agents do not run"
             )));
         }
-        let (policy, scripts): (String, Option<String>) = self.db.conn().query_row(
-            "SELECT policy, scripts FROM protected_items WHERE name = ?1",
-            [&item],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
         let params: Params = {
             let text: String =
                 self.db
@@ -202,7 +197,16 @@ impl App {
                     .query_row("SELECT params FROM jobs WHERE id = ?1", [id], |r| r.get(0))?;
             serde_json::from_str(&text).map_err(|e| Error::Input(e.to_string()))?
         };
-        let retention = self.point_retention(&params, &policy)?;
+        let (retention, scripts) = if job_kind == AgentJobKind::Backup {
+            let (policy, scripts): (String, Option<String>) = self.db.conn().query_row(
+                "SELECT policy, scripts FROM protected_items WHERE name = ?1",
+                [&item],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            (self.point_retention(&params, &policy)?, scripts)
+        } else {
+            (PointRetention::None, None)
+        };
         let took = self.db.conn().execute(
             "UPDATE jobs SET state = 'running', started = ?2, ended = NULL, error = NULL
              WHERE id = ?1 AND state = 'queued'",
@@ -212,35 +216,36 @@ impl App {
             return Ok(None);
         }
         let live = self.runner.register(id);
-        let vault = match self.job_vault(&live) {
-            Ok(v) => v,
-            Err(e) => {
-                self.runner.unregister(id);
-                return Err(e);
-            }
-        };
         let mut lease = [0u8; 16];
         vmvault_format::random_bytes(&mut lease);
         let lease = hex::encode(lease);
-        let relay = Arc::new(Relay {
-            job: id,
-            host_id: host.id,
-            host: host.name.clone(),
-            item: item.clone(),
-            lease: lease.clone(),
-            live: live.clone(),
-            vault,
-            retention,
-            state: Mutex::new(State {
-                last_contact: Instant::now(),
-                phase: Phase::Leased,
-            }),
-            changed: Condvar::new(),
+        let leased = self.job_vault(&live).and_then(|vault| match job_kind {
+            AgentJobKind::Restore => {
+                self.lease_restore(id, host, params, lease.clone(), live.clone(), vault)
+            }
+            _ => {
+                self.lease_backup(
+                    id,
+                    host,
+                    &item,
+                    lease.clone(),
+                    live.clone(),
+                    vault,
+                    retention,
+                );
+                Ok(())
+            }
         });
-        self.relays
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, relay);
+        if let Err(e) = leased {
+            // No thread runs the job: it ends here, as a job that could not start.
+            self.runner.unregister(id);
+            self.job_log(id, &format!("failed: {e}"));
+            self.db.conn().execute(
+                "UPDATE jobs SET state = 'failed', ended = ?2, error = ?3 WHERE id = ?1",
+                params![id, ts(self.now()), e.to_string()],
+            )?;
+            return Ok(None);
+        }
         self.job_log(id, &format!("taken by the agent on host '{}'", host.name));
         let app = self.clone();
         std::thread::Builder::new()
@@ -254,6 +259,38 @@ impl App {
             vm: item,
             scripts,
         }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn lease_backup(
+        &self,
+        id: i64,
+        host: &HostRow,
+        item: &str,
+        lease: String,
+        live: Arc<Live>,
+        vault: Vault,
+        retention: PointRetention,
+    ) {
+        let relay = Arc::new(Relay {
+            job: id,
+            host_id: host.id,
+            host: host.name.clone(),
+            item: item.to_string(),
+            lease,
+            live,
+            vault,
+            retention,
+            state: Mutex::new(State {
+                last_contact: Instant::now(),
+                phase: Phase::Leased,
+            }),
+            changed: Condvar::new(),
+        });
+        self.relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, relay);
     }
 
     /// The job thread of an agent's backup: waits for the commit, a failure, a cancel or the

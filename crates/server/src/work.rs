@@ -78,6 +78,10 @@ impl App {
                 self.run_backup(id, &item, &params, live, progress)
                     .map(Some)
             }
+            "restore" if self.is_restore_relay(id) => {
+                self.run_agent_restore(id)?;
+                Ok(None)
+            }
             "restore" => {
                 self.run_restore(id, &params, live, progress)?;
                 Ok(None)

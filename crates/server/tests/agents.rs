@@ -154,7 +154,10 @@ fn an_enrolled_agent_backs_up_a_running_vm_through_the_server_then_only_what_cha
         vmvault_agent::enroll(&again, &s.base, code["code"].as_str().unwrap(), None).unwrap_err();
     assert_eq!(err.status(), Some(401), "{err}");
 
+    let restores = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
     let opts = AgentOptions {
+        restore_roots: vec![restores.path().to_path_buf()],
         discover: DiscoverConfig {
             qmp_globs: vec![vm.qmp_socket().display().to_string()],
             scan_processes: false,
@@ -263,6 +266,60 @@ fn an_enrolled_agent_backs_up_a_running_vm_through_the_server_then_only_what_cha
         "the incremental point is the disk with the change"
     );
     assert!(restored(&s, &p1) != data);
+
+    // Restores run on the host, by its agent, and only under its restore roots.
+    let to = restores.path().join("web01-restored");
+    let job = s.ok(
+        &s.admin.clone(),
+        "POST",
+        "/api/v1/restores",
+        Some(json!({"point": p2, "target": to, "host": "kvm02", "format": "raw"})),
+    );
+    let done = s.wait_job(job["job"].as_i64().unwrap());
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        std::fs::read(to.join("os.raw")).unwrap() == data,
+        "the host's restore is the point"
+    );
+    assert!(to.join("web01.toml").exists());
+    let one = restores.path().join("os-only.qcow2");
+    let job = s.ok(
+        &s.admin.clone(),
+        "POST",
+        "/api/v1/restores",
+        Some(json!({"point": p1, "target": one, "host": "kvm02", "disk": "os"})),
+    );
+    assert_eq!(
+        s.wait_job(job["job"].as_i64().unwrap())["state"],
+        "succeeded"
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+        .arg(&one)
+        .arg(s.path(&format!("restored-{p1}.raw")))
+        .status()
+        .unwrap();
+    assert!(
+        out.success(),
+        "one disk restored as qcow2 on the host is the first point"
+    );
+    let escape = outside.path().join("web01");
+    let job = s.ok(
+        &s.admin.clone(),
+        "POST",
+        "/api/v1/restores",
+        Some(json!({"point": p2, "target": escape, "host": "kvm02"})),
+    );
+    let refused = s.wait_job(job["job"].as_i64().unwrap());
+    assert_eq!(refused["state"], "failed", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("not under this agent's restore roots"),
+        "{refused}"
+    );
+    assert!(!escape.exists(), "nothing is written outside the roots");
 
     stop.store(true, Ordering::Relaxed);
     agent.join().unwrap();

@@ -21,6 +21,7 @@ use crate::app::App;
 use crate::hosts::HostRow;
 use crate::peer::Peer;
 use crate::relay::Caller;
+use crate::relay_restore::RestoreReport;
 use crate::{Error, Result};
 
 /// Runs `f` on the blocking pool with the caller's host and lease.
@@ -198,7 +199,13 @@ pub async fn progress(
     Path(id): Path<i64>,
     Json(p): Json<ProgressReport>,
 ) -> Result<StatusCode> {
-    blocking(app, peer, &h, move |app, c| app.agent_progress(id, c, &p)).await?;
+    blocking(app, peer, &h, move |app, c| {
+        if app.restore_report(id, c, RestoreReport::Alive)? {
+            return Ok(());
+        }
+        app.agent_progress(id, c, &p)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -211,7 +218,13 @@ pub async fn log(
     Path(id): Path<i64>,
     Json(l): Json<LogReport>,
 ) -> Result<StatusCode> {
-    blocking(app, peer, &h, move |app, c| app.agent_log(id, c, &l.line)).await?;
+    blocking(app, peer, &h, move |app, c| {
+        if app.restore_report(id, c, RestoreReport::Log(&l.line))? {
+            return Ok(());
+        }
+        app.agent_log(id, c, &l.line)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -224,7 +237,13 @@ pub async fn fail(
     Path(id): Path<i64>,
     Json(f): Json<FailReport>,
 ) -> Result<StatusCode> {
-    blocking(app, peer, &h, move |app, c| app.agent_fail(id, c, &f.error)).await?;
+    blocking(app, peer, &h, move |app, c| {
+        if app.restore_report(id, c, RestoreReport::Failed(&f.error))? {
+            return Ok(());
+        }
+        app.agent_fail(id, c, &f.error)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -239,4 +258,55 @@ pub async fn release(
     tokio::task::spawn_blocking(move || app.release_binary(&host, &version))
         .await
         .map_err(|e| Error::Panicked(e.to_string()))?
+}
+
+#[utoipa::path(get, path = "/api/v1/agent/jobs/{id}/restore", tag = "agent", params(("id" = i64, Path)),
+    responses((status = 200, body = vmvault_api::agent::RestorePlan), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn restore_plan(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<vmvault_api::agent::RestorePlan>> {
+    blocking(app, peer, &h, move |app, c| app.agent_restore_plan(id, c))
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(get, path = "/api/v1/agent/jobs/{id}/restore/{disk}/{position}", tag = "agent",
+    params(("id" = i64, Path), ("disk" = usize, Path), ("position" = u64, Path)),
+    responses((status = 200, description = "one frame: the chunk (zstd, raw, or zero)", content_type = "application/octet-stream"), (status = 404, body = ErrorBody)))]
+pub async fn restore_chunk(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path((id, disk, position)): Path<(i64, usize, u64)>,
+) -> Result<Vec<u8>> {
+    blocking(app, peer, &h, move |app, c| {
+        app.agent_restore_chunk(id, c, disk, position)
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreDone {
+    /// The files written, for the job's log.
+    pub wrote: Vec<String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/done", tag = "agent", params(("id" = i64, Path)), request_body = RestoreDone,
+    responses((status = 204, description = "the restore succeeded"), (status = 409, body = ErrorBody)))]
+pub async fn done(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    h: HeaderMap,
+    Path(id): Path<i64>,
+    Json(d): Json<RestoreDone>,
+) -> Result<StatusCode> {
+    blocking(app, peer, &h, move |app, c| {
+        app.agent_restore_done(id, c, &d.wrote)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

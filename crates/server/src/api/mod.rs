@@ -227,7 +227,7 @@ impl Modify for TokenAuth {
         hosts::list, hosts::add, hosts::remove, hosts::vms, hosts::protect,
         agent::enroll, agent::heartbeat, agent::next, agent::begin, agent::base, agent::reuse,
         agent::chunks, agent::zero, agent::commit, agent::progress, agent::log, agent::fail,
-        agent::release, releases::list, releases::add, releases::upgrade, releases::settings,
+        agent::release, agent::restore_plan, agent::restore_chunk, agent::done, releases::list, releases::add, releases::upgrade, releases::settings,
     ),
     modifiers(&TokenAuth)
 )]
@@ -408,6 +408,12 @@ pub fn router(app: Arc<App>) -> Router {
                 )),
         )
         .route("/api/v1/agent/releases/{version}", get(agent::release))
+        .route("/api/v1/agent/jobs/{id}/restore", get(agent::restore_plan))
+        .route(
+            "/api/v1/agent/jobs/{id}/restore/{disk}/{position}",
+            get(agent::restore_chunk),
+        )
+        .route("/api/v1/agent/jobs/{id}/done", post(agent::done))
         .route(
             "/api/v1/hosts/{host}/vms/{vm}/protect",
             post(hosts::protect),

@@ -187,7 +187,23 @@ pub async fn restore(
                 )));
             }
         }
-        crate::confine::restore_target(&app.cfg, std::path::Path::new(&req.target), req.overwrite)?;
+        // On a host, its agent confines the target to its restore roots; on this host, the
+        // server's roots do.
+        if let Some(host) = &req.host {
+            let enrolled = app
+                .hosts()?
+                .into_iter()
+                .any(|h| h.name == *host && h.state == vmvault_api::HostState::Enrolled);
+            if !enrolled {
+                return Err(Error::NotFound(format!("no enrolled host '{host}'")));
+            }
+        } else {
+            crate::confine::restore_target(
+                &app.cfg,
+                std::path::Path::new(&req.target),
+                req.overwrite,
+            )?;
+        }
         let params = Params {
             point: Some(p.id),
             target: Some(req.target.clone()),
@@ -196,7 +212,13 @@ pub async fn restore(
             format: req.format.clone(),
             ..Default::default()
         };
-        app.enqueue("restore", Some(&p.vm), &params, &actor.user)
+        app.enqueue_on(
+            "restore",
+            Some(&p.vm),
+            &params,
+            &actor.user,
+            req.host.as_deref(),
+        )
     })?;
     Ok((StatusCode::ACCEPTED, Json(JobRef { job })))
 }
