@@ -355,6 +355,7 @@ impl App {
             self.check_overdue(&item, &sched, now);
         }
         self.tick_gc(now)?;
+        self.check_hosts(now)?;
         self.refresh_catalog()?;
         Ok(queued)
     }

@@ -559,3 +559,72 @@ impl App {
         serde_json::from_str(&info).map_err(|e| Error::Input(format!("VM '{vm}': {e}")))
     }
 }
+
+impl App {
+    /// The scheduler pass's look at hosts: an agent silent for longer than
+    /// `agent_silence_alert_secs` is alerted once (a heartbeat re-arms it), and a queued job
+    /// its host's agent has not taken within `agent_job_wait_secs` fails, alerted as any
+    /// failed job: an offline host never holds a VM's protection silently.
+    pub(crate) fn check_hosts(&self, now: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        let silence = chrono::Duration::seconds(self.cfg.agent_silence_alert_secs as i64);
+        let silent: Vec<(i64, String, Option<String>)> = {
+            let conn = self.db.conn();
+            let mut stmt = conn.prepare(
+                "SELECT id, name, last_heartbeat FROM hosts
+                 WHERE state = 'enrolled' AND silent_alerted = 0
+                 AND (last_heartbeat IS NULL OR last_heartbeat < ?1)",
+            )?;
+            let rows = stmt
+                .query_map([ts(now - silence)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        for (id, name, last) in silent {
+            self.db
+                .conn()
+                .execute("UPDATE hosts SET silent_alerted = 1 WHERE id = ?1", [id])?;
+            self.alert(
+                "agent_silent",
+                &name,
+                &format!(
+                    "the agent on host '{name}' has not been heard from since {}",
+                    last.as_deref().unwrap_or("it enrolled")
+                ),
+            );
+        }
+        let wait = chrono::Duration::seconds(self.cfg.agent_job_wait_secs as i64);
+        let waiting: Vec<(i64, String, String, Option<String>)> = {
+            let conn = self.db.conn();
+            let mut stmt = conn.prepare(
+                "SELECT j.id, j.kind, j.host, h.last_heartbeat FROM jobs j
+                 LEFT JOIN hosts h ON h.name = j.host
+                 WHERE j.host IS NOT NULL AND j.state = 'queued' AND j.not_before < ?1",
+            )?;
+            let rows = stmt
+                .query_map([ts(now - wait)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        for (id, kind, host, last) in waiting {
+            let error = format!(
+                "the agent on host '{host}' did not take the job within {} s (last heard from: {})",
+                self.cfg.agent_job_wait_secs,
+                last.as_deref().unwrap_or("never")
+            );
+            let n = self.db.conn().execute(
+                "UPDATE jobs SET state = 'failed', ended = ?2, error = ?3, error_code = 'unavailable'
+                 WHERE id = ?1 AND state = 'queued'",
+                params![id, ts(now), error],
+            )?;
+            if n == 1 {
+                self.job_log(id, &format!("failed: {error}"));
+                self.alert_job_failed(id, &kind, &error);
+            }
+        }
+        Ok(())
+    }
+}

@@ -66,6 +66,7 @@ pub fn render(app: &App) -> Result<String> {
             );
         }
     }
+    hosts(app, &mut out)?;
     let (points, bytes) = catalog::count(&app.db, &app.vault_name)?;
     let _ = writeln!(out, "# HELP vmvault_recovery_points Recovery points in the vault (soft-deleted ones included).\n# TYPE vmvault_recovery_points gauge");
     let _ = writeln!(out, "vmvault_recovery_points{{vault=\"{v}\"}} {points}");
@@ -95,4 +96,51 @@ pub fn render(app: &App) -> Result<String> {
 pub async fn metrics(State(app): State<Arc<App>>) -> Result<impl IntoResponse> {
     let text = render(&app)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}
+
+/// Per host: its agent's version and state, its last heartbeat, its jobs by state.
+fn hosts(app: &App, out: &mut String) -> Result<()> {
+    let hosts = app.hosts()?;
+    let _ = writeln!(out, "# HELP vmvault_host_info A host, its agent's version and state.\n# TYPE vmvault_host_info gauge");
+    for h in &hosts {
+        let _ = writeln!(
+            out,
+            "vmvault_host_info{{host=\"{}\",version=\"{}\",state=\"{}\",silent=\"{}\"}} 1",
+            escape(&h.name),
+            escape(h.agent_version.as_deref().unwrap_or("")),
+            h.state,
+            h.silent
+        );
+    }
+    let _ = writeln!(out, "# HELP vmvault_host_last_heartbeat_timestamp_seconds When each host's agent was last heard from.\n# TYPE vmvault_host_last_heartbeat_timestamp_seconds gauge");
+    for h in &hosts {
+        if let Some(t) = h.last_heartbeat.as_deref().and_then(crate::db::parse_ts) {
+            let _ = writeln!(
+                out,
+                "vmvault_host_last_heartbeat_timestamp_seconds{{host=\"{}\"}} {}",
+                escape(&h.name),
+                t.timestamp()
+            );
+        }
+    }
+    let by_host: Vec<(String, String, i64)> = {
+        let conn = app.db.conn();
+        let mut stmt = conn.prepare(
+            "SELECT host, state, count(*) FROM jobs WHERE host IS NOT NULL GROUP BY host, state",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows
+    };
+    let _ = writeln!(out, "# HELP vmvault_host_jobs Jobs of each host's agent by state.\n# TYPE vmvault_host_jobs gauge");
+    for (host, state, n) in by_host {
+        let _ = writeln!(
+            out,
+            "vmvault_host_jobs{{host=\"{}\",state=\"{}\"}} {n}",
+            escape(&host),
+            escape(&state)
+        );
+    }
+    Ok(())
 }

@@ -324,3 +324,123 @@ fn an_enrolled_agent_backs_up_a_running_vm_through_the_server_then_only_what_cha
     stop.store(true, Ordering::Relaxed);
     agent.join().unwrap();
 }
+
+#[test]
+fn a_silent_host_is_alerted_and_a_job_it_never_takes_fails_with_the_reason() {
+    use vmvault_api::agent::{FoundDisk, FoundVm, Heartbeat, HeartbeatAnswer, HEARTBEAT};
+    let clock = Arc::new(vmvault_server::ManualClock::new(chrono::Utc::now()));
+    let s = Server::start_with(clock.clone(), |c| {
+        c.insecure_http = false;
+        c.agent_silence_alert_secs = 300;
+        c.agent_job_wait_secs = 900;
+    });
+    let code = s.ok(
+        &s.admin.clone(),
+        "POST",
+        "/api/v1/hosts",
+        Some(json!({"name": "kvm03"})),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state = AgentState::open(dir.path()).unwrap();
+    let pins =
+        vmvault_agent::enroll(&state, &s.base, code["code"].as_str().unwrap(), None).unwrap();
+    let client = vmvault_agent::client::Client::new(
+        &s.base,
+        &state.identity().unwrap(),
+        Some(pins.fingerprint),
+    )
+    .unwrap();
+    let hb = Heartbeat {
+        version: "0.1.0".into(),
+        target: vmvault_release::this_target(),
+        rolled_back: None,
+        instance: "one".into(),
+        vms: vec![FoundVm {
+            name: "db01".into(),
+            kind: "qemu".into(),
+            state: "running".into(),
+            qmp: Some("/run/db01.qmp".into()),
+            qga: None,
+            disks: vec![FoundDisk {
+                name: "os".into(),
+                file: None,
+                format: "raw".into(),
+                size: 1 << 20,
+            }],
+        }],
+    };
+    let _: HeartbeatAnswer = client.post(HEARTBEAT, None, &hb).unwrap();
+    s.policy("daily", "daily 02:00", json!({}));
+    s.ok(
+        &s.admin.clone(),
+        "POST",
+        "/api/v1/hosts/kvm03/vms/db01/protect",
+        Some(json!({"policy": "daily"})),
+    );
+    let job = s.ok(
+        &s.admin.clone(),
+        "POST",
+        "/api/v1/protected-items/db01/backup",
+        Some(json!({})),
+    );
+    let job = job["job"].as_i64().unwrap();
+
+    // The host goes quiet: alerted once, shown silent; its job waits until the limit.
+    clock.advance(chrono::Duration::seconds(301));
+    s.app.tick().unwrap();
+    s.app.tick().unwrap();
+    let hosts = s.ok(&s.admin.clone(), "GET", "/api/v1/hosts", None);
+    assert_eq!(hosts[0]["silent"], true, "{hosts}");
+    let audit = s
+        .ok(&s.admin.clone(), "GET", "/api/v1/audit?limit=200", None)
+        .to_string();
+    assert_eq!(
+        audit.matches("alert.agent_silent").count(),
+        1,
+        "alerted once: {audit}"
+    );
+    let j = s.ok(
+        &s.admin.clone(),
+        "GET",
+        &format!("/api/v1/jobs/{job}"),
+        None,
+    );
+    assert_eq!(j["state"], "queued", "{j}");
+    let metrics = ureq_metrics(&s);
+    assert!(metrics.contains("vmvault_host_info{host=\"kvm03\",version=\"0.1.0\",state=\"enrolled\",silent=\"true\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("vmvault_host_jobs{host=\"kvm03\",state=\"queued\"} 1"),
+        "{metrics}"
+    );
+
+    clock.advance(chrono::Duration::seconds(600));
+    s.app.tick().unwrap();
+    let j = s.ok(
+        &s.admin.clone(),
+        "GET",
+        &format!("/api/v1/jobs/{job}"),
+        None,
+    );
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not take the job within 900 s"),
+        "{j}"
+    );
+    let audit = s
+        .ok(&s.admin.clone(), "GET", "/api/v1/audit?limit=200", None)
+        .to_string();
+    assert!(audit.contains("alert.backup_failed"), "{audit}");
+
+    // A heartbeat brings it back (and re-arms the alert).
+    let _: HeartbeatAnswer = client.post(HEARTBEAT, None, &hb).unwrap();
+    let hosts = s.ok(&s.admin.clone(), "GET", "/api/v1/hosts", None);
+    assert_eq!(hosts[0]["silent"], false, "{hosts}");
+}
+
+fn ureq_metrics(s: &Server) -> String {
+    let a = s.call(None, "GET", "/metrics", None);
+    a.body.as_str().unwrap_or_default().to_string()
+}
