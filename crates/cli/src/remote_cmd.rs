@@ -94,9 +94,13 @@ enum RemoteCommand {
     /// into a new folder, or with --disk one disk into a new image file.
     Restore {
         point: String,
-        /// Where on the server's host (a new folder; with --disk, a new file).
+        /// Where on the server's host, or with --to-host on that host (a new folder; with
+        /// --disk, a new file).
         #[arg(long, visible_alias = "target", value_name = "PATH")]
         to: String,
+        /// Restore on this enrolled host, by its agent (under its restore_roots).
+        #[arg(long, value_name = "HOST")]
+        to_host: Option<String>,
         /// One disk only, by its name in the VM description.
         #[arg(long, value_name = "NAME")]
         disk: Option<String>,
@@ -430,17 +434,24 @@ fn run_command(cli: RemoteCli) -> Result<()> {
         RemoteCommand::Restore {
             point,
             to,
+            to_host,
             disk,
             format,
             force,
             wait,
         } => {
+            // `HOST/VM@...` names the VM as `vms` lists it; its points are the VM's.
+            let point = match point.split_once('/') {
+                Some((_, rest)) if !rest.is_empty() => rest.to_string(),
+                _ => point,
+            };
             let req = RestoreRequest {
                 point,
                 target: to,
                 overwrite: force,
                 disk,
                 format,
+                host: to_host,
             };
             let r: JobRef = c.send("POST", api_points::RESTORES, &req)?;
             if wait {

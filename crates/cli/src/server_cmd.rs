@@ -25,6 +25,10 @@ pub struct ServerArgs {
     /// Plain HTTP instead of TLS: only on a loopback address.
     #[arg(long)]
     insecure_http: bool,
+    /// Do not run the agent for this machine in-process (it finds the VMs running here and
+    /// backs them up as host HOSTNAME; over TLS only).
+    #[arg(long, env = "VMVAULT_SERVER_NO_OWN_HOST")]
+    no_own_host: bool,
     /// Jobs that run at once.
     #[arg(long, value_name = "N")]
     max_jobs: Option<usize>,
@@ -71,6 +75,7 @@ pub fn run(g: &Global, args: ServerArgs) -> Result<()> {
         state_dir: args.state_dir,
         listen: args.listen,
         insecure_http: args.insecure_http,
+        no_own_host: args.no_own_host,
         vault: g.vault.clone(),
         endpoint: g.endpoint.clone(),
         region: g.region.clone(),

@@ -56,6 +56,9 @@ pub struct App {
     /// The agent jobs running now (crates/server/src/relay.rs).
     pub(crate) relays: crate::relay::Relays,
     pub(crate) restore_relays: crate::relay_restore::RestoreRelays,
+    /// The guest-agent quiesce the own host's agent uses (the CLI gives its helper process).
+    pub own_host_quiesce: Mutex<Option<Box<vmvault_agent::run::QuiesceMaker>>>,
+    pub(crate) own_host_stop: Mutex<Option<Arc<std::sync::atomic::AtomicBool>>>,
     /// Refused agent keys, by when each was last audited.
     pub(crate) refused_keys: Mutex<HashMap<String, std::time::Instant>>,
     /// Per host, the agent instances seen lately (a copied key shows as two).
@@ -191,6 +194,8 @@ impl App {
             fingerprint: Mutex::new(None),
             relays: Mutex::new(HashMap::new()),
             restore_relays: Mutex::new(HashMap::new()),
+            own_host_quiesce: Mutex::new(None),
+            own_host_stop: Mutex::new(None),
             refused_keys: Mutex::new(HashMap::new()),
             instance_flips: Mutex::new(HashMap::new()),
         });
@@ -295,6 +300,14 @@ impl App {
     }
 
     pub fn stop(&self) {
+        if let Some(s) = self
+            .own_host_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            s.store(true, Ordering::Relaxed);
+        }
         self.runner.stopping.store(true, Ordering::Relaxed);
         self.runner.wake();
     }

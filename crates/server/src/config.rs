@@ -69,6 +69,12 @@ pub struct ServerConfig {
     pub restore_roots: Vec<PathBuf>,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Run the agent for this machine in-process, as host `HOSTNAME` (over TLS only).
+    pub own_host: bool,
+    /// Where that agent looks for QMP sockets.
+    pub own_host_qmp_globs: Vec<String>,
+    /// Whether it also finds QEMU processes by their command lines.
+    pub own_host_scan_processes: bool,
     /// The public half (hex) of an offline release key: the server then signs no release
     /// itself, and `release add` needs a signature made with `vmvault release sign`.
     pub release_public_key: Option<String>,
@@ -116,6 +122,9 @@ impl Default for ServerConfig {
             restore_roots: Vec::new(),
             max_connections: 1024,
             release_public_key: None,
+            own_host: true,
+            own_host_qmp_globs: vec!["/run/vmvault/qmp/*.sock".into()],
+            own_host_scan_processes: true,
             agent_heartbeat_secs: 30,
             agent_silence_alert_secs: 300,
             agent_job_silence_secs: 120,
@@ -156,6 +165,8 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub insecure_http: bool,
+    /// Turns the own host's agent off.
+    pub no_own_host: bool,
     pub vault: Option<String>,
     pub endpoint: Option<String>,
     pub region: Option<String>,
@@ -192,6 +203,9 @@ impl ServerConfig {
             c.listen = v;
         }
         c.insecure_http |= over.insecure_http;
+        if over.no_own_host {
+            c.own_host = false;
+        }
         for (field, v) in [
             (&mut c.vault, over.vault),
             (&mut c.endpoint, over.endpoint),

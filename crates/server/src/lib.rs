@@ -13,6 +13,7 @@ mod error;
 pub mod hosts;
 pub mod jobs;
 pub mod metrics;
+pub mod own_host;
 pub mod peer;
 pub mod relay;
 pub mod relay_restore;
@@ -63,6 +64,9 @@ pub async fn start(
         .local_addr()
         .map_err(|e| Error::io("reading the listening address", e))?;
     app.start_background()?;
+    if app.cfg.own_host {
+        app.start_own_host(addr, say)?;
+    }
     Ok((
         Started {
             app,

@@ -123,6 +123,11 @@ impl App {
     /// `host upgrade`: the version the host is to run (the newest for its target if none is
     /// named).
     pub fn upgrade_host(&self, name: &str, version: Option<&str>) -> Result<()> {
+        if self.is_own_host(name) {
+            return Err(Error::Conflict(format!(
+                "'{name}' is the server's own host: its agent is upgraded with the server"
+            )));
+        }
         let (id, target): (i64, Option<String>) = self
             .db
             .conn()
@@ -216,6 +221,9 @@ impl App {
                 &host.name,
                 &format!("host '{}' rolled back {}: {reason}", host.name, r.version),
             );
+        }
+        if self.is_own_host(&host.name) {
+            return Ok(None);
         }
         if target.is_empty()
             || target.len() > 64

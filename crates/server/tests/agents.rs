@@ -444,3 +444,58 @@ fn ureq_metrics(s: &Server) -> String {
     let a = s.call(None, "GET", "/metrics", None);
     a.body.as_str().unwrap_or_default().to_string()
 }
+
+#[test]
+fn the_servers_own_host_finds_and_backs_up_its_running_vms_without_enrollment() {
+    let vm_dir = tempfile::tempdir().unwrap();
+    let data = make_image(vm_dir.path());
+    let Some(vm) = start_vm(vm_dir.path()) else {
+        return;
+    };
+    let glob = vm.qmp_socket().display().to_string();
+    let s = Server::start_with(Arc::new(SystemClock), move |c| {
+        c.insecure_http = false;
+        c.own_host = true;
+        c.own_host_scan_processes = false;
+        c.own_host_qmp_globs = vec![glob];
+        c.agent_heartbeat_secs = 1;
+    });
+    let mut host = String::new();
+    wait_for("the own host's report of web01", || {
+        let vms = s.ok(&s.admin.clone(), "GET", "/api/v1/vms", None);
+        match vms
+            .as_array()
+            .and_then(|v| v.iter().find(|x| x["name"] == "web01"))
+        {
+            Some(v) => {
+                host = v["host"].as_str().unwrap().to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    let hosts = s.ok(&s.admin.clone(), "GET", "/api/v1/hosts", None);
+    assert_eq!(hosts.as_array().unwrap().len(), 1, "{hosts}");
+    assert_eq!(
+        hosts[0]["state"], "enrolled",
+        "no code, no enrollment: {hosts}"
+    );
+    s.policy("daily", "daily 02:00", json!({}));
+    s.ok(
+        &s.admin.clone(),
+        "POST",
+        &format!("/api/v1/hosts/{host}/vms/web01/protect"),
+        Some(json!({"policy": "daily"})),
+    );
+    let j = s.run_backup("web01", json!({}));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let p = j["point"].as_str().unwrap().to_string();
+    assert!(restored(&s, &p) == data);
+    // It is upgraded with the server, never by a release.
+    let up = s.admin(
+        "POST",
+        &format!("/api/v1/hosts/{host}/upgrade"),
+        Some(json!({"version": "9.9.9"})),
+    );
+    assert_eq!(up.status, 409, "{}", up.body);
+}

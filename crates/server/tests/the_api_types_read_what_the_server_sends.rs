@@ -204,6 +204,7 @@ fn every_answer_reads_into_its_type_and_writes_back_unchanged() {
         overwrite: false,
         disk: Some("disk0".into()),
         format: Some("qcow2".into()),
+        host: None,
     };
     let r: JobRef = c.call("POST", points::RESTORES, Some(&restore), 202);
     assert_eq!(wait(&c, r.job).job.state, JobState::Succeeded);

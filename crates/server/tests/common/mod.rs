@@ -60,6 +60,9 @@ impl Server {
             passphrase: Some("test passphrase".into()),
             tick_secs: 1,
             retry_backoff_secs: 1,
+            // Its discovery would ask every QEMU on this machine, other tests' too: the
+            // tests that want it turn it on.
+            own_host: false,
             // The test's folder holds the VMs' disks and the restores (and the state dir,
             // which is never allowed whatever the roots say).
             disk_roots: vec![dir.path().display().to_string()],
