@@ -59,6 +59,8 @@ pub struct App {
     /// The guest-agent quiesce the own host's agent uses (the CLI gives its helper process).
     pub own_host_quiesce: Mutex<Option<Box<vmvault_agent::run::QuiesceMaker>>>,
     pub(crate) own_host_stop: Mutex<Option<Arc<std::sync::atomic::AtomicBool>>>,
+    /// Wakes the agents' waiting polls when a job is queued.
+    pub(crate) agent_wake: tokio::sync::Notify,
     /// Refused agent keys, by when each was last audited.
     pub(crate) refused_keys: Mutex<HashMap<String, std::time::Instant>>,
     /// Per host, the agent instances seen lately (a copied key shows as two).
@@ -196,6 +198,7 @@ impl App {
             restore_relays: Mutex::new(HashMap::new()),
             own_host_quiesce: Mutex::new(None),
             own_host_stop: Mutex::new(None),
+            agent_wake: tokio::sync::Notify::new(),
             refused_keys: Mutex::new(HashMap::new()),
             instance_flips: Mutex::new(HashMap::new()),
         });

@@ -171,6 +171,9 @@ impl App {
         let id = conn.last_insert_rowid();
         drop(conn);
         self.runner.wake();
+        if host.is_some() {
+            self.agent_wake.notify_waiters();
+        }
         Ok(id)
     }
 

@@ -86,6 +86,10 @@ pub async fn next(
     let until =
         std::time::Instant::now() + std::time::Duration::from_secs(q.wait.unwrap_or(0).min(60));
     loop {
+        // Armed before the look, so that a job queued between the look and the wait wakes it.
+        let woken = app.agent_wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         let (a, h) = (app.clone(), host.clone());
         let job = tokio::task::spawn_blocking(move || a.take_agent_job(&h))
             .await
@@ -93,10 +97,13 @@ pub async fn next(
         if let Some(job) = job {
             return Ok(Json(job).into_response());
         }
-        if std::time::Instant::now() >= until {
+        let now = std::time::Instant::now();
+        if now >= until {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        // Woken when a job is queued; a retry whose time comes is seen within a second.
+        let nap = (until - now).min(std::time::Duration::from_secs(1));
+        let _ = tokio::time::timeout(nap, woken).await;
         // A host removed while it waits gets no job.
         app.agent_host(&peer)?;
     }
