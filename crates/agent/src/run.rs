@@ -34,6 +34,8 @@ pub struct AgentOptions {
     pub poll_wait_secs: u64,
     /// Folders restores may write into; none: this host takes no restore.
     pub restore_roots: Vec<PathBuf>,
+    /// How long a new version has to report in healthy before it is rolled back.
+    pub health_deadline_secs: u64,
 }
 
 impl Default for AgentOptions {
@@ -44,6 +46,7 @@ impl Default for AgentOptions {
             stop: Arc::new(AtomicBool::new(false)),
             poll_wait_secs: 20,
             restore_roots: Vec::new(),
+            health_deadline_secs: vmvault_release::DEFAULT_HEALTH_DEADLINE_SECS,
         }
     }
 }
@@ -66,7 +69,7 @@ pub fn run(state: &AgentState, opts: &AgentOptions, say: &(dyn Fn(&str) + Sync))
     })?;
     let identity = state.identity()?;
     let client = Client::new(&pins.server, &identity, Some(pins.fingerprint.clone()))?;
-    let (upgrades, restart) = Upgrades::start(state, &pins.release_key)?;
+    let (upgrades, restart) = Upgrades::start(state, &pins.release_key, opts.health_deadline_secs)?;
     if let Some(bin) = restart {
         say(&format!("restarting in {}", bin.display()));
         return Ok(RunEnd::Restart(bin));

@@ -72,11 +72,17 @@ impl Upgrades {
     /// At start: the installation, and whether
     /// to restart at once in another binary (a newer installed version, or after rolling
     /// back an upgrade that missed its deadline).
-    pub fn start(state: &AgentState, release_key: &str) -> Result<(Upgrades, Option<PathBuf>)> {
+    pub fn start(
+        state: &AgentState,
+        release_key: &str,
+        health_deadline_secs: u64,
+    ) -> Result<(Upgrades, Option<PathBuf>)> {
         let root = state.dir.join("install");
         std::fs::create_dir_all(&root)
             .map_err(|e| AgentError::io(format!("making {}", root.display()), e))?;
-        let install = Installation::open(&root).map_err(rel)?;
+        let install = Installation::open(&root)
+            .map_err(rel)?
+            .with_health_deadline(health_deadline_secs);
         let exe = std::env::current_exe().map_err(|e| AgentError::io("finding this program", e))?;
         let running = version_of(&install, &exe);
         let public = ReleasePublicKey::from_hex(release_key).map_err(rel)?;
@@ -93,6 +99,22 @@ impl Upgrades {
             let restart = up.roll_back("it did not heartbeat healthy before its deadline")?;
             return Ok((up, restart));
         }
+        // The old version marks the new one as started when it hands over; finding the mark
+        // while another version starts means the new one stopped before it reported healthy
+        // (it exited or was killed at start, and systemd started the installed binary again).
+        let started = up.started_path();
+        if let Some(p) = up.install.pending().map_err(rel)? {
+            if p.to != running
+                && std::fs::read_to_string(&started).is_ok_and(|v| v == p.to.to_string())
+            {
+                let _ = std::fs::remove_file(&started);
+                let restart = up.roll_back("it stopped before it reported healthy")?;
+                return Ok((
+                    up,
+                    restart.filter(|bin| bin.canonicalize().ok() != exe.canonicalize().ok()),
+                ));
+            }
+        }
         let current = up.install.current_version().map_err(rel)?;
         let here = exe.canonicalize().ok();
         let theirs = up.install.current_binary().canonicalize().ok();
@@ -107,6 +129,10 @@ impl Upgrades {
     pub fn roll_back(&self, reason: &str) -> Result<Option<PathBuf>> {
         Ok(roll_back(&self.install, &self.report_path, reason)?
             .map(|_| self.install.current_binary()))
+    }
+
+    fn started_path(&self) -> PathBuf {
+        self.report_path.with_file_name("upgrade-started")
     }
 
     /// A rollback not yet told to the server.
@@ -125,6 +151,7 @@ impl Upgrades {
         if let Some(p) = self.install.pending().map_err(rel)? {
             if p.to == self.running {
                 self.install.confirm_healthy(self.running).map_err(rel)?;
+                let _ = std::fs::remove_file(self.started_path());
             }
         }
         let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
@@ -155,6 +182,9 @@ impl Upgrades {
         match self.install_offer(client, &offer) {
             Ok(()) => {
                 say(&format!("upgraded to {}: restarting", offer.version));
+                if let Err(e) = std::fs::write(self.started_path(), &offer.version) {
+                    say(&format!("marking the upgrade: {e}"));
+                }
                 Some(self.install.current_binary())
             }
             Err(e) => {
