@@ -22,7 +22,7 @@ use vmvault_api::agent::{
 };
 use vmvault_format::{
     is_zero, max_disk_size, Consistency, Digest, DiskIndex, DiskRecord, Manifest, ObjectKind,
-    PointId, PointRetention, TransferStats, VmConfig, MANIFEST_VERSION,
+    PointId, PointRetention, TransferStats, VmConfig, MANIFEST_VERSION, MAX_DISK_CHUNKS,
 };
 use vmvault_store::{LockGuard, Vault};
 
@@ -31,6 +31,11 @@ use crate::db::ts;
 use crate::hosts::HostRow;
 use crate::jobs::{Live, Params};
 use crate::{Error, Result};
+
+/// How long an agent's job may run, on the server's clock, however alive its agent is
+/// (docs/design.md: `agent_job_timeout`, 24 h): past it the job fails and its lock goes, so a
+/// hostile or stuck agent cannot hold a VM's backups off by sending progress forever.
+const AGENT_JOB_HOURS: i64 = 24;
 
 /// How a position of a disk was filled.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -81,6 +86,8 @@ pub struct Relay {
     live: Arc<Live>,
     vault: Vault,
     retention: PointRetention,
+    /// When the agent took the job (the server's clock): the job's time limit counts from it.
+    taken: DateTime<Utc>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -123,6 +130,33 @@ impl Relay {
 }
 
 impl App {
+    /// A job route's first check, for every kind of job and whether it runs or not: the job
+    /// is this host's. Anything else (another host's job, a server job, no job) is 403, the
+    /// same for each so that an id says nothing of other hosts' jobs, and audited. The
+    /// middleware makes it for every `/agent/jobs/{id}/...` path before routing.
+    pub(crate) fn check_job_host(&self, job: i64, host: &HostRow) -> Result<()> {
+        let owner: Option<String> = self
+            .db
+            .conn()
+            .query_row("SELECT host FROM jobs WHERE id = ?1", [job], |r| r.get(0))
+            .optional()?
+            .flatten();
+        if owner.as_deref() == Some(host.name.as_str()) {
+            return Ok(());
+        }
+        crate::auth::audit(
+            &self.db,
+            &format!("host:{}", host.name),
+            "agent.job",
+            &job.to_string(),
+            "denied: not this host's job",
+        );
+        Err(Error::Forbidden(format!(
+            "job {job} is not for host '{}'",
+            host.name
+        )))
+    }
+
     /// The relay of a running job, if `caller` may work on it: its host, its current lease.
     fn relay_for(&self, job: i64, caller: &Caller<'_>) -> Result<Arc<Relay>> {
         let relay = self
@@ -131,25 +165,7 @@ impl App {
             .unwrap_or_else(|e| e.into_inner())
             .get(&job)
             .cloned();
-        let host: Option<String> = self
-            .db
-            .conn()
-            .query_row("SELECT host FROM jobs WHERE id = ?1", [job], |r| r.get(0))
-            .optional()?
-            .flatten();
-        if host.as_deref() != Some(caller.host.name.as_str()) {
-            crate::auth::audit(
-                &self.db,
-                &format!("host:{}", caller.host.name),
-                "agent.job",
-                &job.to_string(),
-                "denied: not this host's job",
-            );
-            return Err(Error::Forbidden(format!(
-                "job {job} is not for host '{}'",
-                caller.host.name
-            )));
-        }
+        self.check_job_host(job, caller.host)?;
         let relay = relay
             .filter(|r| r.host_id == caller.host.id)
             .ok_or_else(|| Error::Conflict(format!("job {job} is not running")))?;
@@ -281,6 +297,7 @@ impl App {
             live,
             vault,
             retention,
+            taken: self.now(),
             state: Mutex::new(State {
                 last_contact: Instant::now(),
                 phase: Phase::Leased,
@@ -338,6 +355,14 @@ impl App {
                 st.phase = Phase::Failed(why.clone());
                 return Err(Error::Agent(why));
             }
+            if self.now() - relay.taken > chrono::Duration::hours(AGENT_JOB_HOURS) {
+                let why = format!(
+                    "the job ran past the {AGENT_JOB_HOURS} h a job on host '{}' may take",
+                    relay.host
+                );
+                st.phase = Phase::Failed(why.clone());
+                return Err(Error::Agent(why));
+            }
             st = relay
                 .changed
                 .wait_timeout(st, Duration::from_millis(250))
@@ -381,6 +406,20 @@ impl App {
                     d.name, d.format
                 )));
             }
+        }
+        // The job's indexes are in memory until its commit, so its disks hold at most as
+        // many chunks in all as the largest disk may: one begin must not make the server
+        // reserve more (64 disks of the largest size would be 33 GiB at 1 MiB chunks).
+        let chunks: u64 = req
+            .disks
+            .iter()
+            .map(|d| DiskIndex::chunk_count(d.size, chunk_size))
+            .sum();
+        if chunks > MAX_DISK_CHUNKS {
+            return Err(relay.fail(format!(
+                "the disks hold {chunks} chunks in all, more than the {MAX_DISK_CHUNKS} of the \
+                 largest disk a backup through the agent may have"
+            )));
         }
         let lock = vault.lock_backup(&relay.item, &mut |m| self.job_log(job, m))?;
         let (points, _) = vault.points()?;
@@ -625,15 +664,26 @@ impl App {
                 },
             ))
         })?;
-        let mut n = 0;
+        // All runs checked first. Together they cover at most the disk once: runs that
+        // overlap, each position again and again, would make one small request loop for hours.
+        let mut total = 0u64;
         for &(first, len) in runs {
-            let end = first.checked_add(len).filter(|&e| e <= count);
-            let Some(end) = end else {
+            if first.checked_add(len).is_none_or(|e| e > count) {
                 return Err(relay.fail(format!(
                     "zero run {first}+{len} is past the end of disk {disk}"
                 )));
-            };
-            for pos in first..end {
+            }
+            total += len;
+            if total > count {
+                return Err(relay.fail(format!(
+                    "the zero runs of one request cover more than the {count} positions of disk \
+                     {disk}"
+                )));
+            }
+        }
+        let mut n = 0;
+        for &(first, len) in runs {
+            for pos in first..first + len {
                 let l = layout.chunk_range(pos as usize).1 as u64;
                 self.fill(
                     &relay,

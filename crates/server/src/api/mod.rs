@@ -320,9 +320,28 @@ async fn authenticate_first(
                 )),
             }
         } else {
-            app.agent_host(&peer).map(|_| ())
+            // A job route (`jobs/{id}/...`, the id parsed as its route's `Path<i64>` parses
+            // it) is its job's host's alone, whichever kind of job it serves.
+            let job = req
+                .uri()
+                .path()
+                .strip_prefix("/api/v1/agent/jobs/")
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|id| id.parse::<i64>().ok());
+            app.agent_host(&peer).and_then(|host| match job {
+                Some(job) => app.check_job_host(job, &host),
+                None => Ok(()),
+            })
         };
         if let Err(e) = checked {
+            if matches!(e, crate::Error::Forbidden(_)) {
+                // An enrolled host's request for a job not its own: its body is read (no
+                // more than its own jobs' uploads may be), so that its agent hears the 403
+                // instead of a reset; nothing of an unknown client's is ever read.
+                let limit = vmvault_api::agent::MAX_UPLOAD
+                    + vmvault_api::agent::MAX_FRAMES * vmvault_api::agent::FRAME_HEADER;
+                let _ = axum::body::to_bytes(req.into_body(), limit).await;
+            }
             return e.into_response();
         }
         return next.run(req).await;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use vmvault_server::{App, Clock, ServerConfig};
 
+pub mod raw_agent;
 pub mod storage;
 
 /// The ids of a page of recovery points (`GET /recovery-points`).
