@@ -4,6 +4,7 @@
 //! the vault's keys. Nothing listens on the host: every connection goes out to the server.
 
 pub mod client;
+pub mod config;
 pub mod discover;
 pub mod enroll;
 pub mod relay;

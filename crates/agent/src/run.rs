@@ -129,6 +129,7 @@ fn pause(stop: &dyn Fn() -> bool, d: Duration) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn heartbeats(
     client: &Client,
     instance: &str,

@@ -12,10 +12,12 @@ macro_rules! outln {
     };
 }
 
+mod agent_cmd;
 mod backup;
 mod disk;
 mod exit;
 mod files;
+mod hosts_cmd;
 mod interrupt;
 mod key;
 mod live;
@@ -124,8 +126,12 @@ enum Command {
     #[command(subcommand)]
     Files(files::FilesCommand),
     /// Run the vault server: REST API, schedules, jobs. `vmvault --server URL --help` lists the
-    /// commands that talk to one (policy, protect, backup NAME, jobs, job, points, point, ...).
+    /// commands that talk to one (policy, protect, backup, host, hosts, vms, jobs, points, ...).
     Server(server_cmd::ServerArgs),
+    /// The host agent, on a hypervisor host: enroll it with a server once (`vmvault host
+    /// add` makes the code), then run it (the vmvault-agent systemd unit does).
+    #[command(subcommand)]
+    Agent(agent_cmd::AgentCommand),
 }
 
 /// When this command started, for figures that count from it (live restore's first read).
@@ -144,8 +150,12 @@ fn main() {
     }
     let cli: Cli = parse();
     let g = &cli.global;
-    // A server and an NBD export run until a signal and stop cleanly on it themselves.
-    if !matches!(cli.command, Command::Serve(_) | Command::Server(_)) {
+    // A server, an NBD export and an agent run until a signal and stop cleanly on it
+    // themselves.
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Server(_) | Command::Agent(_)
+    ) {
         interrupt::install();
     }
     let result = match cli.command {
@@ -162,6 +172,7 @@ fn main() {
         Command::Serve(c) => serve::run(g, c),
         Command::Files(c) => files::run(g, c),
         Command::Server(a) => server_cmd::run(g, a),
+        Command::Agent(c) => agent_cmd::run(g.json, c),
     };
     if let Err(e) = result {
         fail(&e);

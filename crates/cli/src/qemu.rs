@@ -66,13 +66,12 @@ pub fn backup(vault: &Vault, desc: Option<VmDescription>, args: &BackupArgs) -> 
     let opts = BackupOptions::default();
     let bar = Bar::new();
     if running(&qmp)? {
-        let mut agent = qga.map(|qga| GuestAgent {
-            opts: QuiesceOptions {
+        let mut agent = qga.map(|qga| {
+            GuestAgent::new(QuiesceOptions {
                 qga,
                 scripts,
                 freeze_limit: Duration::from_secs(args.freeze_limit),
-            },
-            session: None,
+            })
         });
         let vm = RunningVm {
             qmp,
@@ -104,10 +103,20 @@ pub fn backup(vault: &Vault, desc: Option<VmDescription>, args: &BackupArgs) -> 
 }
 
 /// The guest agent's quiesce, for the engine: a helper process (this binary, re-executed)
-/// holds the freeze, so that the guest thaws even if this process dies.
-struct GuestAgent {
+/// holds the freeze, so that the guest thaws even if this process dies. `backup --qmp` and
+/// `agent run` both use it.
+pub(crate) struct GuestAgent {
     opts: QuiesceOptions,
     session: Option<QuiesceSession>,
+}
+
+impl GuestAgent {
+    pub(crate) fn new(opts: QuiesceOptions) -> GuestAgent {
+        GuestAgent {
+            opts,
+            session: None,
+        }
+    }
 }
 
 impl Quiesce for GuestAgent {

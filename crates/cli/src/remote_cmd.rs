@@ -1,19 +1,21 @@
 //! The commands that work against a vault server (`--server URL` or `VMVAULT_SERVER`):
-//! policies, protect/unprotect, on-demand backups, jobs, points, soft delete, restores, and
-//! the vault's admin settings. Output matches the local commands where both exist.
+//! policies, protect/unprotect, on-demand backups, jobs, points, soft delete, restores,
+//! hosts and their VMs (crates/cli/src/hosts_cmd.rs), and the vault's admin settings. Output
+//! matches the local commands where both exist.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use vmvault_api::{
     approvals, audit, items, jobs, points as api_points, users, Approval, AuditEntry, AuditQuery,
-    BackupRequest, Cancelled, Decision, Deleted, Item, Job, JobDetail, JobQuery, JobRef, JobState,
-    NewToken, NewUser, PointRow, ProtectRequest, RestoreRequest, Role, User,
+    BackupRequest, Cancelled, Decision, Deleted, Job, JobDetail, JobQuery, JobRef, JobState,
+    NewToken, NewUser, PointRow, RestoreRequest, Role, User,
 };
 
 use crate::exit::InputError;
+use crate::hosts_cmd::{self, HostCommand};
 use crate::output::{print_json, table};
 use crate::remote::{route, ApiError, Client};
 use crate::remote_show::{
@@ -44,18 +46,31 @@ enum RemoteCommand {
     /// Schedules and retention.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Put a VM (its description, TOML) under a policy.
+    /// Put a VM under a policy: HOST/VM, a VM a host's agent found (`vms` lists them), or
+    /// a VM description file (TOML) whose disks are on the server's host. An existing file,
+    /// or a name ending in .toml, is read as a description; `--host HOST VM` names a found VM
+    /// whatever files there are.
     Protect {
-        /// The VM's description (TOML); its disks are on the server's host.
-        description: PathBuf,
+        /// HOST/VM, or a VM description file; with --host, the VM's name.
+        #[arg(value_name = "HOST/VM|FILE")]
+        target: String,
+        /// The host whose agent found the VM: the argument is then the VM's name.
+        #[arg(long)]
+        host: Option<String>,
         /// The policy whose schedule and retention apply.
         #[arg(long)]
         policy: String,
+        /// A found VM's pre/post scripts file (TOML), kept by the server and sent to the
+        /// agent with each job.
+        #[arg(long, value_name = "FILE")]
+        scripts: Option<PathBuf>,
     },
     /// Stop backing a VM up (its recovery points stay).
     Unprotect { name: String },
     /// Back a protected VM up now; prints the job id.
     Backup {
+        /// The protected VM's name, or HOST/VM (checked to be that host's VM).
+        #[arg(value_name = "NAME|HOST/VM")]
         name: String,
         /// Keep this point at least until then (YYYY-MM-DD).
         #[arg(long, value_name = "DATE")]
@@ -123,6 +138,17 @@ enum RemoteCommand {
     /// Users and their tokens.
     #[command(subcommand)]
     User(UserCommand),
+    /// Hosts: add one (a one-time enrollment code) or remove one (its key revoked).
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// The hosts, their agents' versions and last heartbeats.
+    Hosts,
+    /// The VMs the hosts' agents found: running or stopped, protected or not.
+    Vms {
+        /// Only this host's.
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// The audit log, newest first (admins).
     Audit {
         /// At most this many entries.
@@ -279,6 +305,14 @@ fn role_parser() -> impl TypedValueParser<Value = Role> {
 /// set and the command not one that only exists locally.
 pub fn wanted(args: &[String]) -> bool {
     let rest = &args[1.min(args.len())..];
+    // The agent's commands run on a host and take --trust-fingerprint of their own.
+    if rest
+        .iter()
+        .find(|a| !a.starts_with('-'))
+        .is_some_and(|c| c == "agent")
+    {
+        return false;
+    }
     const FLAGS: &[&str] = &["--server", "--token", "--trust-fingerprint"];
     let is_flag = |a: &str| {
         FLAGS
@@ -304,6 +338,9 @@ pub fn wanted(args: &[String]) -> bool {
         "approval",
         "user",
         "audit",
+        "host",
+        "hosts",
+        "vms",
     ];
     rest.iter()
         .find(|a| !a.starts_with('-'))
@@ -320,7 +357,8 @@ fn run_command(cli: RemoteCli) -> Result<()> {
     if let RemoteCommand::Backup { name, .. } = &cli.command {
         // The same word must not mean "back up this file" here and "the item named so"
         // there: a description file is refused, saying which form the server takes.
-        if name.ends_with(".toml") || std::path::Path::new(name.as_str()).is_file() {
+        let file = std::path::Path::new(name.as_str()).is_file();
+        if name.ends_with(".toml") || (file && hosts_cmd::host_vm(name).is_none()) {
             return Err(InputError(format!(
                 "{name} is a VM description file, but a backup through the server ({}) \
                  takes the name of a protected VM: protect it first (`vmvault protect \
@@ -340,24 +378,11 @@ fn run_command(cli: RemoteCli) -> Result<()> {
     match cli.command {
         RemoteCommand::Policy(p) => policy(&c, json, p)?,
         RemoteCommand::Protect {
-            description,
+            target,
+            host,
             policy,
-        } => {
-            let mut desc = vmvault_engine::VmDescription::load(&description)?;
-            // Paths go to the server absolute: it reads the disks on its own host.
-            for d in &mut desc.disks {
-                d.path = std::path::absolute(&d.path)
-                    .with_context(|| format!("resolving {}", d.path.display()))?;
-            }
-            let req = ProtectRequest {
-                description: desc.to_toml(),
-                policy,
-            };
-            let item: Item = c.send("POST", items::COLLECTION, &req)?;
-            emit(json, &item, |i| {
-                outln!("{} is protected by policy {}", i.name, i.policy);
-            });
-        }
+            scripts,
+        } => hosts_cmd::protect(&c, json, &target, host.as_deref(), policy, scripts)?,
         RemoteCommand::Unprotect { name } => {
             let () = c.delete(&route(items::item_path(&name))?)?;
             eprintln!("{name} is no longer protected; its recovery points stay");
@@ -367,6 +392,7 @@ fn run_command(cli: RemoteCli) -> Result<()> {
             keep_until,
             wait,
         } => {
+            let name = hosts_cmd::backup_item(&c, &name)?;
             let path = route(items::backup_path(&name))?;
             let r: JobRef = c.send("POST", &path, &BackupRequest { keep_until })?;
             if wait {
@@ -525,6 +551,9 @@ fn run_command(cli: RemoteCli) -> Result<()> {
                 table(&["USER", "ROLES"], &rows);
             });
         }
+        RemoteCommand::Host(cmd) => hosts_cmd::host(&c, &cli.server, json, cmd)?,
+        RemoteCommand::Hosts => hosts_cmd::hosts(&c, json)?,
+        RemoteCommand::Vms { host } => hosts_cmd::vms(&c, json, host.as_deref())?,
         RemoteCommand::Audit { limit } => {
             let q = AuditQuery {
                 limit: Some(limit),

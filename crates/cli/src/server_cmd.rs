@@ -27,7 +27,7 @@ pub struct ServerArgs {
     insecure_http: bool,
     /// Do not run the agent for this machine in-process (it finds the VMs running here and
     /// backs them up as host HOSTNAME; over TLS only).
-    #[arg(long, env = "VMVAULT_SERVER_NO_OWN_HOST")]
+    #[arg(long, env = "VMVAULT_SERVER_NO_OWN_HOST", value_parser = clap::builder::BoolishValueParser::new())]
     no_own_host: bool,
     /// Jobs that run at once.
     #[arg(long, value_name = "N")]
