@@ -34,6 +34,11 @@ pub struct AgentConfig {
     /// Seconds a guest stays frozen at most during a backup: its quiesce helper thaws it then,
     /// whatever happens to the agent.
     pub freeze_limit_secs: u64,
+    /// Folders restores may write into (each restore a new folder or file below one). None:
+    /// this host takes no restore, whatever a job says.
+    pub restore_roots: Vec<PathBuf>,
+    /// Seconds a new version has to report in healthy before it is rolled back.
+    pub health_deadline_secs: u64,
 }
 
 impl Default for AgentConfig {
@@ -48,6 +53,8 @@ impl Default for AgentConfig {
             // Longer than the local backup's 10 s: nobody watches a scheduled backup, and a
             // thaw before the instant makes a crash-consistent point of it.
             freeze_limit_secs: 60,
+            restore_roots: Vec::new(),
+            health_deadline_secs: vmvault_release::DEFAULT_HEALTH_DEADLINE_SECS,
         }
     }
 }
@@ -60,6 +67,8 @@ pub struct Overrides {
     pub qmp_globs: Vec<String>,
     pub no_process_scan: bool,
     pub freeze_limit_secs: Option<u64>,
+    /// Added to the file's.
+    pub restore_roots: Vec<PathBuf>,
 }
 
 impl AgentConfig {
@@ -118,6 +127,7 @@ impl AgentConfig {
         if let Some(s) = over.freeze_limit_secs {
             self.freeze_limit_secs = s;
         }
+        self.restore_roots.extend(over.restore_roots);
     }
 
     /// Refuses what would start an agent that can never work.
@@ -130,6 +140,17 @@ impl AgentConfig {
                 "no QMP socket globs and no process scan: this agent would never find a VM \
                  (give qmp_globs or --qmp-glob, or leave the process scan on)"
                     .into(),
+            ));
+        }
+        if let Some(r) = self.restore_roots.iter().find(|r| !r.is_absolute()) {
+            return Err(AgentError::Input(format!(
+                "restore root {} is not an absolute path",
+                r.display()
+            )));
+        }
+        if self.health_deadline_secs < 10 {
+            return Err(AgentError::Input(
+                "health_deadline_secs must be at least 10: a new version needs a heartbeat".into(),
             ));
         }
         if let Some(g) = self.qmp_globs.iter().find(|g| g.trim().is_empty()) {
@@ -241,12 +262,21 @@ mod tests {
             qmp_globs: vec!["/z/qmp.sock".into()],
             no_process_scan: true,
             freeze_limit_secs: Some(5),
+            restore_roots: vec!["/srv/restores".into()],
         });
         assert_eq!(c.state_dir, Path::new("/b"));
+        assert_eq!(c.restore_roots, [Path::new("/srv/restores")]);
         assert_eq!(c.qmp_globs, ["/z/qmp.sock"]);
         assert!(!c.scan_processes);
         assert_eq!(c.freeze_limit_secs, 5);
         c.check().unwrap();
+        c.restore_roots.push("relative".into());
+        assert!(c
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("not an absolute path"));
+        c.restore_roots.pop();
     }
 
     #[test]

@@ -44,7 +44,9 @@ impl Default for AgentOptions {
             discover: DiscoverConfig::default(),
             quiesce: None,
             stop: Arc::new(AtomicBool::new(false)),
-            poll_wait_secs: 20,
+            // A poll is answered at once when a job is queued; between polls the agent
+            // applies an upgrade it was offered, so the wait bounds how long that takes.
+            poll_wait_secs: 10,
             restore_roots: Vec::new(),
             health_deadline_secs: vmvault_release::DEFAULT_HEALTH_DEADLINE_SECS,
         }

@@ -33,6 +33,9 @@ pub enum AgentCommand {
     Run(RunArgs),
     /// What enrollment pinned: the server, this host's name, the certificate's fingerprint.
     Status(StateArgs),
+    /// Go back to the version before a pending upgrade (systemd's OnFailure=, or by hand when
+    /// a new version does not start); told to the server with the next heartbeat.
+    Rollback(StateArgs),
 }
 
 /// Where the agent's state is; every agent command takes them.
@@ -77,6 +80,10 @@ pub struct RunArgs {
     /// quiesce helper thaws it then, whatever happens.
     #[arg(long, value_name = "SECONDS")]
     freeze_limit: Option<u64>,
+    /// A folder restores on this host may write into; repeat for more. Added to the
+    /// configuration's `restore_roots`. None at all: this host takes no restore.
+    #[arg(long = "restore-root", value_name = "DIR")]
+    restore_roots: Vec<PathBuf>,
 }
 
 pub fn run(json: bool, cmd: AgentCommand) -> Result<()> {
@@ -84,6 +91,7 @@ pub fn run(json: bool, cmd: AgentCommand) -> Result<()> {
         AgentCommand::Enroll(a) => enroll(json, a),
         AgentCommand::Run(a) => run_agent(a),
         AgentCommand::Status(a) => status(json, a),
+        AgentCommand::Rollback(a) => rollback(json, a),
     }
 }
 
@@ -216,6 +224,7 @@ fn run_agent(a: RunArgs) -> Result<()> {
             qmp_globs: a.qmp_globs,
             no_process_scan: a.no_process_scan,
             freeze_limit_secs: a.freeze_limit,
+            restore_roots: a.restore_roots,
             ..Overrides::default()
         },
     )?;
@@ -233,6 +242,8 @@ fn run_agent(a: RunArgs) -> Result<()> {
     let opts = AgentOptions {
         discover: cfg.discover(),
         quiesce: Some(quiesce),
+        restore_roots: cfg.restore_roots.clone(),
+        health_deadline_secs: cfg.health_deadline_secs,
         ..AgentOptions::default()
     };
     stop_on_signals(opts.stop.clone())?;
@@ -251,4 +262,22 @@ fn run_agent(a: RunArgs) -> Result<()> {
             Err(anyhow!("starting {}: {e}", bin.display()))
         }
     }
+}
+
+fn rollback(json: bool, a: StateArgs) -> Result<()> {
+    let cfg = config(&a, Overrides::default())?;
+    let state = AgentState::open(&cfg.state_dir).map_err(classified)?;
+    let rolled =
+        vmvault_agent::upgrade::rollback(&state, "rolled back by `vmvault agent rollback`")
+            .map_err(classified)?;
+    let said = rolled.map(|(failed, now)| (failed.to_string(), now.to_string()));
+    crate::remote_show::emit(
+        json,
+        &serde_json::json!({ "rolled_back": said }),
+        |_| match &said {
+            Some((failed, now)) => outln!("rolled back {failed}: {now} runs next"),
+            None => outln!("no upgrade is pending: nothing to roll back"),
+        },
+    );
+    Ok(())
 }

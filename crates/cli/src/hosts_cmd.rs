@@ -37,6 +37,25 @@ pub enum HostCommand {
     /// Revoke a host's key at once and cancel its running jobs (its VMs' protected items
     /// and recovery points stay).
     Remove { name: String },
+    /// Have a host's agent run a release (the newest for its target unless --version): it
+    /// upgrades once no job runs, and rolls back a version that does not report in healthy.
+    Upgrade {
+        /// The host; or --all.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Every enrolled host (except the server's own, upgraded with the server).
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
+    },
+    /// A host's settings.
+    Set {
+        name: String,
+        /// Upgrade to each newest release by itself.
+        #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+        auto_upgrade: bool,
+    },
 }
 
 /// `HOST/VM`, when `s` is exactly two names joined by one `/`.
@@ -213,6 +232,54 @@ pub fn host(c: &Client, server: &str, json: bool, cmd: HostCommand) -> Result<()
             };
             let code: EnrollmentCode = c.send("POST", HOSTS, &req)?;
             emit(json, &code, |code| print_code(server, code));
+        }
+        HostCommand::Upgrade { name, all, version } => {
+            let names: Vec<String> = match name {
+                Some(n) => vec![n],
+                None => {
+                    let all: Vec<Host> = c.get(HOSTS)?;
+                    all.into_iter()
+                        .filter(|h| h.state == vmvault_api::HostState::Enrolled)
+                        .map(|h| h.name)
+                        .collect()
+                }
+            };
+            let mut done = Vec::new();
+            for n in names {
+                let req = vmvault_api::UpgradeRequest {
+                    version: version.clone(),
+                };
+                let path = route(vmvault_api::releases::upgrade_path(&n))?;
+                match c.send::<Host>("POST", &path, &req) {
+                    Ok(h) => done.push(h),
+                    // --all skips the server's own host (and others that refuse), saying why.
+                    Err(e) if all => eprintln!("vmvault: {n}: {e:#}"),
+                    Err(e) => return Err(e),
+                }
+            }
+            emit(json, &done, |d| {
+                for h in d {
+                    outln!(
+                        "{}: to run {} (now {})",
+                        h.name,
+                        h.wanted_version.as_deref().unwrap_or("-"),
+                        h.agent_version.as_deref().unwrap_or("-")
+                    );
+                }
+            });
+        }
+        HostCommand::Set { name, auto_upgrade } => {
+            let req = vmvault_api::HostSettings {
+                auto_upgrade: Some(auto_upgrade),
+            };
+            let h: Host = c.send(
+                "PATCH",
+                &route(vmvault_api::releases::settings_path(&name))?,
+                &req,
+            )?;
+            emit(json, &h, |h| {
+                outln!("{}: auto_upgrade {}", h.name, h.auto_upgrade)
+            });
         }
         HostCommand::Remove { name } => {
             let () = c.delete(&route(host_path(&name))?)?;

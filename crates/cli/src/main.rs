@@ -29,6 +29,7 @@ mod points;
 mod qemu;
 mod quiesce;
 mod regions;
+mod release_cmd;
 mod remote;
 mod remote_cmd;
 mod remote_show;
@@ -132,6 +133,10 @@ enum Command {
     /// add` makes the code), then run it (the vmvault-agent systemd unit does).
     #[command(subcommand)]
     Agent(agent_cmd::AgentCommand),
+    /// Offline release keys: make one, sign an agent binary with it (`--server URL release
+    /// add` adds a release to a server).
+    #[command(subcommand)]
+    Release(release_cmd::LocalReleaseCommand),
 }
 
 /// When this command started, for figures that count from it (live restore's first read).
@@ -173,6 +178,7 @@ fn main() {
         Command::Files(c) => files::run(g, c),
         Command::Server(a) => server_cmd::run(g, a),
         Command::Agent(c) => agent_cmd::run(g.json, c),
+        Command::Release(c) => release_cmd::local(g.json, c),
     };
     if let Err(e) = result {
         fail(&e);

@@ -400,6 +400,22 @@ impl Client {
         self.answer(self.request(method, path).send_json(body))
     }
 
+    /// A POST of raw bytes (an agent release), with extra headers.
+    pub fn send_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        headers: &[(&str, String)],
+    ) -> Result<T> {
+        let mut r = self
+            .request("POST", path)
+            .set("Content-Type", "application/octet-stream");
+        for (k, v) in headers {
+            r = r.set(k, v);
+        }
+        self.answer(r.send_bytes(bytes))
+    }
+
     /// A POST with no body: the action is all in the path.
     pub fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.answer(self.request("POST", path).call())

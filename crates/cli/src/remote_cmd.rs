@@ -143,6 +143,11 @@ enum RemoteCommand {
     Host(HostCommand),
     /// The hosts, their agents' versions and last heartbeats.
     Hosts,
+    /// Agent releases: add one (signed by the server, or with an offline key's signature).
+    #[command(subcommand)]
+    Release(crate::release_cmd::ReleaseCommand),
+    /// The agent releases the server keeps.
+    Releases,
     /// The VMs the hosts' agents found: running or stopped, protected or not.
     Vms {
         /// Only this host's.
@@ -553,6 +558,8 @@ fn run_command(cli: RemoteCli) -> Result<()> {
         }
         RemoteCommand::Host(cmd) => hosts_cmd::host(&c, &cli.server, json, cmd)?,
         RemoteCommand::Hosts => hosts_cmd::hosts(&c, json)?,
+        RemoteCommand::Release(cmd) => crate::release_cmd::remote(&c, json, cmd)?,
+        RemoteCommand::Releases => crate::release_cmd::list(&c, json)?,
         RemoteCommand::Vms { host } => hosts_cmd::vms(&c, json, host.as_deref())?,
         RemoteCommand::Audit { limit } => {
             let q = AuditQuery {

@@ -92,6 +92,15 @@ pub fn run(g: &Global, args: ServerArgs) -> Result<()> {
         max_connections: args.max_connections,
     };
     let cfg = ServerConfig::load(args.config.as_deref(), over)?;
+    // The own host's agent quiesces guests as `agent run` does: a helper process holds each
+    // freeze, so a guest thaws even if the server dies.
+    vmvault_server::own_host::use_quiesce(Box::new(|qga, scripts| {
+        Box::new(crate::qemu::GuestAgent::new(vmvault_qemu::QuiesceOptions {
+            qga,
+            scripts,
+            freeze_limit: std::time::Duration::from_secs(60),
+        })) as Box<dyn vmvault_engine::Quiesce>
+    }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
