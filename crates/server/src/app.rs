@@ -56,8 +56,6 @@ pub struct App {
     /// The agent jobs running now (crates/server/src/relay.rs).
     pub(crate) relays: crate::relay::Relays,
     pub(crate) restore_relays: crate::relay_restore::RestoreRelays,
-    /// The guest-agent quiesce the own host's agent uses (the CLI gives its helper process).
-    pub own_host_quiesce: Mutex<Option<Box<vmvault_agent::run::QuiesceMaker>>>,
     pub(crate) own_host_stop: Mutex<Option<Arc<std::sync::atomic::AtomicBool>>>,
     /// Wakes the agents' waiting polls when a job is queued.
     pub(crate) agent_wake: tokio::sync::Notify,
@@ -196,7 +194,6 @@ impl App {
             fingerprint: Mutex::new(None),
             relays: Mutex::new(HashMap::new()),
             restore_relays: Mutex::new(HashMap::new()),
-            own_host_quiesce: Mutex::new(None),
             own_host_stop: Mutex::new(None),
             agent_wake: tokio::sync::Notify::new(),
             refused_keys: Mutex::new(HashMap::new()),

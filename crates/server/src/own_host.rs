@@ -13,8 +13,18 @@ use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension};
 use vmvault_agent::discover::DiscoverConfig;
+use vmvault_agent::run::QuiesceMaker;
 use vmvault_agent::state::Pins;
 use vmvault_agent::{AgentOptions, AgentState, RunEnd};
+
+/// The guest-agent quiesce of the own host's agent: the binary that runs the server gives
+/// it (the CLI's helper process), before the server starts.
+static QUIESCE: std::sync::OnceLock<Box<QuiesceMaker>> = std::sync::OnceLock::new();
+
+/// Gives the own host's agent its quiesce; the first call wins.
+pub fn use_quiesce(maker: Box<QuiesceMaker>) {
+    let _ = QUIESCE.set(maker);
+}
 
 use crate::app::App;
 use crate::db::ts;
@@ -83,11 +93,9 @@ impl App {
                 ..DiscoverConfig::default()
             },
             restore_roots: self.cfg.restore_roots.clone(),
-            quiesce: self
-                .own_host_quiesce
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(),
+            quiesce: QUIESCE
+                .get()
+                .map(|make| Box::new(make) as Box<QuiesceMaker>),
             ..AgentOptions::default()
         };
         *self.own_host_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(opts.stop.clone());
