@@ -1,7 +1,9 @@
 //! A host agent end to end, through the real server over TLS: `host add`, enrollment with the
 //! one-time code, a running QEMU VM found and reported, protected, backed up live through the
-//! relay (the agent holds no vault key), then incrementally with changed-block tracking; and
-//! the point restores to the disk at the instant.
+//! relay (the agent holds no vault key), then incrementally with changed-block tracking, then
+//! stopped and backed up offline; the points restore to the disk at their instant, on the
+//! server and on the host (only under its restore roots). Also: a silent host, and the
+//! server's own host.
 
 mod common;
 
@@ -120,7 +122,10 @@ fn job_log(j: &Value) -> String {
 
 #[test]
 fn an_enrolled_agent_backs_up_a_running_vm_through_the_server_then_only_what_changed() {
-    let s = Server::start_tls(Arc::new(SystemClock));
+    let s = Server::start_with(Arc::new(SystemClock), |c| {
+        c.insecure_http = false;
+        c.agent_heartbeat_secs = 1;
+    });
     let vm_dir = tempfile::tempdir().unwrap();
     let mut data = make_image(vm_dir.path());
     let Some(vm) = start_vm(vm_dir.path()) else {
@@ -320,6 +325,41 @@ fn an_enrolled_agent_backs_up_a_running_vm_through_the_server_then_only_what_cha
         "{refused}"
     );
     assert!(!escape.exists(), "nothing is written outside the roots");
+
+    // The VM stops: it stays known, and its next backup is offline, from the images QEMU had
+    // open, crash-consistent, and says so.
+    let mut vm = vm;
+    Qmp::connect(&vm.qmp_socket())
+        .unwrap()
+        .execute("quit", json!({}))
+        .unwrap();
+    assert!(vm.wait_exit(Duration::from_secs(10)));
+    wait_for("web01 reported stopped", || {
+        let vms = s.ok(&s.admin.clone(), "GET", "/api/v1/vms", None);
+        vms[0]["state"] == "stopped"
+    });
+    let third = s.run_backup("web01", json!({}));
+    assert_eq!(third["state"], "succeeded", "{third}");
+    let p3 = third["point"].as_str().unwrap().to_string();
+    let m3 = s.ok(
+        &s.admin.clone(),
+        "GET",
+        &format!("/api/v1/recovery-points/{p3}"),
+        None,
+    );
+    let m3 = &m3["manifest"];
+    assert_eq!(m3["consistency"], "crash", "{m3}");
+    assert!(
+        m3["consistency_reason"]
+            .as_str()
+            .unwrap()
+            .contains("stopped"),
+        "{m3}"
+    );
+    assert!(
+        restored(&s, &p3) == data,
+        "the stopped VM's point is its disk"
+    );
 
     stop.store(true, Ordering::Relaxed);
     agent.join().unwrap();
