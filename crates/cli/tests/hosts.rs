@@ -614,3 +614,104 @@ fn an_agent_not_enrolled_or_given_a_bad_code_or_configuration_says_so() {
     let e = env.fails(&args, 2);
     assert!(e.contains("never find a VM"), "{e}");
 }
+
+#[test]
+fn a_server_killed_mid_backup_queues_the_job_again_and_nothing_is_lost() {
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let config = server_config(&env, "backup_attempts = 3\nretry_backoff_secs = 1\n");
+    let start = || {
+        Server::start_on(
+            &env,
+            &listen,
+            &["--config", config.to_str().unwrap()],
+            |c| {
+                c.env("VMVAULT_SERVER_NO_OWN_HOST", "true");
+            },
+        )
+    };
+    let mut s = start();
+    let Some(vm) = HostVm::start(&env.path("kvm1"), "web01", 256 << 20, 11) else {
+        return;
+    };
+    admin_ok(
+        &env,
+        &s,
+        &[
+            "policy",
+            "create",
+            "daily",
+            "--schedule",
+            "daily 02:00",
+            "--keep-daily",
+            "7",
+        ],
+    );
+    let state = enroll(&env, &s, "kvm1", &s.fingerprint);
+    let agent = Agent::start(&env, &state, &vm.qmp());
+    wait_for(
+        "the agent's report",
+        60,
+        || agent.log(),
+        || vms_json(&env, &s, Some("kvm1")).len() == 1,
+    );
+    admin_ok(&env, &s, &["protect", "kvm1/web01", "--policy", "daily"]);
+    let job = admin_ok(&env, &s, &["backup", "kvm1/web01"])
+        .stdout
+        .trim()
+        .to_string();
+    let started = Instant::now();
+    loop {
+        let j = admin_ok(&env, &s, &["job", "show", &job, "--json"]).json();
+        let done = j["bytes_done"].as_u64().unwrap_or(0);
+        if done > 0 {
+            assert!(
+                done < j["bytes_total"].as_u64().unwrap(),
+                "mid-job, or the kill tests nothing: {j}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{j}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.child.kill().unwrap(); // SIGKILL, mid-backup
+    s.child.wait().unwrap();
+
+    // Started again on its state: the cut-off backup is queued again; the agent, told its
+    // lease is gone, rolls its instant back and takes the retry.
+    let s = start();
+    let show = || admin_ok(&env, &s, &["job", "show", &job, "--json"]).json();
+    wait_for(
+        "the retried job's end",
+        120,
+        || format!("{}\n{}", show(), agent.log()),
+        || matches!(show()["state"].as_str(), Some("succeeded" | "failed")),
+    );
+    let j = show();
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", agent.log());
+    let log = serde_json::to_string(&j["log"]).unwrap();
+    assert!(
+        log.contains("the server stopped while this job ran: queued again"),
+        "{log}"
+    );
+    let point = j["point"].as_str().unwrap().to_string();
+    env.ok(&["verify", "--read-data"]);
+    let out = restored(&env, &point, "after-restart.raw");
+    assert!(same_content(&out, &vm.raw), "the retried point is the disk");
+    // And the next backup is incremental: the agent's tracking survived the cut.
+    let next = admin_ok(&env, &s, &["backup", "kvm1/web01", "--wait"]);
+    assert!(
+        next.stderr.contains("reading only what changed"),
+        "{}",
+        next.stderr
+    );
+}

@@ -217,7 +217,8 @@ impl App {
         let n = app.recover_jobs()?;
         if n > 0 {
             say(&format!(
-                "{n} job(s) were running when the server stopped: marked failed"
+                "{n} job(s) were running when the server stopped: backups with attempts left \
+                 queued again, the others marked failed"
             ));
         }
         let n = crate::api::approvals::recover(&app)?;

@@ -307,19 +307,37 @@ impl App {
     }
 
     /// On start: a job the database says is running was cut off by a stop of the server
-    /// (a kill, a crash). It ends failed, with the reason; the vault is fine, as a point
+    /// (a kill, a crash). A backup with attempts left is queued again, as a failed one is
+    /// (a host's agent, told its lease is gone, rolls its instant back and takes the retry);
+    /// anything else ends failed, with the reason. The vault is fine either way: a point
     /// exists only once its manifest is written.
     pub fn recover_jobs(&self) -> Result<usize> {
         let now = ts(self.now());
-        let ids: Vec<i64> = {
+        let ids: Vec<(i64, String, u32)> = {
             let conn = self.db.conn();
-            let mut stmt = conn.prepare("SELECT id FROM jobs WHERE state = 'running'")?;
+            let mut stmt =
+                conn.prepare("SELECT id, kind, attempt FROM jobs WHERE state = 'running'")?;
             let ids = stmt
-                .query_map([], |r| r.get(0))?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             ids
         };
-        for id in &ids {
+        for &(id, ref kind, attempt) in &ids {
+            if kind == "backup" && attempt + 1 < self.cfg.backup_attempts {
+                self.db.conn().execute(
+                    "UPDATE jobs SET state = 'queued', attempt = ?2, not_before = ?3,
+                     error = 'the server stopped while the job ran' WHERE id = ?1",
+                    params![id, attempt + 1, now],
+                )?;
+                self.job_log(
+                    id,
+                    &format!(
+                        "the server stopped while this job ran: queued again (attempt {})",
+                        attempt + 2
+                    ),
+                );
+                continue;
+            }
             self.db.conn().execute(
                 "UPDATE jobs SET state = 'failed', ended = ?2,
                  error = 'the server stopped while the job ran; no recovery point was made by it'
@@ -327,7 +345,7 @@ impl App {
                 params![id, now],
             )?;
             self.job_log(
-                *id,
+                id,
                 "the server stopped while this job ran: marked failed at restart",
             );
         }

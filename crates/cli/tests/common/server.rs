@@ -31,9 +31,20 @@ impl Server {
     /// As [`Server::start`], with `adjust` given the command before it runs (other
     /// variables, a vault named by flags instead of `VMVAULT_VAULT`).
     pub fn start_with(env: &Env, extra: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
+        Server::start_on(env, "127.0.0.1:0", extra, adjust)
+    }
+
+    /// As [`Server::start_with`], listening on `listen` (a server restarted on the same
+    /// state must keep its address: agents pinned it).
+    pub fn start_on(
+        env: &Env,
+        listen: &str,
+        extra: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Server {
         let state = env.path("server");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmvault"));
-        cmd.args(["server", "--listen", "127.0.0.1:0"])
+        cmd.args(["server", "--listen", listen])
             // The test's folder holds the VM's disks and any restore; anything the server
             // makes in its working folder by mistake shows there.
             .arg("--disk-root")
