@@ -35,7 +35,7 @@ use crate::{Error, Result};
 /// How long an agent's job may run, on the server's clock, however alive its agent is
 /// (docs/design.md: `agent_job_timeout`, 24 h): past it the job fails and its lock goes, so a
 /// hostile or stuck agent cannot hold a VM's backups off by sending progress forever.
-const AGENT_JOB_HOURS: i64 = 24;
+pub(crate) const AGENT_JOB_HOURS: i64 = 24;
 
 /// How a position of a disk was filled.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -423,9 +423,11 @@ impl App {
         }
         let lock = vault.lock_backup(&relay.item, &mut |m| self.job_log(job, m))?;
         let (points, _) = vault.points()?;
+        // Only this host's points: a VM name protected again on another host must not let
+        // that host claim the first host's chunks.
         let base = points
             .into_iter()
-            .filter(|m| m.vm == relay.item)
+            .filter(|m| m.vm == relay.item && m.host == relay.host)
             .max_by(|a, b| a.time.cmp(&b.time));
         let point = PointId::generate();
         let disks = req

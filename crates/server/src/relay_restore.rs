@@ -28,6 +28,8 @@ pub struct RestoreRelay {
     manifest: Manifest,
     params: Params,
     indexes: Mutex<HashMap<usize, Arc<DiskIndex>>>,
+    /// When the agent took the job (the server's clock).
+    taken: chrono::DateTime<chrono::Utc>,
     state: Mutex<(Instant, Option<std::result::Result<(), String>>)>,
     changed: Condvar,
 }
@@ -79,6 +81,7 @@ impl App {
             manifest,
             params,
             indexes: Mutex::new(HashMap::new()),
+            taken: self.now(),
             state: Mutex::new((Instant::now(), None)),
             changed: Condvar::new(),
         });
@@ -265,6 +268,15 @@ impl App {
                 }
                 if relay.live.cancel.load(Ordering::Relaxed) {
                     break Err(Error::Agent("the job was cancelled".into()));
+                }
+                // As for backups: however alive its agent is, a job ends within its limit.
+                if self.now() - relay.taken > chrono::Duration::hours(crate::relay::AGENT_JOB_HOURS)
+                {
+                    break Err(Error::Agent(format!(
+                        "the restore ran past the {} h a job on host '{}' may take",
+                        crate::relay::AGENT_JOB_HOURS,
+                        relay.host
+                    )));
                 }
                 if st.0.elapsed() > silence {
                     break Err(Error::Agent(format!(

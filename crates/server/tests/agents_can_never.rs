@@ -1442,3 +1442,26 @@ fn an_agent_reads_only_its_restore_jobs_point_while_the_job_runs() {
         "the plan names another point"
     );
 }
+
+/// A VM name protected again on another host: the new host's backups never build on the
+/// first host's points, so it can claim none of their chunks.
+#[test]
+fn a_vm_protected_again_on_another_host_gets_no_base_from_the_first() {
+    let s = start();
+    let a = host_with(&s, "a", &["web01"]);
+    good_backup(&s, &a, "web01", &data("a"), &[]);
+    s.ok(
+        &s.admin.clone(),
+        "DELETE",
+        "/api/v1/protected-items/web01",
+        None,
+    );
+    let b = host_with(&s, "b", &["web01"]);
+    let id = queue(&s, "web01");
+    let job = b.take_job();
+    assert_eq!(job.id, id);
+    let begun = b.begin(&job, &[("disk0", DISK as u64)]);
+    assert!(begun.base.is_none(), "b sees no base of a's: {begun:?}");
+    let r = b.get(&vmvault_api::agent::base_path(job.id, 0), Some(&job.lease));
+    assert_eq!(r.status, 404, "{}", r.text());
+}
