@@ -55,10 +55,23 @@ impl Default for AgentOptions {
 
 /// What the agent knows of its VMs: the last discovery, and VMs seen earlier in this run
 /// (a VM that stops is backed up from the images QEMU had open).
-#[derive(Default)]
 struct Known {
     now: Vec<FoundVm>,
     seen: HashMap<String, FoundVm>,
+    path: PathBuf,
+}
+
+impl Known {
+    /// Written (to a temporary, then renamed) when what was seen changed.
+    fn save(&self) {
+        let Ok(text) = serde_json::to_vec(&self.seen) else {
+            return;
+        };
+        let tmp = self.path.with_extension("json.new");
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, &self.path);
+        }
+    }
 }
 
 /// Runs until `opts.stop` is set, or until an upgrade (or a rollback) asks to be restarted
@@ -83,7 +96,18 @@ pub fn run(state: &AgentState, opts: &AgentOptions, say: &(dyn Fn(&str) + Sync))
     let mut instance = [0u8; 16];
     vmvault_format::random_bytes(&mut instance);
     let instance = hex::encode(instance);
-    let known = Mutex::new(Known::default());
+    // What this host's QEMUs had open, kept across restarts: a VM that is off when the agent
+    // starts is still backed up from its images (and only those).
+    let seen_path = state.dir.join("seen-vms.json");
+    let seen = std::fs::read(&seen_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let known = Mutex::new(Known {
+        now: Vec::new(),
+        seen,
+        path: seen_path,
+    });
     say(&format!(
         "vmvault agent {} for host '{}' at {}",
         upgrades.running, pins.host, pins.server
@@ -152,8 +176,15 @@ fn heartbeats(
         }
         {
             let mut k = known.lock().unwrap_or_else(|e| e.into_inner());
+            let mut changed = false;
             for vm in &found.vms {
-                k.seen.insert(vm.name.clone(), vm.clone());
+                // Its disks as they are now; its run state says nothing of its images.
+                let mut vm = vm.clone();
+                vm.state = "stopped".into();
+                changed |= k.seen.insert(vm.name.clone(), vm.clone()).as_ref() != Some(&vm);
+            }
+            if changed {
+                k.save();
             }
             k.now = found.vms.clone();
         }

@@ -161,20 +161,29 @@ fn an_enrolled_agent_backs_up_a_running_vm_through_the_server_then_only_what_cha
 
     let restores = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();
-    let opts = AgentOptions {
-        restore_roots: vec![restores.path().to_path_buf()],
-        discover: DiscoverConfig {
-            qmp_globs: vec![vm.qmp_socket().display().to_string()],
-            scan_processes: false,
-            ..DiscoverConfig::default()
-        },
-        poll_wait_secs: 1,
-        ..AgentOptions::default()
+    drop(state);
+    let glob = vm.qmp_socket().display().to_string();
+    let roots = vec![restores.path().to_path_buf()];
+    let state_dir = agent_dir.path().to_path_buf();
+    let spawn_agent = || {
+        let opts = AgentOptions {
+            restore_roots: roots.clone(),
+            discover: DiscoverConfig {
+                qmp_globs: vec![glob.clone()],
+                scan_processes: false,
+                ..DiscoverConfig::default()
+            },
+            poll_wait_secs: 1,
+            ..AgentOptions::default()
+        };
+        let stop = opts.stop.clone();
+        let state = AgentState::open(&state_dir).unwrap();
+        let handle = std::thread::spawn(move || {
+            vmvault_agent::run(&state, &opts, &|line| eprintln!("agent: {line}")).unwrap()
+        });
+        (handle, stop)
     };
-    let stop = opts.stop.clone();
-    let agent = std::thread::spawn(move || {
-        vmvault_agent::run(&state, &opts, &|line| eprintln!("agent: {line}")).unwrap()
-    });
+    let (agent, stop) = spawn_agent();
 
     wait_for("the agent's report of web01", || {
         let vms = s.ok(&s.admin.clone(), "GET", "/api/v1/vms?host=kvm02", None);
@@ -338,6 +347,10 @@ fn an_enrolled_agent_backs_up_a_running_vm_through_the_server_then_only_what_cha
         let vms = s.ok(&s.admin.clone(), "GET", "/api/v1/vms", None);
         vms[0]["state"] == "stopped"
     });
+    // The agent restarts while the VM is off: it still knows the images QEMU had open.
+    stop.store(true, Ordering::Relaxed);
+    agent.join().unwrap();
+    let (agent, stop) = spawn_agent();
     let third = s.run_backup("web01", json!({}));
     assert_eq!(third["state"], "succeeded", "{third}");
     let p3 = third["point"].as_str().unwrap().to_string();
