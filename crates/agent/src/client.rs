@@ -2,6 +2,9 @@
 //! fingerprint (as the CLI pins it), the host key as a client certificate, and the agent ALPN
 //! (the only connections the server asks for a certificate).
 
+// ureq's requests return its own large error type; the retry wraps them as they are.
+#![allow(clippy::result_large_err)]
+
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -159,6 +162,20 @@ impl Client {
         }
     }
 
+    /// Sends `req` (made by `make`), again once when the connection broke before an answer
+    /// came: a kept-alive connection the server had just closed. Every agent request may be
+    /// sent twice: the server takes the same fill, heartbeat or log line again, and a commit
+    /// whose answer was lost is refused the second time without harm.
+    fn send(
+        &self,
+        make: impl Fn() -> std::result::Result<ureq::Response, ureq::Error>,
+    ) -> std::result::Result<ureq::Response, ureq::Error> {
+        match make() {
+            Err(ureq::Error::Transport(t)) if t.kind() == ureq::ErrorKind::Io => make(),
+            r => r,
+        }
+    }
+
     fn read(&self, r: std::result::Result<ureq::Response, ureq::Error>) -> Result<Option<Vec<u8>>> {
         match r {
             Ok(resp) if resp.status() == 204 => Ok(None),
@@ -200,10 +217,11 @@ impl Client {
         body: &impl Serialize,
     ) -> Result<T> {
         let text = serde_json::to_string(body).map_err(|e| AgentError::Input(e.to_string()))?;
-        let r = self
-            .request("POST", path, lease)
-            .set("Content-Type", "application/json")
-            .send_string(&text);
+        let r = self.send(|| {
+            self.request("POST", path, lease)
+                .set("Content-Type", "application/json")
+                .send_string(&text)
+        });
         let body = self.read(r)?;
         self.json(body)
     }
@@ -211,10 +229,11 @@ impl Client {
     /// A POST whose answer has no body that matters (204).
     pub fn tell(&self, path: &str, lease: Option<&str>, body: &impl Serialize) -> Result<()> {
         let text = serde_json::to_string(body).map_err(|e| AgentError::Input(e.to_string()))?;
-        let r = self
-            .request("POST", path, lease)
-            .set("Content-Type", "application/json")
-            .send_string(&text);
+        let r = self.send(|| {
+            self.request("POST", path, lease)
+                .set("Content-Type", "application/json")
+                .send_string(&text)
+        });
         self.read(r).map(|_| ())
     }
 
@@ -224,17 +243,18 @@ impl Client {
         lease: Option<&str>,
         body: &[u8],
     ) -> Result<T> {
-        let r = self
-            .request("POST", path, lease)
-            .set("Content-Type", "application/octet-stream")
-            .send_bytes(body);
+        let r = self.send(|| {
+            self.request("POST", path, lease)
+                .set("Content-Type", "application/octet-stream")
+                .send_bytes(body)
+        });
         let body = self.read(r)?;
         self.json(body)
     }
 
     /// A GET: `None` for 204.
     pub fn get_raw(&self, path: &str, lease: Option<&str>) -> Result<Option<Vec<u8>>> {
-        let r = self.request("GET", path, lease).call();
+        let r = self.send(|| self.request("GET", path, lease).call());
         self.read(r)
     }
 

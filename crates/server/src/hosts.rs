@@ -248,10 +248,18 @@ impl App {
         let given: Option<[u8; 32]> = hex::decode(&req.proof).ok().and_then(|g| g.try_into().ok());
         // blake3::Hash compares in constant time.
         if given.map(blake3::Hash::from) != Some(blake3::Hash::from(want)) {
-            self.db.conn().execute(
-                "UPDATE hosts SET code_failures = code_failures + 1 WHERE id = ?1",
-                [host_id],
+            // Counted only while the code stands: of proofs sent at once, no more than five
+            // are ever judged, the rest find the code voided.
+            let counted = self.db.conn().execute(
+                "UPDATE hosts SET code_failures = code_failures + 1
+                 WHERE id = ?1 AND code_failures < ?2",
+                params![host_id, MAX_FAILURES],
             )?;
+            if counted == 0 {
+                return Err(refuse(format!(
+                    "the code for host '{name}' was voided after {MAX_FAILURES} failed proofs"
+                )));
+            }
             return Err(refuse(format!(
                 "the proof for host '{name}' is wrong (a wrong code, or a connection through \
                  something that is not this server)"
@@ -271,8 +279,17 @@ impl App {
         let took = self.db.conn().execute(
             "UPDATE hosts SET state = 'enrolled', key = ?2, public_key = ?3, code_id = NULL,
              verifier = NULL, code_expires = NULL, agent_version = ?4
-             WHERE id = ?1 AND state = 'pending' AND code_id = ?5 AND code_expires > ?6",
-            params![host_id, key.id, req.public_key, req.version, req.id, now],
+             WHERE id = ?1 AND state = 'pending' AND code_id = ?5 AND code_expires > ?6
+             AND code_failures < ?7",
+            params![
+                host_id,
+                key.id,
+                req.public_key,
+                req.version,
+                req.id,
+                now,
+                MAX_FAILURES
+            ],
         );
         match took {
             Ok(1) => {}

@@ -168,6 +168,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(app.cfg.max_connections));
     let handshake_limit = Duration::from_secs(app.cfg.tls_handshake_timeout_secs);
     let headers = Duration::from_secs(app.cfg.header_read_timeout_secs);
+    let agent_idle = headers.max(Duration::from_secs(app.cfg.agent_heartbeat_secs + 15));
     let mut failures = 0u64;
     tokio::pin!(shutdown);
     loop {
@@ -228,6 +229,12 @@ pub async fn serve(
                     let shaken =
                         tokio::time::timeout(handshake_limit, handshake(&tls, stream)).await;
                     if let Ok(Ok((stream, peer))) = shaken {
+                        // A presented agent certificate (proved in the handshake) keeps its
+                        // connection through the wait between heartbeats, so that each one
+                        // does not cost a handshake, nor race the server closing it.
+                        if peer.agent.is_some() {
+                            http.header_read_timeout(agent_idle);
+                        }
                         let service = TowerToHyperService::new(with_peer(router, peer));
                         let _ = http.serve_connection(TokioIo::new(stream), service).await;
                     }

@@ -240,9 +240,17 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 /// Answers that axum makes itself (a body that is not the JSON asked for, a path parameter
 /// that does not parse, a method the path does not have) get the same JSON error shape as
 /// the handlers' own.
-async fn json_errors(resp: axum::response::Response) -> axum::response::Response {
+async fn json_errors(mut resp: axum::response::Response) -> axum::response::Response {
     use axum::response::IntoResponse;
     let status = resp.status();
+    // A body refused unread leaves the connection mid-request: the client must not send the
+    // next request on it.
+    if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
@@ -283,7 +291,14 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
             token: None,
         },
     };
-    (status, Json(body)).into_response()
+    let mut out = (status, Json(body)).into_response();
+    if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        out.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    out
 }
 
 /// Paths anyone may read: the API's description and the metrics scrape.
