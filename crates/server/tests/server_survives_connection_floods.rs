@@ -16,7 +16,11 @@ use common::Server;
 use vmvault_server::SystemClock;
 
 fn addr(s: &Server) -> SocketAddr {
-    s.base.trim_start_matches("http://").parse().unwrap()
+    s.base
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap()
 }
 
 /// This process holds both ends of every connection: room for a few thousand descriptors.

@@ -29,7 +29,8 @@ pub struct Server {
     pub app: Arc<App>,
     pub admin: String,
     rt: tokio::runtime::Runtime,
-    http: ureq::Agent,
+    /// The TLS certificate's fingerprint the client pins; `None` over plain HTTP.
+    pin: Option<String>,
 }
 
 pub struct Answer {
@@ -90,12 +91,13 @@ impl Server {
             .unwrap()
             .trim()
             .to_string();
-        let (scheme, http) = match &started.fingerprint {
-            Some(fp) => ("https", pinned(fp)),
-            None => ("http", ureq::Agent::new()),
+        let scheme = if started.fingerprint.is_some() {
+            "https"
+        } else {
+            "http"
         };
         Server {
-            http,
+            pin: started.fingerprint.clone(),
             base: format!("{scheme}://{}", started.addr),
             dir,
             app,
@@ -111,7 +113,7 @@ impl Server {
         path: &str,
         body: Option<Value>,
     ) -> Answer {
-        let mut r = self.http.request(method, &format!("{}{path}", self.base));
+        let mut r = self.http().request(method, &format!("{}{path}", self.base));
         if let Some(t) = token {
             r = r.set("Authorization", &format!("Bearer {t}"));
         }
@@ -130,13 +132,22 @@ impl Server {
         Answer { status, body }
     }
 
+    /// A new client per request, as `ureq::request` gives: no kept-alive connection that the
+    /// server closed meanwhile (an error answer to an unread body closes it) is reused.
+    fn http(&self) -> ureq::Agent {
+        match &self.pin {
+            Some(fp) => pinned(fp),
+            None => ureq::Agent::new(),
+        }
+    }
+
     /// A POST of raw bytes as the first admin; the status.
     pub fn call_bytes(&self, path: &str, body: &[u8]) -> u16 {
         self.call_bytes_as(Some(&self.admin.clone()), path, body)
     }
 
     pub fn call_bytes_as(&self, token: Option<&str>, path: &str, body: &[u8]) -> u16 {
-        let mut r = self.http.post(&format!("{}{path}", self.base));
+        let mut r = self.http().post(&format!("{}{path}", self.base));
         if let Some(t) = token {
             r = r.set("Authorization", &format!("Bearer {t}"));
         }
